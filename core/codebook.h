@@ -1,0 +1,86 @@
+// A trained FibQuant block codebook: N codewords in the unit ball of R^k, built deterministically
+// from a Profile (initial radial-angular codebook, then multi-restart Lloyd-Max), with its digests
+// and refinement report (docs/FORMAT.md, "Codebook").
+//
+// Building is deterministic and bit-identical for any thread count. Thread safety: a Codebook is
+// immutable after Build()/FromStored(); safe to share across threads.
+#ifndef FIBQUANT_CORE_CODEBOOK_H_
+#define FIBQUANT_CORE_CODEBOOK_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/profile.h"
+
+namespace fibquant {
+
+inline constexpr std::string_view kCodebookSchema = "fq_codebook_v1";
+
+struct RepairEvent {
+  uint32_t restart = 0;
+  uint32_t iteration = 0;
+  uint32_t empty_cell = 0;
+  uint32_t donor_cell = 0;
+  uint64_t donor_count_before = 0;
+  double donor_distortion = 0;
+  double residual_norm = 0;
+};
+
+struct LloydReport {
+  uint32_t restarts = 0;
+  uint32_t iterations = 0;
+  uint32_t training_samples = 0;
+  double init_mse = 0;       ///< training-set MSE of the initial codebook
+  double best_mse = 0;       ///< training-set MSE of the kept codebook (f64, before f32 rounding)
+  uint32_t best_restart = 0;
+  std::vector<RepairEvent> repair_events;
+  uint64_t seed = 0;         ///< the profile's codebook_seed
+  friend bool operator==(const LloydReport&, const LloydReport&) = default;
+};
+
+struct BuildStats {  // not digested: how the build went on this machine
+  double seconds = 0;
+  int threads = 0;
+};
+
+class Codebook {
+ public:
+  // Validates the profile, builds rotation digest, initial codebook and Lloyd refinement.
+  // `threads` = 0 uses every core; the result does not depend on it.
+  [[nodiscard]] static absl::StatusOr<Codebook> Build(const Profile& profile, int threads = 0);
+
+  // Re-assembles a stored codebook and verifies it: profile valid, digests recomputed and equal to
+  // `expected_digest` (DataLoss on mismatch), every codeword finite and inside the unit ball (+1e-6).
+  [[nodiscard]] static absl::StatusOr<Codebook> FromStored(const Profile& profile,
+                                                           std::vector<float> codewords,
+                                                           LloydReport report,
+                                                           std::string_view expected_digest);
+
+  const Profile& profile() const { return profile_; }
+  const std::string& profile_digest() const { return profile_digest_; }
+  const std::string& rotation_digest() const { return rotation_digest_; }
+  const std::string& digest() const { return digest_; }
+  // N*k f32 values, row-major (codeword n at [n*k, n*k+k)).
+  const std::vector<float>& codewords() const { return codewords_; }
+  const LloydReport& report() const { return report_; }
+  const BuildStats& build_stats() const { return stats_; }
+  uint32_t size() const { return profile_.codebook_size; }
+  uint32_t dim() const { return profile_.block_dim; }
+
+ private:
+  Codebook() = default;
+  Profile profile_;
+  std::string profile_digest_;
+  std::string rotation_digest_;
+  std::string digest_;
+  std::vector<float> codewords_;
+  LloydReport report_;
+  BuildStats stats_;
+  friend class CodebookBuilder;
+};
+
+}  // namespace fibquant
+
+#endif  // FIBQUANT_CORE_CODEBOOK_H_
