@@ -1,0 +1,215 @@
+#include "server/metrics.h"
+
+#include <exception>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "prometheus/text_serializer.h"
+
+namespace fibquant::server {
+namespace {
+
+using prometheus::Histogram;
+
+// Latency buckets from 0.5 ms (a small unary call) to 60 s (a long stream or a profile build).
+const Histogram::BucketBoundaries& DurationBuckets() {
+  static const Histogram::BucketBoundaries* const kBuckets = new Histogram::BucketBoundaries{
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+  return *kBuckets;
+}
+
+// FibQuant rates run from about 1 to 8 bits per coordinate against 16- or 32-bit inputs, so ratios
+// between 2 and 32 matter most; 1 catches pages stored mostly raw.
+const Histogram::BucketBoundaries& RatioBuckets() {
+  static const Histogram::BucketBoundaries* const kBuckets =
+      new Histogram::BucketBoundaries{1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32};
+  return *kBuckets;
+}
+
+// Distortions (MSE of unit vectors, cosine distance) span decades, so the buckets are logarithmic.
+const Histogram::BucketBoundaries& DistortionBuckets() {
+  static const Histogram::BucketBoundaries* const kBuckets = new Histogram::BucketBoundaries{
+      1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1};
+  return *kBuckets;
+}
+
+// Codebook builds take milliseconds (small N) to minutes (N = 2^16 with many Lloyd iterations).
+const Histogram::BucketBoundaries& BuildBuckets() {
+  static const Histogram::BucketBoundaries* const kBuckets = new Histogram::BucketBoundaries{
+      0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600};
+  return *kBuckets;
+}
+
+std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
+
+}  // namespace
+
+Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  auto& reg = *registry_;
+  rpc_handled_ = &prometheus::BuildCounter()
+                      .Name("fibquant_rpc_handled_total")
+                      .Help("RPCs completed, by method and gRPC status code.")
+                      .Register(reg);
+  rpc_duration_ = &prometheus::BuildHistogram()
+                       .Name("fibquant_rpc_duration_seconds")
+                       .Help("Time from the start of an RPC to its final status, by method.")
+                       .Register(reg);
+  bytes_ = &prometheus::BuildCounter()
+                .Name("fibquant_payload_bytes_total")
+                .Help("Payload bytes processed: raw_in/compressed_out when compressing, "
+                      "compressed_in/raw_out when decompressing.")
+                .Register(reg);
+  pages_ = &prometheus::BuildCounter()
+                .Name("fibquant_pages_total")
+                .Help("KV pages processed, by operation (compress, decompress, rejected).")
+                .Register(reg);
+  vectors_ = &prometheus::BuildCounter()
+                  .Name("fibquant_vectors_total")
+                  .Help("Vectors stored, by kind: compressed, raw_protected (kept raw by policy), "
+                        "raw_fallback (kept raw after failing the quality budget).")
+                  .Register(reg);
+  fallbacks_ = &prometheus::BuildCounter()
+                    .Name("fibquant_fallbacks_total")
+                    .Help("Vectors or pages that fell back to raw storage, by reason.")
+                    .Register(reg);
+  compression_ratio_ = &prometheus::BuildHistogram()
+                            .Name("fibquant_page_compression_ratio")
+                            .Help("Raw bytes divided by compressed bytes, per page.")
+                            .Register(reg)
+                            .Add({}, RatioBuckets());
+  distortion_ = &prometheus::BuildHistogram()
+                     .Name("fibquant_page_distortion")
+                     .Help("Measured reconstruction distortion per page, by metric.")
+                     .Register(reg);
+  queue_depth_ = &prometheus::BuildGauge()
+                      .Name("fibquant_worker_queue_depth")
+                      .Help("Tasks waiting in the worker pool.")
+                      .Register(reg)
+                      .Add({});
+  streams_in_flight_ = &prometheus::BuildGauge()
+                            .Name("fibquant_streams_in_flight")
+                            .Help("Streaming RPCs currently open.")
+                            .Register(reg)
+                            .Add({});
+  streams_started_ = &prometheus::BuildCounter()
+                          .Name("fibquant_streams_started_total")
+                          .Help("Streaming RPCs opened since start.")
+                          .Register(reg)
+                          .Add({});
+  registry_size_ = &prometheus::BuildGauge()
+                        .Name("fibquant_registry_profiles")
+                        .Help("Profiles held by the profile registry.")
+                        .Register(reg)
+                        .Add({});
+  build_seconds_ = &prometheus::BuildHistogram()
+                        .Name("fibquant_profile_build_duration_seconds")
+                        .Help("Time to build one profile's codebook.")
+                        .Register(reg)
+                        .Add({}, BuildBuckets());
+  quarantined_ = &prometheus::BuildCounter()
+                      .Name("fibquant_registry_files_quarantined_total")
+                      .Help("Registry files that failed verification at load and were moved aside.")
+                      .Register(reg)
+                      .Add({});
+
+  // Create the known series up front so dashboards and alerts see zeros instead of absent series.
+  for (const char* d : {"raw_in", "compressed_out", "compressed_in", "raw_out"}) {
+    bytes_->Add({{"direction", d}});
+  }
+  for (const char* op : {"compress", "decompress", "rejected"}) pages_->Add({{"op", op}});
+  for (const char* kind : {"compressed", "raw_protected", "raw_fallback"}) {
+    vectors_->Add({{"kind", kind}});
+  }
+}
+
+Metrics::~Metrics() {
+  // Stop serving before the families go away (the exposer only holds a weak_ptr, but joining its
+  // threads first keeps a scrape from racing the destruction).
+  absl::MutexLock lock(&exposer_mu_);
+  exposer_.reset();
+}
+
+void Metrics::RecordRpc(std::string_view method, absl::StatusCode code, double seconds) {
+  std::string m(method);
+  rpc_handled_->Add({{"method", m}, {"code", CodeName(code)}}).Increment();
+  rpc_duration_->Add({{"method", m}}, DurationBuckets()).Observe(seconds);
+}
+
+void Metrics::RecordRpc(std::string_view method, grpc::StatusCode code, double seconds) {
+  // grpc::StatusCode and absl::StatusCode share the google.rpc.Code numbering.
+  RecordRpc(method, static_cast<absl::StatusCode>(static_cast<int>(code)), seconds);
+}
+
+void Metrics::AddBytes(std::string_view direction, uint64_t n) {
+  bytes_->Add({{"direction", std::string(direction)}}).Increment(static_cast<double>(n));
+}
+
+void Metrics::AddPages(std::string_view op, uint64_t n) {
+  pages_->Add({{"op", std::string(op)}}).Increment(static_cast<double>(n));
+}
+
+void Metrics::AddVectors(std::string_view kind, uint64_t n) {
+  vectors_->Add({{"kind", std::string(kind)}}).Increment(static_cast<double>(n));
+}
+
+void Metrics::AddFallback(std::string_view reason) {
+  fallbacks_->Add({{"reason", std::string(reason)}}).Increment();
+}
+
+void Metrics::ObserveCompressionRatio(double ratio) { compression_ratio_->Observe(ratio); }
+
+void Metrics::ObserveDistortion(std::string_view metric, double value) {
+  distortion_->Add({{"metric", std::string(metric)}}, DistortionBuckets()).Observe(value);
+}
+
+void Metrics::SetQueueDepth(int64_t n) { queue_depth_->Set(static_cast<double>(n)); }
+
+void Metrics::StreamStarted() {
+  streams_in_flight_->Increment();
+  streams_started_->Increment();
+}
+
+void Metrics::StreamFinished() { streams_in_flight_->Decrement(); }
+
+void Metrics::SetRegistrySize(int64_t n) { registry_size_->Set(static_cast<double>(n)); }
+
+void Metrics::ObserveBuildSeconds(double seconds) { build_seconds_->Observe(seconds); }
+
+void Metrics::RegistryFileQuarantined() { quarantined_->Increment(); }
+
+std::string Metrics::Serialize() const {
+  prometheus::TextSerializer serializer;
+  return serializer.Serialize(registry_->Collect());
+}
+
+absl::StatusOr<int> Metrics::StartExposer(const std::string& listen) {
+  absl::MutexLock lock(&exposer_mu_);
+  if (exposer_ != nullptr) {
+    return absl::FailedPreconditionError("metrics exposer already started");
+  }
+  std::unique_ptr<prometheus::Exposer> exposer;
+  try {
+    // civetweb reports a bind failure by throwing; nothing may escape into the caller.
+    exposer = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/2);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("--metrics-listen: cannot serve metrics on '", listen, "': ", e.what()));
+  }
+  std::vector<int> ports = exposer->GetListeningPorts();
+  if (ports.empty()) {
+    return absl::UnavailableError(
+        absl::StrCat("--metrics-listen: no listening port for '", listen, "'"));
+  }
+  exposer->RegisterCollectable(registry_);
+  exposer_ = std::move(exposer);
+  return ports.front();
+}
+
+}  // namespace fibquant::server
