@@ -7,6 +7,8 @@
 //    H the unnormalised Walsh-Hadamard matrix; power-of-two d only; O(d log d).
 // The f64 paths are the reference (and digested); the f32 batch paths are for the fast codec.
 // Thread safety: immutable after Create(); all methods are const and safe to call concurrently.
+// SetRotationKernelForTesting is a process-wide switch meant for tests and benchmarks only.
+// Ownership: the rotation engineer (core/rotation*.cc, docs/format/rotation.md).
 #ifndef FIBQUANT_CORE_ROTATION_H_
 #define FIBQUANT_CORE_ROTATION_H_
 
@@ -22,6 +24,14 @@ namespace fibquant {
 
 inline constexpr std::string_view kRotationSchema = "fq_rotation_v1";
 
+// Which f32 batch kernel ApplyBatch / ApplyInverseBatch use. kAuto picks AVX2+FMA when the CPU has
+// both (checked once with __builtin_cpu_supports), else the portable scalar kernel; kScalar forces the
+// portable kernel so tests can check both against the f64 reference on an AVX2 machine.
+enum class RotationKernel : uint8_t { kAuto = 0, kScalar = 1 };
+void SetRotationKernelForTesting(RotationKernel kernel);
+// True when the running CPU supports AVX2 and FMA (so kAuto uses the SIMD kernel).
+bool RotationSimdAvailable();
+
 class Rotation {
  public:
   // InvalidArgument for an unknown algorithm, dim == 0, or a non-power-of-two dim under Hadamard;
@@ -34,7 +44,8 @@ class Rotation {
   const std::string& algorithm() const { return algorithm_; }
   bool is_hadamard() const;
 
-  // Reference: y = Π x, x and y of length dim, f64 (left-to-right sums for the matrix form).
+  // Reference: y = Π x, x and y of length dim (may alias), f64 (left-to-right sums for the matrix
+  // form). Allocates a temporary: use the batch paths on hot paths.
   void Apply(const double* x, double* y) const;
   // Reference inverse: x = Πᵀ y.
   void ApplyInverse(const double* y, double* x) const;
@@ -57,7 +68,16 @@ class Rotation {
   uint32_t dim_ = 0;
   uint64_t seed_ = 0;
   std::vector<double> matrix_;
-  std::vector<float> matrix_f32_;  // fast path copy
+  // Haar fast path: M (for the inverse, X = Y M) and Mᵀ (forward, Y = X Mᵀ) in f32, packed as
+  // column panels of kPanelWidth lanes: panel p holds rows c = 0..d-1, lanes p*W..p*W+W-1, zero
+  // padded past d. Each panel is contiguous so the kernel streams it from L1.
+  static constexpr uint32_t kPanelWidth = 16;
+  std::vector<float> packed_fwd_;
+  std::vector<float> packed_inv_;
+  // Hadamard fast path: D1 * d^-1.5, D2, D3 as f32 (the scale is folded into D1; H is linear).
+  std::vector<float> sign1_scaled_f32_;
+  std::vector<float> sign2_f32_;
+  std::vector<float> sign3_f32_;
   std::vector<int8_t> signs_;
   std::string digest_;
 };

@@ -1,0 +1,346 @@
+// Seeded rotations: construction (Haar QR, randomized Hadamard), digest, f64 reference paths and the
+// portable scalar f32 batch kernels. The exact arithmetic of construction is normative
+// (docs/format/rotation.md): every loop order below is part of the rotation digest.
+#include "core/rotation.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/digest.h"
+#include "core/profile.h"
+#include "core/rng.h"
+#include "core/rotation_kernels.h"
+
+namespace fibquant {
+namespace {
+
+using rotation_internal::kPanelWidth;
+
+std::atomic<uint8_t> g_kernel{static_cast<uint8_t>(RotationKernel::kAuto)};
+
+bool UseSimd() {
+  return g_kernel.load(std::memory_order_relaxed) == static_cast<uint8_t>(RotationKernel::kAuto) &&
+         RotationSimdAvailable();
+}
+
+// Haar rotation, row-major f64. The arithmetic uses only + - * / and sqrt in the documented order,
+// under -ffp-contract=off, so the bits are the same on every x86-64 CPU.
+std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
+  const size_t d = dim;
+  // a: column-major working matrix, a[c*d + r] = A[r][c]. Draws fill column 0 first.
+  std::vector<double> a(d * d);
+  Rng rng(seed);
+  for (size_t i = 0; i < d * d; ++i) a[i] = rng.Normal();
+
+  // Householder QR. After step j, a[j+1.., j] still holds v[1..] of the reflector (v[i] = A[j+i][j]
+  // for i >= 1 is untouched by the reflection it defines), v0[j] holds v[0].
+  std::vector<double> v0(d, 0.0), tau(d, 0.0), rdiag(d, 0.0);
+  std::vector<char> reflect(d, 0);
+  for (size_t j = 0; j < d; ++j) {
+    double* col = &a[j * d];
+    const double alpha = col[j];
+    double sigma = 0.0;
+    for (size_t i = j + 1; i < d; ++i) sigma += col[i] * col[i];
+    if (sigma == 0.0) {  // nothing below the diagonal (always so for the last column)
+      rdiag[j] = alpha;
+      continue;
+    }
+    const double norm = std::sqrt(alpha * alpha + sigma);
+    const double beta = alpha >= 0.0 ? -norm : norm;  // opposite sign to alpha: no cancellation in v0
+    const double v0j = alpha - beta;
+    const double vtv = v0j * v0j + sigma;
+    const double t = 2.0 / vtv;
+    v0[j] = v0j;
+    tau[j] = t;
+    rdiag[j] = beta;
+    reflect[j] = 1;
+    // Apply H_j = I - tau v vᵀ to columns j+1..d-1, rows j..d-1.
+    for (size_t c = j + 1; c < d; ++c) {
+      double* ac = &a[c * d];
+      double s = v0j * ac[j];
+      for (size_t i = j + 1; i < d; ++i) s += col[i] * ac[i];
+      const double f = s * t;
+      ac[j] -= f * v0j;
+      for (size_t i = j + 1; i < d; ++i) ac[i] -= f * col[i];
+    }
+  }
+
+  // Q = H_0 H_1 ... H_{d-1}, accumulated backward from the identity: Q <- H_j Q for j = d-1..0.
+  // Before step j, Q differs from I only in rows/columns > j, so only columns j..d-1 change.
+  std::vector<double> q(d * d, 0.0);  // column-major
+  for (size_t i = 0; i < d; ++i) q[i * d + i] = 1.0;
+  for (size_t jj = d; jj-- > 0;) {
+    if (!reflect[jj]) continue;
+    const double* col = &a[jj * d];
+    const double v0j = v0[jj];
+    const double t = tau[jj];
+    for (size_t c = jj; c < d; ++c) {
+      double* qc = &q[c * d];
+      double s = v0j * qc[jj];
+      for (size_t i = jj + 1; i < d; ++i) s += col[i] * qc[i];
+      const double f = s * t;
+      qc[jj] -= f * v0j;
+      for (size_t i = jj + 1; i < d; ++i) qc[i] -= f * col[i];
+    }
+  }
+
+  // Mezzadri: make R's diagonal non-negative by negating the matching columns of Q, which makes
+  // the distribution of Q exactly Haar on O(d).
+  for (size_t j = 0; j < d; ++j) {
+    if (rdiag[j] < 0.0) {
+      for (size_t i = 0; i < d; ++i) q[j * d + i] = -q[j * d + i];
+    }
+  }
+
+  std::vector<double> m(d * d);
+  for (size_t r = 0; r < d; ++r) {
+    for (size_t c = 0; c < d; ++c) m[r * d + c] = q[c * d + r];
+  }
+  return m;
+}
+
+// Packs P (given as P[c][j] = get(c, j)) into column panels of kPanelWidth lanes, zero padded.
+template <typename Get>
+std::vector<float> PackPanels(uint32_t dim, Get get) {
+  const size_t d = dim;
+  const size_t panels = (d + kPanelWidth - 1) / kPanelWidth;
+  std::vector<float> out(panels * d * kPanelWidth, 0.0f);
+  for (size_t p = 0; p < panels; ++p) {
+    for (size_t c = 0; c < d; ++c) {
+      for (size_t l = 0; l < kPanelWidth; ++l) {
+        const size_t j = p * kPanelWidth + l;
+        if (j < d) out[(p * d + c) * kPanelWidth + l] = static_cast<float>(get(c, j));
+      }
+    }
+  }
+  return out;
+}
+
+// In-place unnormalised fast Walsh-Hadamard transform (the documented butterfly order).
+template <typename T>
+void Fwht(T* x, size_t d) {
+  for (size_t h = 1; h < d; h *= 2) {
+    for (size_t i = 0; i < d; i += 2 * h) {
+      for (size_t j = i; j < i + h; ++j) {
+        const T a = x[j];
+        const T b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+    }
+  }
+}
+
+double HadamardScale(uint32_t dim) {
+  const double d = static_cast<double>(dim);
+  return 1.0 / (d * std::sqrt(d));
+}
+
+}  // namespace
+
+void SetRotationKernelForTesting(RotationKernel kernel) {
+  g_kernel.store(static_cast<uint8_t>(kernel), std::memory_order_relaxed);
+}
+
+bool RotationSimdAvailable() {
+  static const bool available = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return available;
+}
+
+absl::StatusOr<Rotation> Rotation::Create(std::string_view algorithm, uint32_t dim, uint64_t seed) {
+  const bool haar = algorithm == kRotationHaarQr;
+  const bool hadamard = algorithm == kRotationHadamard;
+  if (!haar && !hadamard) {
+    return absl::InvalidArgumentError(absl::StrCat("rotation algorithm \"", std::string(algorithm),
+                                                   "\" is unknown (expected \"",
+                                                   std::string(kRotationHaarQr), "\" or \"",
+                                                   std::string(kRotationHadamard), "\")"));
+  }
+  if (dim == 0) return absl::InvalidArgumentError("rotation dim must be >= 1, got 0");
+  if (dim > kMaxAmbientDim) {
+    return absl::ResourceExhaustedError(absl::StrCat("rotation dim ", dim,
+                                                     " exceeds kMaxAmbientDim ", kMaxAmbientDim));
+  }
+  if (hadamard && (dim & (dim - 1)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rotation dim ", dim, " must be a power of two for ", std::string(kRotationHadamard)));
+  }
+
+  Rotation r;
+  r.algorithm_ = std::string(algorithm);
+  r.dim_ = dim;
+  r.seed_ = seed;
+  CanonicalWriter w(kRotationSchema);
+  w.Str(r.algorithm_);
+  w.U32(dim);
+  w.U64(seed);
+  const size_t d = dim;
+  if (haar) {
+    r.matrix_ = HaarMatrix(dim, seed);
+    for (double v : r.matrix_) w.F64(v);
+    const std::vector<double>& m = r.matrix_;
+    // Forward Y = X Mᵀ: P[c][j] = M[j][c]. Inverse X = Y M: P[c][j] = M[c][j].
+    r.packed_fwd_ = PackPanels(dim, [&](size_t c, size_t j) { return m[j * d + c]; });
+    r.packed_inv_ = PackPanels(dim, [&](size_t c, size_t j) { return m[c * d + j]; });
+  } else {
+    Rng rng(seed);
+    r.signs_.resize(3 * d);
+    for (size_t i = 0; i < 3 * d; ++i) r.signs_[i] = (rng.NextU64() >> 63) == 0 ? 1 : -1;
+    for (int8_t s : r.signs_) w.U8(s > 0 ? 1 : 0);
+    const float scale = static_cast<float>(HadamardScale(dim));
+    r.sign1_scaled_f32_.resize(d);
+    r.sign2_f32_.resize(d);
+    r.sign3_f32_.resize(d);
+    for (size_t i = 0; i < d; ++i) {
+      r.sign1_scaled_f32_[i] = static_cast<float>(r.signs_[i]) * scale;
+      r.sign2_f32_[i] = static_cast<float>(r.signs_[d + i]);
+      r.sign3_f32_[i] = static_cast<float>(r.signs_[2 * d + i]);
+    }
+  }
+  r.digest_ = w.Digest();
+  return r;
+}
+
+bool Rotation::is_hadamard() const { return algorithm_ == kRotationHadamard; }
+
+void Rotation::Apply(const double* x, double* y) const {
+  const size_t d = dim_;
+  if (is_hadamard()) {
+    std::vector<double> t(x, x + d);
+    for (size_t i = 0; i < d; ++i) t[i] *= signs_[i];
+    Fwht(t.data(), d);
+    for (size_t i = 0; i < d; ++i) t[i] *= signs_[d + i];
+    Fwht(t.data(), d);
+    for (size_t i = 0; i < d; ++i) t[i] *= signs_[2 * d + i];
+    Fwht(t.data(), d);
+    const double scale = HadamardScale(dim_);
+    for (size_t i = 0; i < d; ++i) y[i] = t[i] * scale;
+    return;
+  }
+  std::vector<double> out(d);  // x and y may alias
+  for (size_t r = 0; r < d; ++r) {
+    const double* row = &matrix_[r * d];
+    double s = 0.0;
+    for (size_t c = 0; c < d; ++c) s += row[c] * x[c];
+    out[r] = s;
+  }
+  std::memcpy(y, out.data(), d * sizeof(double));
+}
+
+void Rotation::ApplyInverse(const double* y, double* x) const {
+  const size_t d = dim_;
+  if (is_hadamard()) {
+    std::vector<double> t(y, y + d);
+    Fwht(t.data(), d);
+    for (size_t i = 0; i < d; ++i) t[i] *= signs_[2 * d + i];
+    Fwht(t.data(), d);
+    for (size_t i = 0; i < d; ++i) t[i] *= signs_[d + i];
+    Fwht(t.data(), d);
+    const double scale = HadamardScale(dim_);
+    for (size_t i = 0; i < d; ++i) x[i] = (t[i] * signs_[i]) * scale;
+    return;
+  }
+  // x_c = sum_r M[r][c] y_r with r ascending; the temporary lets x and y alias.
+  std::vector<double> out(d, 0.0);
+  for (size_t r = 0; r < d; ++r) {
+    const double* row = &matrix_[r * d];
+    const double yr = y[r];
+    for (size_t c = 0; c < d; ++c) out[c] += row[c] * yr;
+  }
+  std::memcpy(x, out.data(), d * sizeof(double));
+}
+
+void Rotation::ApplyBatch(const float* x, float* y, size_t n) const {
+  if (n == 0) return;
+  const bool simd = UseSimd();
+  if (is_hadamard()) {
+    (simd ? rotation_internal::HadamardBatchAvx2 : rotation_internal::HadamardBatchScalar)(
+        x, y, n, dim_, sign1_scaled_f32_.data(), sign2_f32_.data(), sign3_f32_.data(), false);
+  } else {
+    (simd ? rotation_internal::MatMulPanelsAvx2 : rotation_internal::MatMulPanelsScalar)(
+        x, y, n, dim_, packed_fwd_.data());
+  }
+}
+
+void Rotation::ApplyInverseBatch(const float* y, float* x, size_t n) const {
+  if (n == 0) return;
+  const bool simd = UseSimd();
+  if (is_hadamard()) {
+    (simd ? rotation_internal::HadamardBatchAvx2 : rotation_internal::HadamardBatchScalar)(
+        y, x, n, dim_, sign1_scaled_f32_.data(), sign2_f32_.data(), sign3_f32_.data(), true);
+  } else {
+    (simd ? rotation_internal::MatMulPanelsAvx2 : rotation_internal::MatMulPanelsScalar)(
+        y, x, n, dim_, packed_inv_.data());
+  }
+}
+
+namespace rotation_internal {
+
+namespace {
+constexpr size_t kScalarRows = 4;
+
+template <size_t MR>
+void ScalarMicro(const float* x, float* y, size_t d, const float* panel, size_t col0) {
+  float acc[MR][kPanelWidth] = {};
+  for (size_t c = 0; c < d; ++c) {
+    const float* p = panel + c * kPanelWidth;
+    for (size_t r = 0; r < MR; ++r) {
+      const float a = x[r * d + c];
+      for (size_t l = 0; l < kPanelWidth; ++l) acc[r][l] += a * p[l];
+    }
+  }
+  const size_t width = d - col0 < kPanelWidth ? d - col0 : kPanelWidth;
+  for (size_t r = 0; r < MR; ++r) std::memcpy(y + r * d + col0, acc[r], width * sizeof(float));
+}
+}  // namespace
+
+void MatMulPanelsScalar(const float* x, float* y, size_t n, uint32_t dim, const float* packed) {
+  const size_t d = dim;
+  const size_t panels = (d + kPanelWidth - 1) / kPanelWidth;
+  constexpr size_t kRowBlock = 64;
+  for (size_t r0 = 0; r0 < n; r0 += kRowBlock) {
+    const size_t r1 = r0 + kRowBlock < n ? r0 + kRowBlock : n;
+    for (size_t p = 0; p < panels; ++p) {
+      const float* panel = packed + p * d * kPanelWidth;
+      size_t r = r0;
+      for (; r + kScalarRows <= r1; r += kScalarRows) {
+        ScalarMicro<kScalarRows>(x + r * d, y + r * d, d, panel, p * kPanelWidth);
+      }
+      for (; r < r1; ++r) ScalarMicro<1>(x + r * d, y + r * d, d, panel, p * kPanelWidth);
+    }
+  }
+}
+
+void HadamardBatchScalar(const float* x, float* y, size_t n, uint32_t dim, const float* s1,
+                         const float* d2, const float* d3, bool inverse) {
+  const size_t d = dim;
+  for (size_t r = 0; r < n; ++r) {
+    const float* in = x + r * d;
+    float* out = y + r * d;
+    if (!inverse) {
+      for (size_t i = 0; i < d; ++i) out[i] = in[i] * s1[i];
+      Fwht(out, d);
+      for (size_t i = 0; i < d; ++i) out[i] *= d2[i];
+      Fwht(out, d);
+      for (size_t i = 0; i < d; ++i) out[i] *= d3[i];
+      Fwht(out, d);
+    } else {
+      std::memcpy(out, in, d * sizeof(float));
+      Fwht(out, d);
+      for (size_t i = 0; i < d; ++i) out[i] *= d3[i];
+      Fwht(out, d);
+      for (size_t i = 0; i < d; ++i) out[i] *= d2[i];
+      Fwht(out, d);
+      for (size_t i = 0; i < d; ++i) out[i] *= s1[i];
+    }
+  }
+}
+
+}  // namespace rotation_internal
+}  // namespace fibquant

@@ -1,0 +1,174 @@
+// AVX2+FMA f32 batch kernels for rotations. Every function here carries
+// __attribute__((target("avx2,fma"))) so the rest of the build stays baseline x86-64; Rotation only
+// calls them after RotationSimdAvailable() confirmed the CPU has both. These are encode/decode fast
+// paths, never digested: FMA rounding may differ from the scalar kernel in the last bits, and tests
+// bound both against the f64 reference.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "core/rotation_kernels.h"
+
+namespace fibquant::rotation_internal {
+namespace {
+
+#define FQ_AVX2 __attribute__((target("avx2,fma")))
+
+// MR rows x 16 columns of Y from one packed panel; accumulators stay in registers (2*MR <= 12).
+template <int MR>
+FQ_AVX2 inline void Micro(const float* x, float* y, size_t d, const float* panel, size_t col0) {
+  __m256 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc0[r] = _mm256_setzero_ps();
+    acc1[r] = _mm256_setzero_ps();
+  }
+  for (size_t c = 0; c < d; ++c) {
+    const __m256 b0 = _mm256_loadu_ps(panel + c * kPanelWidth);
+    const __m256 b1 = _mm256_loadu_ps(panel + c * kPanelWidth + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * d + c);
+      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  if (d - col0 >= kPanelWidth) {
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(y + r * d + col0, acc0[r]);
+      _mm256_storeu_ps(y + r * d + col0 + 8, acc1[r]);
+    }
+  } else {  // last, partial panel
+    const size_t width = d - col0;
+    alignas(32) float tmp[kPanelWidth];
+    for (int r = 0; r < MR; ++r) {
+      _mm256_store_ps(tmp, acc0[r]);
+      _mm256_store_ps(tmp + 8, acc1[r]);
+      std::memcpy(y + r * d + col0, tmp, width * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+FQ_AVX2 void MatMulPanelsAvx2(const float* x, float* y, size_t n, uint32_t dim,
+                              const float* packed) {
+  const size_t d = dim;
+  const size_t panels = (d + kPanelWidth - 1) / kPanelWidth;
+  constexpr size_t kMr = 6;
+  // A block of rows stays in L1/L2 while every panel (d*64 bytes) streams over it.
+  constexpr size_t kRowBlock = 48;
+  for (size_t r0 = 0; r0 < n; r0 += kRowBlock) {
+    const size_t r1 = r0 + kRowBlock < n ? r0 + kRowBlock : n;
+    for (size_t p = 0; p < panels; ++p) {
+      const float* panel = packed + p * d * kPanelWidth;
+      const size_t col0 = p * kPanelWidth;
+      size_t r = r0;
+      for (; r + kMr <= r1; r += kMr) Micro<kMr>(x + r * d, y + r * d, d, panel, col0);
+      switch (r1 - r) {
+        case 5: Micro<5>(x + r * d, y + r * d, d, panel, col0); break;
+        case 4: Micro<4>(x + r * d, y + r * d, d, panel, col0); break;
+        case 3: Micro<3>(x + r * d, y + r * d, d, panel, col0); break;
+        case 2: Micro<2>(x + r * d, y + r * d, d, panel, col0); break;
+        case 1: Micro<1>(x + r * d, y + r * d, d, panel, col0); break;
+        default: break;
+      }
+    }
+  }
+}
+
+namespace {
+
+// Stages h = 1, 2, 4 of the FWHT inside one 8-lane register. Each stage computes
+// lane j: a + b (j in the low half of its pair group) or a - b (high half) as t + (v ^ signmask),
+// which is bit-identical to the scalar butterfly (a + (-b) == a - b exactly in IEEE arithmetic).
+FQ_AVX2 inline __m256 InRegister3(__m256 v) {
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0,
+                                                          INT32_MIN));
+  const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, INT32_MIN, INT32_MIN, 0, 0, INT32_MIN,
+                                                          INT32_MIN));
+  const __m256 m4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, INT32_MIN, INT32_MIN, INT32_MIN,
+                                                          INT32_MIN));
+  // t holds each lane's partner. Low lane: t = b, v = a, t + v = b + a == a + b (IEEE addition is
+  // commutative). High lane: t = a, v = b, t + (-v) = a - b.
+  __m256 t = _mm256_permute_ps(v, 0xB1);  // h = 1: swap adjacent lanes
+  v = _mm256_add_ps(t, _mm256_xor_ps(v, m1));
+  t = _mm256_permute_ps(v, 0x4E);  // h = 2: swap lane pairs within each 128-bit half
+  v = _mm256_add_ps(t, _mm256_xor_ps(v, m2));
+  t = _mm256_permute2f128_ps(v, v, 0x01);  // h = 4: swap the 128-bit halves
+  v = _mm256_add_ps(t, _mm256_xor_ps(v, m4));
+  return v;
+}
+
+// Unnormalised FWHT of one row in place, d >= 8 a power of two. Same butterfly pairs and operations as the scalar Fwht, so the result is bit-identical.
+FQ_AVX2 inline void FwhtRow(float* x, size_t d) {
+  for (size_t i = 0; i < d; i += 8) _mm256_storeu_ps(x + i, InRegister3(_mm256_loadu_ps(x + i)));
+  size_t h = 8;
+  // Two stages at a time (radix 4) halve the passes over the row.
+  for (; 4 * h <= d; h *= 4) {
+    for (size_t i = 0; i < d; i += 4 * h) {
+      for (size_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j);
+        const __m256 b = _mm256_loadu_ps(x + j + h);
+        const __m256 c = _mm256_loadu_ps(x + j + 2 * h);
+        const __m256 e = _mm256_loadu_ps(x + j + 3 * h);
+        // stage h: (a, b) and (c, e); stage 2h: (a', c') and (b', e').
+        const __m256 a1 = _mm256_add_ps(a, b), b1 = _mm256_sub_ps(a, b);
+        const __m256 c1 = _mm256_add_ps(c, e), e1 = _mm256_sub_ps(c, e);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(a1, c1));
+        _mm256_storeu_ps(x + j + 2 * h, _mm256_sub_ps(a1, c1));
+        _mm256_storeu_ps(x + j + h, _mm256_add_ps(b1, e1));
+        _mm256_storeu_ps(x + j + 3 * h, _mm256_sub_ps(b1, e1));
+      }
+    }
+  }
+  for (; h < d; h *= 2) {
+    for (size_t i = 0; i < d; i += 2 * h) {
+      for (size_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j);
+        const __m256 b = _mm256_loadu_ps(x + j + h);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+      }
+    }
+  }
+}
+
+FQ_AVX2 inline void MulRow(const float* in, const float* s, float* out, size_t d) {
+  for (size_t i = 0; i < d; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(in + i), _mm256_loadu_ps(s + i)));
+  }
+}
+
+}  // namespace
+
+FQ_AVX2 void HadamardBatchAvx2(const float* x, float* y, size_t n, uint32_t dim, const float* s1,
+                               const float* d2, const float* d3, bool inverse) {
+  const size_t d = dim;
+  if (d < 8) {  // too short for a register; the scalar kernel is exact and already cheap
+    HadamardBatchScalar(x, y, n, dim, s1, d2, d3, inverse);
+    return;
+  }
+  for (size_t r = 0; r < n; ++r) {
+    const float* in = x + r * d;
+    float* out = y + r * d;
+    if (!inverse) {
+      MulRow(in, s1, out, d);
+      FwhtRow(out, d);
+      MulRow(out, d2, out, d);
+      FwhtRow(out, d);
+      MulRow(out, d3, out, d);
+      FwhtRow(out, d);
+    } else {
+      std::memcpy(out, in, d * sizeof(float));
+      FwhtRow(out, d);
+      MulRow(out, d3, out, d);
+      FwhtRow(out, d);
+      MulRow(out, d2, out, d);
+      FwhtRow(out, d);
+      MulRow(out, s1, out, d);
+    }
+  }
+}
+
+#undef FQ_AVX2
+
+}  // namespace fibquant::rotation_internal

@@ -1,0 +1,387 @@
+// Tests for core/rotation: orthogonality, determinism and golden digests (the construction is
+// normative), the Haar QR specification (fill order, sign correction), the Hadamard explicit form,
+// error codes, the f32 batch kernels (SIMD and scalar) against the f64 reference, and the Haar
+// distribution of the first coordinate.
+#include "core/rotation.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "core/profile.h"
+#include "core/rng.h"
+#include "gtest/gtest.h"
+
+namespace fibquant {
+namespace {
+
+Rotation MustCreate(std::string_view algorithm, uint32_t dim, uint64_t seed) {
+  absl::StatusOr<Rotation> r = Rotation::Create(algorithm, dim, seed);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return *std::move(r);
+}
+
+// Column-major explicit matrix of the rotation: column i = Apply(e_i).
+std::vector<double> ExplicitMatrix(const Rotation& rot) {
+  const size_t d = rot.dim();
+  std::vector<double> m(d * d), e(d, 0.0), y(d);
+  for (size_t i = 0; i < d; ++i) {
+    e[i] = 1.0;
+    rot.Apply(e.data(), y.data());
+    e[i] = 0.0;
+    for (size_t r = 0; r < d; ++r) m[r * d + i] = y[r];  // row-major M[r][i]
+  }
+  return m;
+}
+
+double MaxOrthogonalityError(const std::vector<double>& m, size_t d) {
+  double worst = 0.0;
+  for (size_t a = 0; a < d; ++a) {
+    for (size_t b = 0; b < d; ++b) {
+      double s = 0.0;
+      for (size_t r = 0; r < d; ++r) s += m[r * d + a] * m[r * d + b];
+      worst = std::max(worst, std::fabs(s - (a == b ? 1.0 : 0.0)));
+    }
+  }
+  return worst;
+}
+
+class ScopedKernel {
+ public:
+  explicit ScopedKernel(RotationKernel k) { SetRotationKernelForTesting(k); }
+  ~ScopedKernel() { SetRotationKernelForTesting(RotationKernel::kAuto); }
+};
+
+TEST(RotationHaar, IsOrthogonal) {
+  for (uint32_t d : {1u, 2u, 3u, 8u, 64u, 128u}) {
+    const Rotation rot = MustCreate(kRotationHaarQr, d, 42);
+    ASSERT_EQ(rot.matrix().size(), size_t{d} * d);
+    EXPECT_TRUE(rot.signs().empty());
+    EXPECT_LT(MaxOrthogonalityError(rot.matrix(), d), 1e-12) << "d=" << d;
+    // Q Qᵀ = I too (rows orthonormal).
+    std::vector<double> mt(size_t{d} * d);
+    for (size_t r = 0; r < d; ++r)
+      for (size_t c = 0; c < d; ++c) mt[c * d + r] = rot.matrix()[r * d + c];
+    EXPECT_LT(MaxOrthogonalityError(mt, d), 1e-12) << "d=" << d;
+  }
+}
+
+TEST(RotationHaar, ApplyMatchesMatrixRowMajor) {
+  const Rotation rot = MustCreate(kRotationHaarQr, 5, 3);
+  const std::vector<double> m = ExplicitMatrix(rot);
+  for (size_t i = 0; i < m.size(); ++i) EXPECT_EQ(m[i], rot.matrix()[i]) << i;
+}
+
+// The specification: A is d*d normals from Rng(seed) filled column-major, Π = Q with R's diagonal
+// made positive. Then Qᵀ A = R must be upper triangular with a positive diagonal, and column 0 of Q
+// must be A's column 0 (the first d draws) normalised.
+TEST(RotationHaar, MatchesQrSpecification) {
+  for (uint32_t d : {1u, 2u, 7u, 32u}) {
+    for (uint64_t seed : {0ull, 7ull, 12345ull}) {
+      const Rotation rot = MustCreate(kRotationHaarQr, d, seed);
+      const std::vector<double>& q = rot.matrix();
+      Rng rng(seed);
+      std::vector<double> a(size_t{d} * d);  // row-major A[r][c]
+      for (size_t c = 0; c < d; ++c)
+        for (size_t r = 0; r < d; ++r) a[r * d + c] = rng.Normal();
+      for (size_t i = 0; i < d; ++i) {
+        for (size_t j = 0; j < d; ++j) {
+          double rij = 0.0;  // (Qᵀ A)[i][j]
+          for (size_t k = 0; k < d; ++k) rij += q[k * d + i] * a[k * d + j];
+          if (i > j) {
+            EXPECT_NEAR(rij, 0.0, 1e-11) << "d=" << d << " i=" << i << " j=" << j;
+          }
+          if (i == j) {
+            EXPECT_GT(rij, 0.0) << "d=" << d << " i=" << i;
+          }
+        }
+      }
+      double norm2 = 0.0;
+      for (size_t r = 0; r < d; ++r) norm2 += a[r * d] * a[r * d];
+      const double norm = std::sqrt(norm2);
+      for (size_t r = 0; r < d; ++r) EXPECT_NEAR(q[r * d], a[r * d] / norm, 1e-13);
+    }
+  }
+}
+
+TEST(RotationHaar, OneDimensionalIsARandomSign) {
+  bool saw_plus = false, saw_minus = false;
+  for (uint64_t seed = 0; seed < 64; ++seed) {
+    const Rotation rot = MustCreate(kRotationHaarQr, 1, seed);
+    ASSERT_EQ(std::fabs(rot.matrix()[0]), 1.0);
+    Rng rng(seed);
+    EXPECT_EQ(rot.matrix()[0], rng.Normal() < 0 ? -1.0 : 1.0);
+    (rot.matrix()[0] > 0 ? saw_plus : saw_minus) = true;
+  }
+  EXPECT_TRUE(saw_plus && saw_minus);
+}
+
+TEST(RotationHadamard, IsOrthogonalAndHasSigns) {
+  for (uint32_t d : {1u, 2u, 4u, 64u, 256u}) {
+    const Rotation rot = MustCreate(kRotationHadamard, d, 9);
+    EXPECT_TRUE(rot.is_hadamard());
+    EXPECT_TRUE(rot.matrix().empty());
+    ASSERT_EQ(rot.signs().size(), size_t{3} * d);
+    for (int8_t s : rot.signs()) EXPECT_TRUE(s == 1 || s == -1);
+    EXPECT_LT(MaxOrthogonalityError(ExplicitMatrix(rot), d), 1e-12) << "d=" << d;
+  }
+}
+
+TEST(RotationHadamard, SignsFollowTopBitOfRng) {
+  const Rotation rot = MustCreate(kRotationHadamard, 16, 77);
+  Rng rng(77);
+  for (size_t i = 0; i < 48; ++i) {
+    EXPECT_EQ(rot.signs()[i], (rng.NextU64() >> 63) == 0 ? 1 : -1) << i;
+  }
+}
+
+// Sylvester H[i][j] = (-1)^popcount(i & j); Π = H D3 H D2 H D1 / d^1.5.
+TEST(RotationHadamard, EqualsExplicitMatrixForm) {
+  for (uint32_t d : {1u, 2u, 8u, 32u}) {
+    const Rotation rot = MustCreate(kRotationHadamard, d, 5 + d);
+    const std::vector<int8_t>& s = rot.signs();
+    auto h = [](size_t i, size_t j) { return __builtin_popcountll(i & j) % 2 ? -1.0 : 1.0; };
+    // Build column by column: col = H D3 H D2 H D1 e_i.
+    std::vector<double> want(size_t{d} * d);
+    for (size_t i = 0; i < d; ++i) {
+      std::vector<double> v(d, 0.0), t(d);
+      v[i] = s[i];
+      for (int round = 0; round < 3; ++round) {
+        for (size_t r = 0; r < d; ++r) {
+          t[r] = 0.0;
+          for (size_t c = 0; c < d; ++c) t[r] += h(r, c) * v[c];
+        }
+        if (round < 2) {
+          for (size_t r = 0; r < d; ++r) v[r] = t[r] * s[(round + 1) * d + r];
+        } else {
+          v = t;
+        }
+      }
+      for (size_t r = 0; r < d; ++r) want[r * d + i] = v[r] / (d * std::sqrt(double(d)));
+    }
+    const std::vector<double> got = ExplicitMatrix(rot);
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12) << "d=" << d << " " << i;
+  }
+}
+
+TEST(Rotation, Deterministic) {
+  for (std::string_view alg : {kRotationHaarQr, kRotationHadamard}) {
+    const Rotation a = MustCreate(alg, 64, 1);
+    const Rotation b = MustCreate(alg, 64, 1);
+    const Rotation c = MustCreate(alg, 64, 2);
+    EXPECT_EQ(a.matrix(), b.matrix());
+    EXPECT_EQ(a.signs(), b.signs());
+    EXPECT_EQ(a.digest(), b.digest());
+    EXPECT_NE(a.digest(), c.digest());
+    if (alg == kRotationHaarQr) {
+      EXPECT_NE(a.matrix(), c.matrix());
+    } else {
+      EXPECT_NE(a.signs(), c.signs());
+    }
+    EXPECT_EQ(a.seed(), 1u);
+    EXPECT_EQ(a.dim(), 64u);
+    EXPECT_EQ(a.algorithm(), std::string(alg));
+    EXPECT_EQ(a.digest().rfind("sha256:", 0), 0u);
+    EXPECT_EQ(a.digest().size(), 71u);
+  }
+  // Same seed and dim, different algorithm: different digests.
+  EXPECT_NE(MustCreate(kRotationHaarQr, 64, 1).digest(), MustCreate(kRotationHadamard, 64, 1).digest());
+}
+
+TEST(Rotation, ApplyThenInverseIsIdentity) {
+  for (std::string_view alg : {kRotationHaarQr, kRotationHadamard}) {
+    for (uint32_t d : {1u, 2u, 8u, 64u, 128u}) {
+      const Rotation rot = MustCreate(alg, d, 31);
+      Rng rng(d);
+      std::vector<double> x(d), y(d), back(d);
+      for (double& v : x) v = rng.Normal();
+      rot.Apply(x.data(), y.data());
+      rot.ApplyInverse(y.data(), back.data());
+      double nx = 0, ny = 0;
+      for (size_t i = 0; i < d; ++i) {
+        EXPECT_NEAR(back[i], x[i], 1e-12) << alg << " d=" << d;
+        nx += x[i] * x[i];
+        ny += y[i] * y[i];
+      }
+      EXPECT_NEAR(std::sqrt(ny), std::sqrt(nx), 1e-12);
+      // In-place (aliased) use of the reference paths.
+      std::vector<double> z = x;
+      rot.Apply(z.data(), z.data());
+      for (size_t i = 0; i < d; ++i) EXPECT_EQ(z[i], y[i]);
+      rot.ApplyInverse(z.data(), z.data());
+      for (size_t i = 0; i < d; ++i) EXPECT_EQ(z[i], back[i]);
+    }
+  }
+}
+
+// Golden digests: the construction is normative, so these must never change (docs/format/rotation.md).
+TEST(Rotation, GoldenDigests) {
+  EXPECT_EQ(MustCreate(kRotationHaarQr, 8, 7).digest(),
+            "sha256:f661d9599288627388245f37facd9f9144391a2b98587b6a8bd5be741069fcaa");
+  EXPECT_EQ(MustCreate(kRotationHaarQr, 64, 1).digest(),
+            "sha256:e25500f3a9a89b030e74ede462736b4644e5f5cb1ec2f4ad68c12b0822738477");
+  EXPECT_EQ(MustCreate(kRotationHadamard, 64, 1).digest(),
+            "sha256:4631c706117eb1bff20e18c8f5f18bcba4885300bc9b37d179a489f2a00e99bb");
+}
+
+TEST(Rotation, Errors) {
+  auto code = [](std::string_view alg, uint32_t d) { return Rotation::Create(alg, d, 1).status().code(); };
+  EXPECT_EQ(code(kRotationHadamard, 48), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(kRotationHadamard, 3), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(kRotationHaarQr, 0), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(kRotationHadamard, 0), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(kRotationHaarQr, 5000), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(code(kRotationHadamard, 5000), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(code(kRotationHadamard, 8192), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(code("qr-gaussian-chacha8-sign-corrected-v1", 8), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code("", 8), absl::StatusCode::kInvalidArgument);
+  const absl::Status s = Rotation::Create(kRotationHaarQr, 5000, 1).status();
+  EXPECT_NE(s.message().find("4096"), std::string_view::npos) << s;
+  EXPECT_NE(Rotation::Create(kRotationHadamard, 48, 1).status().message().find("power of two"),
+            std::string_view::npos);
+  // The largest allowed Hadamard is cheap to build.
+  EXPECT_TRUE(Rotation::Create(kRotationHadamard, kMaxAmbientDim, 1).ok());
+}
+
+// f32 batch output vs the f64 reference on the same (f32) inputs: |err| <= 1e-5 * ||x|| per element.
+void CheckBatchAgainstReference(const Rotation& rot, size_t n, bool inverse) {
+  const size_t d = rot.dim();
+  Rng rng(1000 + d + n);
+  std::vector<float> x(n * d);
+  for (float& v : x) v = static_cast<float>(rng.Normal() * 3.0);
+  // Canaries past the end catch writes beyond n*d in the tail handling.
+  std::vector<float> y(n * d + 16, 123.0f);
+  if (inverse) {
+    rot.ApplyInverseBatch(x.data(), y.data(), n);
+  } else {
+    rot.ApplyBatch(x.data(), y.data(), n);
+  }
+  for (size_t i = 0; i < 16; ++i) ASSERT_EQ(y[n * d + i], 123.0f) << "overrun";
+  std::vector<double> xd(d), yd(d);
+  for (size_t r = 0; r < n; ++r) {
+    double norm2 = 0.0;
+    for (size_t c = 0; c < d; ++c) {
+      xd[c] = x[r * d + c];
+      norm2 += xd[c] * xd[c];
+    }
+    if (inverse) {
+      rot.ApplyInverse(xd.data(), yd.data());
+    } else {
+      rot.Apply(xd.data(), yd.data());
+    }
+    const double tol = 1e-5 * std::sqrt(norm2);
+    for (size_t c = 0; c < d; ++c) {
+      ASSERT_NEAR(y[r * d + c], yd[c], tol)
+          << rot.algorithm() << " d=" << d << " n=" << n << " row=" << r << " col=" << c
+          << (inverse ? " inverse" : " forward");
+    }
+  }
+}
+
+void CheckAllBatchShapes() {
+  for (uint32_t d : {1u, 3u, 8u, 17u, 64u, 100u, 128u, 256u}) {
+    const Rotation rot = MustCreate(kRotationHaarQr, d, 11);
+    for (size_t n : {1u, 5u, 7u, 53u, 130u}) {
+      CheckBatchAgainstReference(rot, n, false);
+      CheckBatchAgainstReference(rot, n, true);
+    }
+  }
+  for (uint32_t d : {1u, 2u, 4u, 8u, 16u, 32u, 64u, 128u, 256u, 1024u}) {
+    const Rotation rot = MustCreate(kRotationHadamard, d, 11);
+    for (size_t n : {1u, 3u, 40u}) {
+      CheckBatchAgainstReference(rot, n, false);
+      CheckBatchAgainstReference(rot, n, true);
+    }
+  }
+}
+
+TEST(RotationBatch, DefaultKernelMatchesReference) { CheckAllBatchShapes(); }
+
+TEST(RotationBatch, ScalarKernelMatchesReference) {
+  ScopedKernel k(RotationKernel::kScalar);
+  CheckAllBatchShapes();
+}
+
+TEST(RotationBatch, SimdKernelIsExercisedWhenAvailable) {
+  if (!RotationSimdAvailable()) GTEST_SKIP() << "CPU lacks AVX2+FMA: only the scalar kernel runs here";
+  // On an AVX2+FMA CPU the default kernel differs from the forced scalar kernel for Haar (FMA
+  // rounds once), proving the dispatch really switches kernels.
+  const Rotation rot = MustCreate(kRotationHaarQr, 128, 3);
+  const size_t n = 64, d = 128;
+  Rng rng(5);
+  std::vector<float> x(n * d), simd(n * d), scalar(n * d);
+  for (float& v : x) v = static_cast<float>(rng.Normal());
+  rot.ApplyBatch(x.data(), simd.data(), n);
+  {
+    ScopedKernel k(RotationKernel::kScalar);
+    rot.ApplyBatch(x.data(), scalar.data(), n);
+  }
+  EXPECT_NE(std::memcmp(simd.data(), scalar.data(), n * d * sizeof(float)), 0);
+}
+
+// The SIMD FWHT performs exactly the scalar butterflies, so Hadamard batch output is bit-identical.
+TEST(RotationBatch, HadamardKernelsAgreeBitForBit) {
+  for (uint32_t d : {8u, 16u, 64u, 128u, 512u}) {
+    const Rotation rot = MustCreate(kRotationHadamard, d, 8);
+    const size_t n = 9;
+    Rng rng(d);
+    std::vector<float> x(n * d), a(n * d), b(n * d), ia(n * d), ib(n * d);
+    for (float& v : x) v = static_cast<float>(rng.Normal());
+    rot.ApplyBatch(x.data(), a.data(), n);
+    rot.ApplyInverseBatch(x.data(), ia.data(), n);
+    {
+      ScopedKernel k(RotationKernel::kScalar);
+      rot.ApplyBatch(x.data(), b.data(), n);
+      rot.ApplyInverseBatch(x.data(), ib.data(), n);
+    }
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << d;
+    EXPECT_EQ(std::memcmp(ia.data(), ib.data(), ia.size() * sizeof(float)), 0) << d;
+  }
+}
+
+TEST(RotationBatch, RoundTripAndZeroRows) {
+  for (std::string_view alg : {kRotationHaarQr, kRotationHadamard}) {
+    const Rotation rot = MustCreate(alg, 128, 4);
+    const size_t n = 33, d = 128;
+    Rng rng(6);
+    std::vector<float> x(n * d), y(n * d), back(n * d);
+    for (float& v : x) v = static_cast<float>(rng.Normal());
+    rot.ApplyBatch(x.data(), y.data(), n);
+    rot.ApplyInverseBatch(y.data(), back.data(), n);
+    for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(back[i], x[i], 1e-5) << alg << " " << i;
+    rot.ApplyBatch(x.data(), y.data(), 0);  // n == 0 is a no-op
+  }
+}
+
+// Haar: each coordinate of Π e_1 has mean 0 and variance 1/d over seeds (uniform point on the
+// sphere). Without the sign correction Π[0][0] would always be negative and the mean test fails.
+TEST(RotationDistribution, FirstCoordinateVarianceIsOneOverD) {
+  struct Case {
+    std::string_view alg;
+    uint32_t d;
+    int seeds;
+  };
+  for (const Case& cs : {Case{kRotationHaarQr, 8, 3000}, Case{kRotationHaarQr, 64, 600},
+                         Case{kRotationHadamard, 64, 3000}}) {
+    double sum = 0.0, sum2 = 0.0;
+    std::vector<double> e(cs.d, 0.0), y(cs.d);
+    e[0] = 1.0;
+    for (int s = 0; s < cs.seeds; ++s) {
+      const Rotation rot = MustCreate(cs.alg, cs.d, 1000 + s);
+      rot.Apply(e.data(), y.data());
+      sum += y[0];
+      sum2 += y[0] * y[0];
+    }
+    const double mean = sum / cs.seeds;
+    const double var = sum2 / cs.seeds - mean * mean;
+    const double want = 1.0 / cs.d;
+    // 5 standard errors of the sample variance (~ want * sqrt(2 / seeds)) and of the mean.
+    EXPECT_NEAR(var, want, 5 * want * std::sqrt(2.0 / cs.seeds)) << cs.alg << " d=" << cs.d;
+    EXPECT_NEAR(mean, 0.0, 5 * std::sqrt(want / cs.seeds)) << cs.alg << " d=" << cs.d;
+  }
+}
+
+}  // namespace
+}  // namespace fibquant
