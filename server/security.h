@@ -1,0 +1,83 @@
+// Transport and admin security of the server: TLS / mTLS credentials from PEM files, the rule that
+// plaintext listens only on loopback unless the operator explicitly allows it, and the admin bearer
+// token that guards RegisterProfile.
+//
+// Ownership: AdminTokenAuth is created once at startup (main.cc) and shared read-only with the
+// service for the server's lifetime. The other functions are stateless.
+// Thread safety: AdminTokenAuth is immutable after creation; Authorize may run on any thread.
+#ifndef FIBQUANT_SERVER_SECURITY_H_
+#define FIBQUANT_SERVER_SECURITY_H_
+
+#include <array>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_context.h"
+#include "grpcpp/support/string_ref.h"
+
+namespace fibquant::server {
+
+// TLS material as given on the command line (paths to PEM files; empty = not set).
+struct TlsFlags {
+  std::string cert_file;       // --tls-cert
+  std::string key_file;        // --tls-key
+  std::string client_ca_file;  // --tls-client-ca: require and verify client certificates (mTLS)
+  bool enabled() const { return !cert_file.empty() || !key_file.empty(); }
+};
+
+// Reads a whole file (PEM, token). NotFound / PermissionDenied / DataLoss naming `flag` and `path`.
+[[nodiscard]] absl::StatusOr<std::string> ReadSmallFile(const std::string& flag,
+                                                        const std::string& path,
+                                                        size_t max_bytes = 1 << 20);
+
+// Server credentials: insecure when no TLS flag is set; TLS with cert+key; mTLS (client certificate
+// required and verified against the CA) when a client CA is also given. InvalidArgument for an
+// incomplete combination (cert without key, key without cert, client CA without cert) or a file that
+// is not PEM, naming the flag.
+[[nodiscard]] absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const TlsFlags& tls);
+
+// True when `listen` (a gRPC listen address: "host:port", "[v6]:port", "unix:path",
+// "unix-abstract:name") can only be reached from this machine: 127.0.0.0/8, ::1, "localhost" or a
+// Unix socket.
+bool IsLoopbackListenAddress(const std::string& listen);
+
+// The plaintext rule: without TLS, a listen address that is not loopback is refused unless
+// --allow-insecure is set (FailedPrecondition naming the flags and the address).
+absl::Status CheckPlaintextAllowed(const std::string& listen, bool tls_enabled, bool allow_insecure);
+
+// The admin bearer token. RegisterProfile requires the metadata `authorization: Bearer <token>`.
+// The token is kept only as its SHA-256; requests are compared by SHA-256 of the presented value
+// with CRYPTO_memcmp, so the comparison takes the same time wherever the first difference is and
+// does not leak the token's length.
+class AdminTokenAuth {
+ public:
+  // The token is the file's content with surrounding whitespace (a trailing newline) removed.
+  // InvalidArgument when it is empty or shorter than 16 characters, or contains whitespace or
+  // control characters (they cannot travel in an HTTP/2 header value unchanged).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<AdminTokenAuth>> FromFile(
+      const std::string& path);
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<AdminTokenAuth>> FromToken(
+      const std::string& token);
+
+  // OK when the metadata carries `authorization: Bearer <token>` with the right token.
+  // Unauthenticated when the header is missing or not a Bearer credential; PermissionDenied when a
+  // Bearer token is present but wrong. Messages never echo the presented value.
+  absl::Status Authorize(
+      const std::multimap<grpc::string_ref, grpc::string_ref>& client_metadata) const;
+  absl::Status Authorize(const grpc::ServerContextBase& context) const {
+    return Authorize(context.client_metadata());
+  }
+
+ private:
+  explicit AdminTokenAuth(const std::array<unsigned char, 32>& digest) : digest_(digest) {}
+  std::array<unsigned char, 32> digest_;
+};
+
+}  // namespace fibquant::server
+
+#endif  // FIBQUANT_SERVER_SECURITY_H_
