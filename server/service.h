@@ -1,0 +1,144 @@
+// KvCompressionServiceImpl: the gRPC callback implementation of fibquant.v1.KvCompressionService.
+//
+// Unary RPCs validate on the gRPC thread and finish there, except codebook builds (RegisterProfile,
+// EvaluateQuality with candidates), which run on the worker pool; their reactor finishes from the
+// worker's completion. CompressPages / DecompressPages are bidirectional reactors that parse and
+// validate each page on the gRPC thread, hand the codec work to the worker pool, keep at most
+// `max_inflight_pages_per_stream` pages in work (backpressure: the next read is withheld), write
+// responses in input order with one write in flight, and free themselves only after OnDone and the
+// completion of every task they scheduled (house-style §5, Reverb's bidi reactor).
+//
+// Ownership: the process (main.cc) or a test owns the service; it must outlive the grpc::Server it
+// is registered with (destroy the server first). `metrics` is borrowed and may be null (no metrics).
+// Thread safety: every RPC method may be called concurrently by gRPC; PreloadDir and StartDrain are
+// safe to call from any thread at any time.
+#ifndef FIBQUANT_SERVER_SERVICE_H_
+#define FIBQUANT_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "fibquant/v1/kv_compression.grpc.pb.h"
+
+namespace fibquant::server {
+
+class Metrics;
+class Registry;
+class WorkerPool;
+
+// Every limit of the service, with defaults fit for one 2-core pod. Exceeding a limit gives
+// ResourceExhausted (sizes, counts, cost) or InvalidArgument (malformed), naming the limit.
+struct ServiceOptions {
+  // Registry directory (profiles/, receipts/, quarantine/ beneath it). Empty: in memory only.
+  std::string data_dir;
+  // Largest gRPC message accepted or sent (main.cc passes it to the ServerBuilder too).
+  uint64_t max_message_bytes = 64ull << 20;
+  // Largest raw page (CompressPages) or frame (DecompressPages), in bytes.
+  uint64_t max_page_bytes = 16ull << 20;
+  // Pages of one stream scheduled on the worker pool or waiting to be written.
+  uint32_t max_inflight_pages_per_stream = 4;
+  // CompressPages + DecompressPages streams open at once; more are refused (ResourceExhausted).
+  uint32_t max_concurrent_streams = 64;
+  // Largest codebook build accepted, in units of
+  // training_samples x codebook_size x block_dim x lloyd_iterations x lloyd_restarts.
+  // Default 2e10: paper defaults for N = 256, k = 4 cost 7.9e8.
+  uint64_t max_profile_build_cost = 20'000'000'000ull;
+  // Receipts kept (memory and disk); the oldest are dropped first.
+  uint32_t receipt_retention = 1000;
+  // Profiles kept in the registry; registering more is ResourceExhausted.
+  uint32_t max_profiles = 256;
+  // Worker pool: fixed threads (0 = hardware concurrency) and queued tasks beyond which new work
+  // is refused (ResourceExhausted) or, for streams, not read until there is room.
+  int worker_threads = 0;
+  uint32_t worker_queue_capacity = 1024;
+  // Threads one codebook build may use (0 = hardware concurrency). The codebook is identical for
+  // any value.
+  int build_threads = 1;
+  // EvaluateQuality: largest keys/values/queries sample (floats, each) and most profiles per call.
+  uint64_t max_eval_values = 4ull << 20;
+  uint32_t max_eval_profiles = 8;
+  // Reported by GetServerInfo.
+  std::string version = "0.1.0";
+};
+
+class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService::CallbackService {
+ public:
+  // Checks the options (InvalidArgument naming a bad one), starts the worker pool and opens the
+  // registry in options.data_dir: every stored profile is loaded and verified (bad files are moved
+  // to <data_dir>/quarantine/ and counted, never loaded) and receipts are restored.
+  // Fails only if the data dir cannot be created or read.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<KvCompressionServiceImpl>> Create(
+      const ServiceOptions& options, Metrics* metrics);
+
+  ~KvCompressionServiceImpl() override;
+  KvCompressionServiceImpl(const KvCompressionServiceImpl&) = delete;
+  KvCompressionServiceImpl& operator=(const KvCompressionServiceImpl&) = delete;
+
+  // Registers every `*.json` spec in `dir` (e.g. a mounted Kubernetes ConfigMap), building
+  // codebooks synchronously on the calling thread. A file that fails is logged and skipped; the
+  // returned status is the first failure (OK if every file registered).
+  absl::Status PreloadDir(const std::string& dir);
+
+  // Drain: from now on new streams and registrations are refused with Unavailable; streams already
+  // open run to completion.
+  void StartDrain();
+  bool draining() const { return draining_.load(); }
+
+  const ServiceOptions& options() const { return options_; }
+  // Profiles held by the registry (for health and metrics).
+  size_t profile_count() const;
+
+  // --- fibquant.v1.KvCompressionService (callback API) ---
+  grpc::ServerUnaryReactor* RegisterProfile(grpc::CallbackServerContext* ctx,
+                                            const fibquant::v1::RegisterProfileRequest* req,
+                                            fibquant::v1::RegisterProfileResponse* resp) override;
+  grpc::ServerUnaryReactor* GetProfile(grpc::CallbackServerContext* ctx,
+                                       const fibquant::v1::GetProfileRequest* req,
+                                       fibquant::v1::GetProfileResponse* resp) override;
+  grpc::ServerUnaryReactor* ListProfiles(grpc::CallbackServerContext* ctx,
+                                         const fibquant::v1::ListProfilesRequest* req,
+                                         fibquant::v1::ListProfilesResponse* resp) override;
+  grpc::ServerUnaryReactor* GetCodebook(grpc::CallbackServerContext* ctx,
+                                        const fibquant::v1::GetCodebookRequest* req,
+                                        fibquant::v1::GetCodebookResponse* resp) override;
+  grpc::ServerBidiReactor<fibquant::v1::CompressPagesRequest, fibquant::v1::CompressPagesResponse>*
+  CompressPages(grpc::CallbackServerContext* ctx) override;
+  grpc::ServerBidiReactor<fibquant::v1::DecompressPagesRequest,
+                          fibquant::v1::DecompressPagesResponse>*
+  DecompressPages(grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* GetReceipt(grpc::CallbackServerContext* ctx,
+                                       const fibquant::v1::GetReceiptRequest* req,
+                                       fibquant::v1::GetReceiptResponse* resp) override;
+  grpc::ServerUnaryReactor* ListReceipts(grpc::CallbackServerContext* ctx,
+                                         const fibquant::v1::ListReceiptsRequest* req,
+                                         fibquant::v1::ListReceiptsResponse* resp) override;
+  grpc::ServerUnaryReactor* EvaluateQuality(grpc::CallbackServerContext* ctx,
+                                            const fibquant::v1::EvaluateQualityRequest* req,
+                                            fibquant::v1::EvaluateQualityResponse* resp) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
+                                          const fibquant::v1::GetServerInfoRequest* req,
+                                          fibquant::v1::GetServerInfoResponse* resp) override;
+
+ private:
+  KvCompressionServiceImpl(const ServiceOptions& options, Metrics* metrics);
+  absl::Status Initialize();
+
+  friend class CompressReactor;
+  friend class DecompressReactor;
+  friend class ServiceInternals;
+
+  ServiceOptions options_;
+  Metrics* metrics_;  // not owned; may be null
+  std::unique_ptr<WorkerPool> pool_;
+  std::unique_ptr<Registry> registry_;
+  std::atomic<bool> draining_{false};
+  std::atomic<uint32_t> open_streams_{0};
+};
+
+}  // namespace fibquant::server
+
+#endif  // FIBQUANT_SERVER_SERVICE_H_
