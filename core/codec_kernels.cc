@@ -1,0 +1,334 @@
+// Nearest-codeword search and conversion kernels: see codec_kernels.h for the contract.
+//
+// The scalar and AVX2 kernels share one structure (same group order, same pruning decisions, same
+// score arithmetic) and differ only in how the 8 lanes of a group are evaluated, so they return the
+// same indices. The traversal is written out in each kernel because a target("avx2") function can
+// inline plain helpers but not the other way round.
+#include "core/codec_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "core/half.h"
+
+namespace fibquant::codec_internal {
+namespace {
+
+std::atomic<bool> g_force_scalar{false};
+thread_local uint64_t t_groups_visited = 0;
+
+bool CpuHasAvx2F16c() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+
+constexpr float kF16Max = 65504.0f;
+constexpr uint16_t kBf16MaxBits = 0x7F7F;
+
+inline double BlockNorm(const float* y, uint32_t k) {
+  double s = 0;
+  for (uint32_t j = 0; j < k; ++j) s += static_cast<double>(y[j]) * static_cast<double>(y[j]);
+  return std::sqrt(s);
+}
+
+// Margin that covers every rounding error of the f32 score s(c) = ||c||^2 + sum_j m_j c_j:
+// |err| <= (k+1) 2^-24 (||c||^2 + 2|y||c|) <= (k+1) 2^-24 (|y| + |c|)^2; we allow 16 times that.
+inline double PruneSlack(uint32_t k, double ny, double max_norm) {
+  const double r = ny + max_norm;
+  return static_cast<double>(k + 4) * 0x1p-20 * r * r;
+}
+
+// First group whose largest norm is >= ny (the group "holding" ny), clamped to the last group.
+inline uint32_t StartGroup(const std::vector<double>& hi, double ny) {
+  const auto it = std::lower_bound(hi.begin(), hi.end(), ny);
+  const size_t g = static_cast<size_t>(it - hi.begin());
+  return static_cast<uint32_t>(std::min(g, hi.size() - 1));
+}
+
+// Lexicographic (score, index) minimum over 8 lanes.
+inline uint32_t PickLane(const float* score, const int32_t* index, uint32_t n) {
+  float best = score[0];
+  int32_t bi = index[0];
+  for (int l = 1; l < 8; ++l) {
+    if (score[l] < best || (score[l] == best && index[l] < bi)) {
+      best = score[l];
+      bi = index[l];
+    }
+  }
+  // Unreachable for finite y; a defensive clamp keeps a corrupt input from producing an index >= n.
+  return static_cast<uint32_t>(bi) < n ? static_cast<uint32_t>(bi) : 0;
+}
+
+}  // namespace
+
+Isa ActiveIsa() {
+  if (g_force_scalar.load(std::memory_order_relaxed)) return Isa::kScalar;
+  return CpuHasAvx2F16c() ? Isa::kAvx2 : Isa::kScalar;
+}
+
+void ForceScalarForTesting(bool force) { g_force_scalar.store(force, std::memory_order_relaxed); }
+
+double DistanceF64(const float* codewords, uint32_t k, uint32_t index, const double* y) {
+  const float* c = codewords + static_cast<size_t>(index) * k;
+  double d = 0;
+  for (uint32_t j = 0; j < k; ++j) {
+    const double t = y[j] - static_cast<double>(c[j]);
+    d += t * t;
+  }
+  return d;
+}
+
+uint32_t NearestReference(const float* codewords, uint32_t n, uint32_t k, const double* y) {
+  uint32_t best = 0;
+  double best_d = std::numeric_limits<double>::infinity();
+  for (uint32_t i = 0; i < n; ++i) {
+    const double d = DistanceF64(codewords, k, i, y);
+    if (d < best_d) {  // strict: the lowest index wins a tie
+      best_d = d;
+      best = i;
+    }
+  }
+  return best;
+}
+
+SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, bool prune) {
+  SearchTable t;
+  t.n_ = n;
+  t.k_ = k;
+  t.prune_ = prune;
+  t.groups_ = (n + 7) / 8;
+  std::vector<double> norm(n);
+  for (uint32_t i = 0; i < n; ++i) norm[i] = BlockNorm(codewords + static_cast<size_t>(i) * k, k);
+  std::vector<uint32_t> order(n);
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](uint32_t a, uint32_t b) { return norm[a] < norm[b]; });
+  const size_t g8 = static_cast<size_t>(t.groups_) * 8;
+  t.soa_.assign(g8 * k, 0.0f);
+  t.norm2_.assign(g8, std::numeric_limits<float>::infinity());
+  t.index_.assign(g8, std::numeric_limits<int32_t>::max());
+  t.group_lo_.assign(t.groups_, 0.0);
+  t.group_hi_.assign(t.groups_, 0.0);
+  for (uint32_t s = 0; s < n; ++s) {
+    const uint32_t i = order[s];
+    const uint32_t g = s / 8, lane = s % 8;
+    const float* c = codewords + static_cast<size_t>(i) * k;
+    float n2 = 0;  // ||c||^2 rounded once from the f64 sum: part of the specified f32 score
+    double n2d = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      t.soa_[(static_cast<size_t>(g) * k + j) * 8 + lane] = c[j];
+      n2d += static_cast<double>(c[j]) * static_cast<double>(c[j]);
+    }
+    n2 = static_cast<float>(n2d);
+    t.norm2_[static_cast<size_t>(g) * 8 + lane] = n2;
+    t.index_[static_cast<size_t>(g) * 8 + lane] = static_cast<int32_t>(i);
+    if (lane == 0) t.group_lo_[g] = norm[i];
+    t.group_hi_[g] = norm[i];
+    t.max_norm_ = std::max(t.max_norm_, norm[i]);
+  }
+  return t;
+}
+
+uint64_t SearchTable::GroupsVisitedOnThisThread() { return t_groups_visited; }
+void SearchTable::ResetGroupsVisitedOnThisThread() { t_groups_visited = 0; }
+
+struct SearchKernels {
+  // ---- scalar -------------------------------------------------------------------------------
+  static void Scalar(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
+    const uint32_t k = t.k_;
+    float m[256];
+    float best[8];
+    int32_t best_idx[8];
+    uint64_t visited = 0;
+    for (size_t b = 0; b < count; ++b) {
+      const float* yb = y + b * k;
+      for (uint32_t j = 0; j < k; ++j) m[j] = -2.0f * yb[j];
+      std::fill(best, best + 8, std::numeric_limits<float>::infinity());
+      std::fill(best_idx, best_idx + 8, std::numeric_limits<int32_t>::max());
+      auto visit = [&](uint32_t g) {
+        const float* c = t.soa_.data() + static_cast<size_t>(g) * k * 8;
+        const float* n2 = t.norm2_.data() + static_cast<size_t>(g) * 8;
+        const int32_t* id = t.index_.data() + static_cast<size_t>(g) * 8;
+        for (int l = 0; l < 8; ++l) {
+          float s = n2[l];
+          for (uint32_t j = 0; j < k; ++j) s = s + m[j] * c[j * 8 + l];
+          if (s < best[l] || (s == best[l] && id[l] < best_idx[l])) {
+            best[l] = s;
+            best_idx[l] = id[l];
+          }
+        }
+        ++visited;
+        float h = best[0];
+        for (int l = 1; l < 8; ++l) h = std::min(h, best[l]);
+        return h;
+      };
+      if (!t.prune_) {
+        for (uint32_t g = 0; g < t.groups_; ++g) visit(g);
+      } else {
+        const double ny = BlockNorm(yb, k);
+        const double ny2 = ny * ny;
+        const double slack = PruneSlack(k, ny, t.max_norm_);
+        const uint32_t g0 = StartGroup(t.group_hi_, ny);
+        double limit = static_cast<double>(visit(g0)) + ny2 + slack;
+        for (uint32_t g = g0 + 1; g < t.groups_; ++g) {
+          const double gap = t.group_lo_[g] - ny;
+          if (gap > 0 && gap * gap > limit) break;
+          limit = static_cast<double>(visit(g)) + ny2 + slack;
+        }
+        for (uint32_t g = g0; g-- > 0;) {
+          const double gap = ny - t.group_hi_[g];
+          if (gap > 0 && gap * gap > limit) break;
+          limit = static_cast<double>(visit(g)) + ny2 + slack;
+        }
+      }
+      out[b] = PickLane(best, best_idx, t.n_);
+    }
+    t_groups_visited += visited;
+  }
+
+  // ---- AVX2 ---------------------------------------------------------------------------------
+  template <uint32_t K>  // K = 0: block dimension known only at run time
+  __attribute__((target("avx2"))) static void Avx2(const SearchTable& t, const float* y,
+                                                    size_t count, uint32_t* out) {
+    const uint32_t k = K != 0 ? K : t.k_;
+    alignas(32) float lane_best[8];
+    alignas(32) int32_t lane_idx[8];
+    __m256 m[K != 0 ? K : 256];
+    uint64_t visited = 0;
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    for (size_t b = 0; b < count; ++b) {
+      const float* yb = y + b * k;
+      for (uint32_t j = 0; j < k; ++j) m[j] = _mm256_set1_ps(-2.0f * yb[j]);
+      __m256 best = inf;
+      __m256i best_idx = imax;
+      auto visit = [&](uint32_t g) __attribute__((target("avx2"))) {
+        const float* c = t.soa_.data() + static_cast<size_t>(g) * k * 8;
+        __m256 s = _mm256_loadu_ps(t.norm2_.data() + static_cast<size_t>(g) * 8);
+        for (uint32_t j = 0; j < k; ++j) {
+          s = _mm256_add_ps(s, _mm256_mul_ps(m[j], _mm256_loadu_ps(c + j * 8)));
+        }
+        const __m256i id = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(t.index_.data() + static_cast<size_t>(g) * 8));
+        const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
+        const __m256 eq = _mm256_cmp_ps(s, best, _CMP_EQ_OQ);
+        const __m256 idx_lt = _mm256_castsi256_ps(_mm256_cmpgt_epi32(best_idx, id));
+        const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, idx_lt));
+        best = _mm256_blendv_ps(best, s, upd);
+        best_idx = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(best_idx), _mm256_castsi256_ps(id), upd));
+        ++visited;
+      };
+      auto hmin = [&]() __attribute__((target("avx2"))) {
+        __m256 h = _mm256_min_ps(best, _mm256_permute2f128_ps(best, best, 1));
+        h = _mm256_min_ps(h, _mm256_shuffle_ps(h, h, _MM_SHUFFLE(1, 0, 3, 2)));
+        h = _mm256_min_ps(h, _mm256_shuffle_ps(h, h, _MM_SHUFFLE(2, 3, 0, 1)));
+        return static_cast<double>(_mm256_cvtss_f32(h));
+      };
+      if (!t.prune_) {
+        for (uint32_t g = 0; g < t.groups_; ++g) visit(g);
+      } else {
+        const double ny = BlockNorm(yb, k);
+        const double ny2 = ny * ny;
+        const double slack = PruneSlack(k, ny, t.max_norm_);
+        const uint32_t g0 = StartGroup(t.group_hi_, ny);
+        visit(g0);
+        double limit = hmin() + ny2 + slack;
+        for (uint32_t g = g0 + 1; g < t.groups_; ++g) {
+          const double gap = t.group_lo_[g] - ny;
+          if (gap > 0 && gap * gap > limit) break;
+          visit(g);
+          limit = hmin() + ny2 + slack;
+        }
+        for (uint32_t g = g0; g-- > 0;) {
+          const double gap = ny - t.group_hi_[g];
+          if (gap > 0 && gap * gap > limit) break;
+          visit(g);
+          limit = hmin() + ny2 + slack;
+        }
+      }
+      _mm256_store_ps(lane_best, best);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), best_idx);
+      out[b] = PickLane(lane_best, lane_idx, t.n_);
+    }
+    t_groups_visited += visited;
+  }
+};
+
+void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) {
+    switch (k_) {
+      case 1: return SearchKernels::Avx2<1>(*this, y, count, out);
+      case 2: return SearchKernels::Avx2<2>(*this, y, count, out);
+      case 4: return SearchKernels::Avx2<4>(*this, y, count, out);
+      case 8: return SearchKernels::Avx2<8>(*this, y, count, out);
+      default: return SearchKernels::Avx2<0>(*this, y, count, out);
+    }
+  }
+  SearchKernels::Scalar(*this, y, count, out);
+}
+
+// ---- element conversions ----------------------------------------------------------------------
+
+namespace {
+
+__attribute__((target("avx2,f16c"))) void LoadF16Avx2(const uint8_t* in, size_t n, float* out) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i));
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) out[i] = LoadElement(DType::kF16, in, i);
+}
+
+__attribute__((target("avx2,f16c"))) void StoreF16Avx2(const float* in, size_t n, uint8_t* out) {
+  const __m256 hi = _mm256_set1_ps(kF16Max);
+  const __m256 lo = _mm256_set1_ps(-kF16Max);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    // max/min return the second operand when one is NaN: pass the data second so NaN stays NaN.
+    __m256 v = _mm256_loadu_ps(in + i);
+    v = _mm256_max_ps(lo, v);
+    v = _mm256_min_ps(hi, v);
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), h);
+  }
+  for (; i < n; ++i) {
+    const float v = std::isnan(in[i]) ? in[i] : std::clamp(in[i], -kF16Max, kF16Max);
+    StoreElement(DType::kF16, v, out, i);
+  }
+}
+
+}  // namespace
+
+void LoadF16(const uint8_t* in, size_t n, float* out, Isa isa) {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) return LoadF16Avx2(in, n, out);
+  for (size_t i = 0; i < n; ++i) out[i] = LoadElement(DType::kF16, in, i);
+}
+
+void StoreF16Saturating(const float* in, size_t n, uint8_t* out, Isa isa) {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) return StoreF16Avx2(in, n, out);
+  for (size_t i = 0; i < n; ++i) {
+    const float v = std::isnan(in[i]) ? in[i] : std::clamp(in[i], -kF16Max, kF16Max);
+    StoreElement(DType::kF16, v, out, i);
+  }
+}
+
+void StoreBf16Saturating(const float* in, size_t n, uint8_t* out) {
+  const float bmax = Bf16ToFloat(kBf16MaxBits);
+  for (size_t i = 0; i < n; ++i) {
+    const float v = std::isnan(in[i]) ? in[i] : std::clamp(in[i], -bmax, bmax);
+    StoreElement(DType::kBF16, v, out, i);
+  }
+}
+
+}  // namespace fibquant::codec_internal

@@ -1,0 +1,78 @@
+// Nearest-codeword search and element conversion kernels for the vector codec (internal to the
+// codec module; tests and benchmarks include it, nothing else should).
+//
+// Two searches over the same codebook:
+//  - NearestReference: exact in f64 (codewords widened f32->f64, distance sum_j (y_j - c_j)^2
+//    left to right), lowest index on ties. This is the specification.
+//  - SearchTable::Nearest: exact in f32 for the score s(c) = ||c||^2 + sum_j (-2 y_j) c_j (computed
+//    left to right as separate multiplies and adds, never fused, so the scalar and AVX2 kernels give
+//    bit-identical scores and therefore identical indices on every x86-64 CPU), minimum score with
+//    lowest index on ties. Codewords are stored sorted by norm in groups of 8 (SoA); with pruning
+//    on, groups are visited outward from the one holding ||y||, and a direction stops once the
+//    norm bound (|y| - |c|)^2 exceeds the best distance by a margin that covers every f32 rounding
+//    error of the score, so pruning never changes the result.
+// Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
+// reentrant. The ISA override is a process-wide test hook (atomic).
+#ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
+#define FIBQUANT_CORE_CODEC_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace fibquant::codec_internal {
+
+enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1 };
+
+// The best ISA this CPU supports, unless a test forced the scalar kernels.
+Isa ActiveIsa();
+// Test hook: force the scalar kernels for every later call (process-wide) when `force` is true.
+void ForceScalarForTesting(bool force);
+
+// Exact f64 nearest codeword to y (k values) among n codewords (n*k f32, row-major).
+uint32_t NearestReference(const float* codewords, uint32_t n, uint32_t k, const double* y);
+// Squared distance in f64 between y and codeword `index` (the reference metric).
+double DistanceF64(const float* codewords, uint32_t k, uint32_t index, const double* y);
+
+class SearchTable {
+ public:
+  // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
+  static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
+
+  // Nearest codeword index for each of `count` blocks stored contiguously in y (count*k floats).
+  void Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const;
+
+  uint32_t size() const { return n_; }
+  uint32_t dim() const { return k_; }
+  bool prune() const { return prune_; }
+  // Groups of 8 codewords visited by the last call on this thread (a diagnostic for tests and
+  // benchmarks: how much the pruning saves).
+  static uint64_t GroupsVisitedOnThisThread();
+  static void ResetGroupsVisitedOnThisThread();
+  uint32_t group_count() const { return groups_; }
+
+ private:
+  uint32_t n_ = 0;
+  uint32_t k_ = 0;
+  uint32_t groups_ = 0;
+  bool prune_ = false;
+  std::vector<float> soa_;         // groups * k * 8: [g][j][lane]
+  std::vector<float> norm2_;       // groups * 8: ||c||^2 in f32 (+inf in padding lanes)
+  std::vector<int32_t> index_;     // groups * 8: original index (INT32_MAX in padding lanes)
+  std::vector<double> group_lo_;   // per group: smallest ||c|| (f64 of the f32 codeword)
+  std::vector<double> group_hi_;   // per group: largest ||c||
+  double max_norm_ = 0;
+
+  friend struct SearchKernels;
+};
+
+// Element conversions for the fast path. Same results as half.h's scalar conversions; f16 uses
+// F16C when available. The *Saturating stores clamp to the largest finite value of the type
+// first (f16: 65504, bf16: 0x7F7F = 3.3895314e38) so a large reconstruction never becomes inf.
+void LoadF16(const uint8_t* in, size_t n, float* out, Isa isa);
+void StoreF16Saturating(const float* in, size_t n, uint8_t* out, Isa isa);
+void StoreBf16Saturating(const float* in, size_t n, uint8_t* out);
+
+}  // namespace fibquant::codec_internal
+
+#endif  // FIBQUANT_CORE_CODEC_KERNELS_H_

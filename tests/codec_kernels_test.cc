@@ -1,0 +1,224 @@
+// Nearest-codeword kernels on raw arrays (no codebook training needed): the f32 search is exact for
+// its specified score (scalar, AVX2, with and without pruning all agree with a plain model), it
+// differs from the f64 reference only on near-ties, ties go to the lowest index, pruning saves
+// work; and the f16/bf16 conversion kernels match the scalar ones.
+#include "core/codec_kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/half.h"
+#include "core/rng.h"
+#include "gtest/gtest.h"
+
+namespace fibquant::codec_internal {
+namespace {
+
+std::vector<float> GaussianBlocks(Rng& rng, size_t count, uint32_t k, double scale) {
+  std::vector<float> v(count * k);
+  for (auto& x : v) x = static_cast<float>(rng.Normal() * scale);
+  return v;
+}
+
+// The specified f32 score and (score, index) argmin, written as plainly as possible.
+uint32_t ModelNearestF32(const std::vector<float>& cw, uint32_t n, uint32_t k, const float* y) {
+  uint32_t best = 0;
+  float best_s = std::numeric_limits<float>::infinity();
+  for (uint32_t i = 0; i < n; ++i) {
+    double n2d = 0;
+    for (uint32_t j = 0; j < k; ++j) n2d += static_cast<double>(cw[i * k + j]) * cw[i * k + j];
+    float s = static_cast<float>(n2d);
+    for (uint32_t j = 0; j < k; ++j) {
+      const float m = -2.0f * y[j];
+      const float p = m * cw[i * k + j];
+      s = s + p;
+    }
+    if (s < best_s) {
+      best_s = s;
+      best = i;
+    }
+  }
+  return best;
+}
+
+struct Case {
+  uint32_t k;
+  uint32_t n;
+};
+
+class NearestTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(NearestTest, FastIsExactInF32AndNearTieOnlyVersusReference) {
+  const auto [k, n] = GetParam();
+  Rng rng(1000 + 17 * k + n);
+  const double scale = 1.0 / std::sqrt(64.0);  // blocks of a unit vector in R^64
+  const std::vector<float> cw = GaussianBlocks(rng, n, k, scale);
+  const size_t count = 3000;
+  const std::vector<float> y = GaussianBlocks(rng, count, k, scale);
+
+  std::vector<uint32_t> model(count);
+  for (size_t b = 0; b < count; ++b) model[b] = ModelNearestF32(cw, n, k, y.data() + b * k);
+
+  for (bool prune : {false, true}) {
+    const SearchTable t = SearchTable::Build(cw.data(), n, k, prune);
+    for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+      std::vector<uint32_t> got(count);
+      t.Nearest(y.data(), count, got.data(), isa);
+      for (size_t b = 0; b < count; ++b) {
+        ASSERT_EQ(got[b], model[b]) << "block " << b << " prune=" << prune
+                                    << " isa=" << static_cast<int>(isa);
+      }
+    }
+  }
+
+  size_t mismatches = 0;
+  for (size_t b = 0; b < count; ++b) {
+    std::vector<double> yd(y.begin() + b * k, y.begin() + (b + 1) * k);
+    const uint32_t ref = NearestReference(cw.data(), n, k, yd.data());
+    if (ref != model[b]) {
+      ++mismatches;
+      const double dr = DistanceF64(cw.data(), k, ref, yd.data());
+      const double df = DistanceF64(cw.data(), k, model[b], yd.data());
+      EXPECT_LE(dr, df);  // the reference is the exact minimum
+      EXPECT_LT(df - dr, 1e-4 * dr) << "block " << b << " is not a near-tie";
+    }
+  }
+  EXPECT_LE(static_cast<double>(mismatches) / count, 0.005);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, NearestTest,
+                         ::testing::Values(Case{1, 16}, Case{2, 16}, Case{2, 256}, Case{3, 100},
+                                           Case{4, 256}, Case{4, 1000}, Case{8, 256},
+                                           Case{8, 4096}, Case{12, 64}, Case{16, 37}),
+                         [](const auto& info) {
+                           return absl::StrCat("k", info.param.k, "_n", info.param.n);
+                         });
+
+TEST(Nearest, TiesGoToTheLowestIndex) {
+  // Codewords 1, 3 and 5 are the same point; 0, 2, 4 are farther from y.
+  const uint32_t k = 4, n = 24;
+  Rng rng(7);
+  std::vector<float> cw = GaussianBlocks(rng, n, k, 0.1);
+  for (uint32_t i = 0; i < n; ++i)
+    for (uint32_t j = 0; j < k; ++j) cw[i * k + j] += 5.0f;  // all far away
+  const float p[4] = {0.25f, -0.5f, 0.125f, 0.0625f};
+  for (uint32_t i : {5u, 3u, 1u}) std::memcpy(&cw[i * k], p, sizeof p);
+  const double yd[4] = {0.25, -0.5, 0.125, 0.0625};
+  EXPECT_EQ(NearestReference(cw.data(), n, k, yd), 1u);
+  for (bool prune : {false, true}) {
+    const SearchTable t = SearchTable::Build(cw.data(), n, k, prune);
+    for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+      uint32_t got = 99;
+      t.Nearest(p, 1, &got, isa);
+      EXPECT_EQ(got, 1u) << "prune=" << prune << " isa=" << static_cast<int>(isa);
+    }
+  }
+}
+
+TEST(Nearest, PruningVisitsFewerGroups) {
+  // A radial-angular codebook: 64 shells of 64 directions in R^4.
+  const uint32_t k = 4, shells = 64, dirs = 64, n = shells * dirs;
+  Rng rng(11);
+  std::vector<float> cw(n * k);
+  for (uint32_t s = 0; s < shells; ++s) {
+    for (uint32_t d = 0; d < dirs; ++d) {
+      double v[4], nn = 0;
+      for (double& x : v) {
+        x = rng.Normal();
+        nn += x * x;
+      }
+      for (uint32_t j = 0; j < k; ++j)
+        cw[(s * dirs + d) * k + j] = static_cast<float>(v[j] / std::sqrt(nn) * (s + 0.5) / shells);
+    }
+  }
+  const size_t count = 2000;
+  const std::vector<float> y = GaussianBlocks(rng, count, k, 0.25);
+  const SearchTable brute = SearchTable::Build(cw.data(), n, k, false);
+  const SearchTable pruned = SearchTable::Build(cw.data(), n, k, true);
+  std::vector<uint32_t> a(count), b(count);
+  SearchTable::ResetGroupsVisitedOnThisThread();
+  brute.Nearest(y.data(), count, a.data(), ActiveIsa());
+  const uint64_t brute_groups = SearchTable::GroupsVisitedOnThisThread();
+  SearchTable::ResetGroupsVisitedOnThisThread();
+  pruned.Nearest(y.data(), count, b.data(), ActiveIsa());
+  const uint64_t pruned_groups = SearchTable::GroupsVisitedOnThisThread();
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(brute_groups, count * brute.group_count());
+  EXPECT_LT(pruned_groups * 3, brute_groups) << "pruning visited " << pruned_groups << " of "
+                                             << brute_groups << " groups";
+}
+
+TEST(Nearest, ForcedScalarIsReported) {
+  ForceScalarForTesting(true);
+  EXPECT_EQ(ActiveIsa(), Isa::kScalar);
+  ForceScalarForTesting(false);
+}
+
+TEST(Conversions, F16LoadMatchesScalarForEveryValue) {
+  std::vector<uint8_t> in(2 * 65536);
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const uint16_t v = static_cast<uint16_t>(h);
+    std::memcpy(&in[2 * h], &v, 2);
+  }
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+    std::vector<float> out(65536);
+    LoadF16(in.data(), 65536, out.data(), isa);
+    for (uint32_t h = 0; h < 65536; ++h) {
+      const float want = HalfToFloat(static_cast<uint16_t>(h));
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(out[h])) << h;
+      } else {
+        uint32_t a, b;
+        std::memcpy(&a, &want, 4);
+        std::memcpy(&b, &out[h], 4);
+        EXPECT_EQ(a, b) << "half 0x" << std::hex << h;
+      }
+    }
+  }
+}
+
+TEST(Conversions, F16StoreMatchesScalarAndSaturates) {
+  Rng rng(3);
+  std::vector<float> in;
+  for (int i = 0; i < 20000; ++i) {
+    const double e = rng.NextDouble() * 60 - 30;  // magnitudes 2^-30 .. 2^30
+    in.push_back(static_cast<float>((rng.NextDouble() < 0.5 ? -1 : 1) * std::exp2(e)));
+  }
+  for (float v : {0.0f, -0.0f, 65504.0f, 65519.0f, 65520.0f, 1e6f, -1e6f, 3e38f, 5.96e-8f, 2.9e-8f,
+                  std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()})
+    in.push_back(v);
+  std::vector<uint8_t> a(2 * in.size()), b(2 * in.size());
+  StoreF16Saturating(in.data(), in.size(), a.data(), Isa::kScalar);
+  StoreF16Saturating(in.data(), in.size(), b.data(), Isa::kAvx2);
+  EXPECT_EQ(a, b);
+  for (size_t i = 0; i < in.size(); ++i) {
+    uint16_t h;
+    std::memcpy(&h, &a[2 * i], 2);
+    const float back = HalfToFloat(h);
+    EXPECT_TRUE(std::isfinite(back)) << in[i];
+    if (std::fabs(in[i]) >= 65504.0f) {
+      EXPECT_EQ(std::fabs(back), 65504.0f) << in[i];
+    } else {
+      EXPECT_EQ(h, FloatToHalf(in[i])) << in[i];
+    }
+  }
+}
+
+TEST(Conversions, Bf16StoreSaturates) {
+  const float in[4] = {std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(), 1.0f,
+                       -2.5f};
+  uint8_t out[8];
+  StoreBf16Saturating(in, 4, out);
+  uint16_t h[4];
+  std::memcpy(h, out, 8);
+  EXPECT_EQ(h[0], 0x7F7F);
+  EXPECT_EQ(h[1], 0xFF7F);
+  EXPECT_EQ(h[2], FloatToBf16(1.0f));
+  EXPECT_EQ(h[3], FloatToBf16(-2.5f));
+}
+
+}  // namespace
+}  // namespace fibquant::codec_internal
