@@ -7,6 +7,10 @@
 #include <string>
 #include <utility>
 
+#include <nlohmann/json.hpp>
+#include <set>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
 #include "core/digest.h"
 #include "core/portable_math.h"
@@ -328,6 +332,292 @@ absl::StatusOr<std::string> Profile::CanonicalBytes() const {
 absl::StatusOr<std::string> Profile::Digest() const {
   FQ_ASSIGN_OR_RETURN(const std::string bytes, CanonicalBytes());
   return Sha256Digest(bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Name parsing.
+
+absl::StatusOr<NormFormat> ParseNormFormat(std::string_view name) {
+  if (name == NormFormatName(NormFormat::kFp16)) return NormFormat::kFp16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown norm_format \"", S(name), "\"; expected \"fp16\""));
+}
+
+absl::StatusOr<SourceMode> ParseSourceMode(std::string_view name) {
+  if (name == SourceModeName(SourceMode::kCanonicalSphericalBeta)) {
+    return SourceMode::kCanonicalSphericalBeta;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown source_mode \"", S(name), "\"; expected \"canonical_spherical_beta\""));
+}
+
+absl::StatusOr<RadiusMethod> ParseRadiusMethod(std::string_view name) {
+  for (RadiusMethod v : {RadiusMethod::kK2ClosedForm, RadiusMethod::kBetaQuantile}) {
+    if (name == RadiusMethodName(v)) return v;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown radius_method \"", S(name), "\"; expected \"k2_closed_form\" or \"beta_quantile\""));
+}
+
+absl::StatusOr<DirectionMethod> ParseDirectionMethod(std::string_view name) {
+  for (DirectionMethod v : {DirectionMethod::kFibonacciSpiral, DirectionMethod::kFibonacciSphere,
+                            DirectionMethod::kRobertsKronecker, DirectionMethod::kScalarQuantile}) {
+    if (name == DirectionMethodName(v)) return v;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown direction_method \"", S(name),
+      "\"; expected \"fibonacci_spiral\", \"fibonacci_sphere\", \"roberts_kronecker\" or "
+      "\"scalar_quantile\""));
+}
+
+absl::StatusOr<EmptyCellPolicy> ParseEmptyCellPolicy(std::string_view name) {
+  for (EmptyCellPolicy v : {EmptyCellPolicy::kSplitHighestDistortion, EmptyCellPolicy::kFailClosed}) {
+    if (name == EmptyCellPolicyName(v)) return v;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown empty_cell_policy \"", S(name),
+                   "\"; expected \"split_highest_distortion\" or \"fail_closed\""));
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON.
+
+namespace {
+
+// Field names in declaration order (also the canonical-encoding order).
+constexpr const char* kFieldNames[] = {
+    "schema_version",    "ambient_dim",        "block_dim",        "codebook_size",
+    "paper_rate_bits_per_coord", "wire_index_bits", "wire_bits_per_coord", "norm_format",
+    "rotation_seed",     "rotation_algorithm", "codebook_seed",    "codebook_version",
+    "source_mode",       "radius_method",      "direction_method", "lloyd_restarts",
+    "lloyd_iterations",  "training_samples",   "empty_cell_policy"};
+
+template <typename Json>
+Json ProfileToJson(const Profile& p) {
+  Json j = Json::object();
+  j["schema_version"] = p.schema_version;
+  j["ambient_dim"] = p.ambient_dim;
+  j["block_dim"] = p.block_dim;
+  j["codebook_size"] = p.codebook_size;
+  j["paper_rate_bits_per_coord"] = p.paper_rate_bits_per_coord;
+  j["wire_index_bits"] = p.wire_index_bits;
+  j["wire_bits_per_coord"] = p.wire_bits_per_coord;
+  j["norm_format"] = std::string(NormFormatName(p.norm_format));
+  j["rotation_seed"] = p.rotation_seed;  // stored as number_unsigned: exact for all of u64
+  j["rotation_algorithm"] = p.rotation_algorithm;
+  j["codebook_seed"] = p.codebook_seed;
+  j["codebook_version"] = p.codebook_version;
+  j["source_mode"] = std::string(SourceModeName(p.source_mode));
+  j["radius_method"] = std::string(RadiusMethodName(p.radius_method));
+  j["direction_method"] = std::string(DirectionMethodName(p.direction_method));
+  j["lloyd_restarts"] = p.lloyd_restarts;
+  j["lloyd_iterations"] = p.lloyd_iterations;
+  j["training_samples"] = p.training_samples;
+  j["empty_cell_policy"] = std::string(EmptyCellPolicyName(p.empty_cell_policy));
+  return j;
+}
+
+absl::Status FieldError(std::string_view context, std::string_view field, std::string_view what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(S(context), " field \"", S(field), "\": ", S(what)));
+}
+
+// Integers only (a JSON float such as 3.0 or 1e3 is a wrong type, so a value can never have passed
+// through a double); negative and too-large values are rejected.
+absl::StatusOr<uint64_t> GetUnsigned(const nlohmann::json& obj, std::string_view context,
+                                     const char* field, uint64_t max) {
+  const nlohmann::json& v = obj.at(field);
+  if (!v.is_number_integer()) {
+    return FieldError(context, field,
+                      absl::StrCat("expected an unsigned integer, got ", v.type_name()));
+  }
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > max) {
+      return FieldError(context, field, absl::StrCat("value ", u, " exceeds the maximum ", max));
+    }
+    return u;
+  }
+  const int64_t i = v.get<int64_t>();
+  if (i < 0) {
+    return FieldError(context, field, absl::StrCat("expected an unsigned integer, got ", i));
+  }
+  if (static_cast<uint64_t>(i) > max) {
+    return FieldError(context, field, absl::StrCat("value ", i, " exceeds the maximum ", max));
+  }
+  return static_cast<uint64_t>(i);
+}
+
+absl::StatusOr<uint32_t> GetU32(const nlohmann::json& obj, std::string_view context,
+                                const char* field) {
+  FQ_ASSIGN_OR_RETURN(const uint64_t v,
+                      GetUnsigned(obj, context, field, std::numeric_limits<uint32_t>::max()));
+  return static_cast<uint32_t>(v);
+}
+
+absl::StatusOr<std::string> GetString(const nlohmann::json& obj, std::string_view context,
+                                      const char* field) {
+  const nlohmann::json& v = obj.at(field);
+  if (!v.is_string()) {
+    return FieldError(context, field, absl::StrCat("expected a string, got ", v.type_name()));
+  }
+  return v.get<std::string>();
+}
+
+absl::StatusOr<double> GetDouble(const nlohmann::json& obj, std::string_view context,
+                                 const char* field) {
+  const nlohmann::json& v = obj.at(field);
+  if (!v.is_number()) {
+    return FieldError(context, field, absl::StrCat("expected a number, got ", v.type_name()));
+  }
+  return v.get<double>();
+}
+
+template <typename T>
+absl::StatusOr<T> GetEnum(const nlohmann::json& obj, std::string_view context, const char* field,
+                          absl::StatusOr<T> (*parse)(std::string_view)) {
+  FQ_ASSIGN_OR_RETURN(const std::string name, GetString(obj, context, field));
+  absl::StatusOr<T> v = parse(name);
+  if (!v.ok()) return FieldError(context, field, std::string(v.status().message()));
+  return v;
+}
+
+// Every key of `obj` must be in `allowed`; every key in `required` must be present.
+absl::Status CheckKeys(const nlohmann::json& obj, std::string_view context,
+                       const std::vector<std::string_view>& allowed,
+                       const std::vector<std::string_view>& required) {
+  if (!obj.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(S(context), " must be a JSON object, got ", obj.type_name()));
+  }
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    bool known = false;
+    for (std::string_view a : allowed) known = known || it.key() == a;
+    if (!known) return FieldError(context, it.key(), "unknown field");
+  }
+  for (std::string_view r : required) {
+    if (!obj.contains(std::string(r))) return FieldError(context, r, "missing required field");
+  }
+  return absl::OkStatus();
+}
+
+// Parses text strictly: syntax errors and duplicate keys (which nlohmann would otherwise resolve
+// silently, last one wins) are InvalidArgument.
+absl::StatusOr<nlohmann::json> ParseStrict(std::string_view text, std::string_view context) {
+  std::vector<std::set<std::string>> keys;
+  std::string duplicate;
+  auto callback = [&](int /*depth*/, nlohmann::json::parse_event_t event,
+                      nlohmann::json& parsed) -> bool {
+    switch (event) {
+      case nlohmann::json::parse_event_t::object_start:
+        keys.emplace_back();
+        break;
+      case nlohmann::json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case nlohmann::json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second &&
+            duplicate.empty()) {
+          duplicate = parsed.get<std::string>();
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  nlohmann::json j = nlohmann::json::parse(text.begin(), text.end(), callback,
+                                           /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    return absl::InvalidArgumentError(absl::StrCat(S(context), " is not valid JSON"));
+  }
+  if (!duplicate.empty()) return FieldError(context, duplicate, "duplicate field");
+  return j;
+}
+
+}  // namespace
+
+nlohmann::json Profile::ToJsonValue() const { return ProfileToJson<nlohmann::json>(*this); }
+
+std::string Profile::ToJson(int indent) const {
+  // ordered_json keeps declaration order, which is easier for people to read against the format doc.
+  return ProfileToJson<nlohmann::ordered_json>(*this).dump(indent);
+}
+
+absl::StatusOr<Profile> Profile::FromJsonValue(const nlohmann::json& value) {
+  constexpr std::string_view kCtx = "profile JSON";
+  const std::vector<std::string_view> fields(std::begin(kFieldNames), std::end(kFieldNames));
+  FQ_RETURN_IF_ERROR(CheckKeys(value, kCtx, fields, fields));
+  Profile p;
+  FQ_ASSIGN_OR_RETURN(p.schema_version, GetString(value, kCtx, "schema_version"));
+  FQ_ASSIGN_OR_RETURN(p.ambient_dim, GetU32(value, kCtx, "ambient_dim"));
+  FQ_ASSIGN_OR_RETURN(p.block_dim, GetU32(value, kCtx, "block_dim"));
+  FQ_ASSIGN_OR_RETURN(p.codebook_size, GetU32(value, kCtx, "codebook_size"));
+  FQ_ASSIGN_OR_RETURN(p.paper_rate_bits_per_coord,
+                      GetDouble(value, kCtx, "paper_rate_bits_per_coord"));
+  FQ_ASSIGN_OR_RETURN(const uint64_t bits, GetUnsigned(value, kCtx, "wire_index_bits", 255));
+  p.wire_index_bits = static_cast<uint8_t>(bits);
+  FQ_ASSIGN_OR_RETURN(p.wire_bits_per_coord, GetDouble(value, kCtx, "wire_bits_per_coord"));
+  FQ_ASSIGN_OR_RETURN(p.norm_format, GetEnum(value, kCtx, "norm_format", &ParseNormFormat));
+  FQ_ASSIGN_OR_RETURN(p.rotation_seed, GetUnsigned(value, kCtx, "rotation_seed",
+                                                   std::numeric_limits<uint64_t>::max()));
+  FQ_ASSIGN_OR_RETURN(p.rotation_algorithm, GetString(value, kCtx, "rotation_algorithm"));
+  FQ_ASSIGN_OR_RETURN(p.codebook_seed, GetUnsigned(value, kCtx, "codebook_seed",
+                                                   std::numeric_limits<uint64_t>::max()));
+  FQ_ASSIGN_OR_RETURN(p.codebook_version, GetString(value, kCtx, "codebook_version"));
+  FQ_ASSIGN_OR_RETURN(p.source_mode, GetEnum(value, kCtx, "source_mode", &ParseSourceMode));
+  FQ_ASSIGN_OR_RETURN(p.radius_method, GetEnum(value, kCtx, "radius_method", &ParseRadiusMethod));
+  FQ_ASSIGN_OR_RETURN(p.direction_method,
+                      GetEnum(value, kCtx, "direction_method", &ParseDirectionMethod));
+  FQ_ASSIGN_OR_RETURN(p.lloyd_restarts, GetU32(value, kCtx, "lloyd_restarts"));
+  FQ_ASSIGN_OR_RETURN(p.lloyd_iterations, GetU32(value, kCtx, "lloyd_iterations"));
+  FQ_ASSIGN_OR_RETURN(p.training_samples, GetU32(value, kCtx, "training_samples"));
+  FQ_ASSIGN_OR_RETURN(p.empty_cell_policy,
+                      GetEnum(value, kCtx, "empty_cell_policy", &ParseEmptyCellPolicy));
+  FQ_RETURN_IF_ERROR(p.Validate());
+  return p;
+}
+
+absl::StatusOr<Profile> Profile::FromJson(std::string_view json) {
+  FQ_ASSIGN_OR_RETURN(const nlohmann::json value, ParseStrict(json, "profile JSON"));
+  return FromJsonValue(value);
+}
+
+absl::StatusOr<Profile> Profile::FromSpecJson(std::string_view json) {
+  constexpr std::string_view kCtx = "profile spec JSON";
+  FQ_ASSIGN_OR_RETURN(const nlohmann::json value, ParseStrict(json, kCtx));
+  FQ_RETURN_IF_ERROR(CheckKeys(
+      value, kCtx,
+      {"ambient_dim", "block_dim", "codebook_size", "seed", "rotation_algorithm", "lloyd_restarts",
+       "lloyd_iterations", "training_samples", "empty_cell_policy"},
+      {"ambient_dim", "block_dim", "codebook_size", "seed"}));
+  FQ_ASSIGN_OR_RETURN(const uint32_t d, GetU32(value, kCtx, "ambient_dim"));
+  FQ_ASSIGN_OR_RETURN(const uint32_t k, GetU32(value, kCtx, "block_dim"));
+  FQ_ASSIGN_OR_RETURN(const uint32_t n, GetU32(value, kCtx, "codebook_size"));
+  FQ_ASSIGN_OR_RETURN(const uint64_t seed,
+                      GetUnsigned(value, kCtx, "seed", std::numeric_limits<uint64_t>::max()));
+  std::string rotation(kRotationHaarQr);
+  if (value.contains("rotation_algorithm")) {
+    FQ_ASSIGN_OR_RETURN(rotation, GetString(value, kCtx, "rotation_algorithm"));
+    if (rotation == "haar_qr") rotation = std::string(kRotationHaarQr);
+    if (rotation == "hadamard") rotation = std::string(kRotationHadamard);
+  }
+  FQ_ASSIGN_OR_RETURN(Profile p, PaperDefault(d, k, n, seed, rotation));
+  if (value.contains("lloyd_restarts")) {
+    FQ_ASSIGN_OR_RETURN(p.lloyd_restarts, GetU32(value, kCtx, "lloyd_restarts"));
+  }
+  if (value.contains("lloyd_iterations")) {
+    FQ_ASSIGN_OR_RETURN(p.lloyd_iterations, GetU32(value, kCtx, "lloyd_iterations"));
+  }
+  if (value.contains("training_samples")) {
+    FQ_ASSIGN_OR_RETURN(p.training_samples, GetU32(value, kCtx, "training_samples"));
+  }
+  if (value.contains("empty_cell_policy")) {
+    FQ_ASSIGN_OR_RETURN(p.empty_cell_policy,
+                        GetEnum(value, kCtx, "empty_cell_policy", &ParseEmptyCellPolicy));
+  }
+  FQ_RETURN_IF_ERROR(p.Validate());
+  return p;
 }
 
 }  // namespace fibquant

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include <nlohmann/json_fwd.hpp>
 
 namespace fibquant {
 
@@ -85,8 +86,20 @@ struct Profile {
 
   // JSON for people: every field, enums as snake_case strings, u64 seeds as JSON integers.
   std::string ToJson(int indent = 2) const;
-  // Parses JSON produced by ToJson (all fields required, unknown fields rejected) and validates.
+  // Parses JSON produced by ToJson (all fields required, unknown, duplicate or wrong-typed fields
+  // rejected with InvalidArgument naming the field) and validates.
   [[nodiscard]] static absl::StatusOr<Profile> FromJson(std::string_view json);
+  // The same as a JSON value, so other objects (the KV layer) can embed a profile in their own JSON.
+  // Keys are the C++ field names (nlohmann::json orders them alphabetically; ToJson keeps declaration
+  // order).
+  nlohmann::json ToJsonValue() const;
+  [[nodiscard]] static absl::StatusOr<Profile> FromJsonValue(const nlohmann::json& value);
+  // Lenient constructor for people and admin tools: {"ambient_dim", "block_dim", "codebook_size",
+  // "seed"} (all required) plus optional overrides "rotation_algorithm" (the full version string, or
+  // "haar_qr" / "hadamard"), "lloyd_restarts", "lloyd_iterations", "training_samples",
+  // "empty_cell_policy"; everything else comes from PaperDefault. Unknown fields are rejected
+  // (a typo must not silently fall back to a default). Validated.
+  [[nodiscard]] static absl::StatusOr<Profile> FromSpecJson(std::string_view json);
 
   friend bool operator==(const Profile&, const Profile&) = default;
 };
@@ -99,6 +112,13 @@ std::string_view SourceModeName(SourceMode v);
 std::string_view RadiusMethodName(RadiusMethod v);
 std::string_view DirectionMethodName(DirectionMethod v);
 std::string_view EmptyCellPolicyName(EmptyCellPolicy v);
+
+// Inverses of the name functions: InvalidArgument for an unknown name.
+[[nodiscard]] absl::StatusOr<NormFormat> ParseNormFormat(std::string_view name);
+[[nodiscard]] absl::StatusOr<SourceMode> ParseSourceMode(std::string_view name);
+[[nodiscard]] absl::StatusOr<RadiusMethod> ParseRadiusMethod(std::string_view name);
+[[nodiscard]] absl::StatusOr<DirectionMethod> ParseDirectionMethod(std::string_view name);
+[[nodiscard]] absl::StatusOr<EmptyCellPolicy> ParseEmptyCellPolicy(std::string_view name);
 
 }  // namespace fibquant
 
