@@ -26,6 +26,7 @@ struct RepairEvent {
   uint64_t donor_count_before = 0;
   double donor_distortion = 0;
   double residual_norm = 0;
+  friend bool operator==(const RepairEvent&, const RepairEvent&) = default;
 };
 
 struct LloydReport {
