@@ -138,11 +138,79 @@ FQ_AVX2 inline void MulRow(const float* in, const float* s, float* out, size_t d
   }
 }
 
+// Whole-row FWHT on NV registers (d = 8*NV <= 256; the compiler spills some at 256): all three rounds of one vector run without
+// touching memory except the sign vectors. Stages h = 1, 2, 4 are done per register first; they
+// never cross a register, so this is the same set of butterflies in a dependency-respecting order.
+template <int NV, int HV>
+FQ_AVX2 inline void StageRegs(__m256 (&v)[NV]) {
+  if constexpr (HV < NV) {
+#pragma GCC unroll 32
+    for (int p = 0; p < NV / 2; ++p) {  // butterfly p pairs j and j + HV
+      const int j = (p / HV) * (2 * HV) + p % HV;
+      const __m256 a = v[j];
+      const __m256 b = v[j + HV];
+      v[j] = _mm256_add_ps(a, b);
+      v[j + HV] = _mm256_sub_ps(a, b);
+    }
+    StageRegs<NV, 2 * HV>(v);
+  }
+}
+
+template <int NV>
+FQ_AVX2 inline void FwhtRegs(__m256 (&v)[NV]) {
+#pragma GCC unroll 32
+  for (int k = 0; k < NV; ++k) v[k] = InRegister3(v[k]);
+  StageRegs<NV, 1>(v);
+}
+
+template <int NV>
+FQ_AVX2 inline void MulRegs(__m256 (&v)[NV], const float* s) {
+#pragma GCC unroll 32
+  for (int k = 0; k < NV; ++k) v[k] = _mm256_mul_ps(v[k], _mm256_loadu_ps(s + 8 * k));
+}
+
+template <int NV>
+FQ_AVX2 void HadamardRowsRegs(const float* x, float* y, size_t n, const float* s1, const float* d2,
+                              const float* d3, bool inverse) {
+  constexpr size_t d = 8 * NV;
+  for (size_t r = 0; r < n; ++r) {
+    __m256 v[NV];
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) v[k] = _mm256_loadu_ps(x + r * d + 8 * k);
+    if (!inverse) {
+      MulRegs(v, s1);
+      FwhtRegs(v);
+      MulRegs(v, d2);
+      FwhtRegs(v);
+      MulRegs(v, d3);
+      FwhtRegs(v);
+    } else {
+      FwhtRegs(v);
+      MulRegs(v, d3);
+      FwhtRegs(v);
+      MulRegs(v, d2);
+      FwhtRegs(v);
+      MulRegs(v, s1);
+    }
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) _mm256_storeu_ps(y + r * d + 8 * k, v[k]);
+  }
+}
+
 }  // namespace
 
 FQ_AVX2 void HadamardBatchAvx2(const float* x, float* y, size_t n, uint32_t dim, const float* s1,
                                const float* d2, const float* d3, bool inverse) {
   const size_t d = dim;
+  switch (d) {
+    case 8: return HadamardRowsRegs<1>(x, y, n, s1, d2, d3, inverse);
+    case 16: return HadamardRowsRegs<2>(x, y, n, s1, d2, d3, inverse);
+    case 32: return HadamardRowsRegs<4>(x, y, n, s1, d2, d3, inverse);
+    case 64: return HadamardRowsRegs<8>(x, y, n, s1, d2, d3, inverse);
+    case 128: return HadamardRowsRegs<16>(x, y, n, s1, d2, d3, inverse);
+    case 256: return HadamardRowsRegs<32>(x, y, n, s1, d2, d3, inverse);
+    default: break;
+  }
   if (d < 8) {  // too short for a register; the scalar kernel is exact and already cheap
     HadamardBatchScalar(x, y, n, dim, s1, d2, d3, inverse);
     return;

@@ -323,7 +323,7 @@ TEST(RotationBatch, SimdKernelIsExercisedWhenAvailable) {
 
 // The SIMD FWHT performs exactly the scalar butterflies, so Hadamard batch output is bit-identical.
 TEST(RotationBatch, HadamardKernelsAgreeBitForBit) {
-  for (uint32_t d : {8u, 16u, 64u, 128u, 512u}) {
+  for (uint32_t d : {8u, 16u, 32u, 64u, 128u, 256u, 512u}) {
     const Rotation rot = MustCreate(kRotationHadamard, d, 8);
     const size_t n = 9;
     Rng rng(d);
