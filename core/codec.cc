@@ -1,0 +1,327 @@
+// Quantizer: the FibQuant vector codec (see codec.h and docs/format/code.md).
+//
+// Both paths validate and encode the norm the same way (f64, left-to-right sum of squares), so the
+// norm bytes never depend on the path; they differ in how the block indices are chosen (f64 exact
+// vs f32 exact with SIMD) and how decode is evaluated (f64 vs f32). The fast path works on tiles
+// of kTile vectors in thread-local scratch that only ever grows, so steady-state calls allocate
+// nothing.
+#include "core/codec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/bitpack.h"
+#include "core/codec_kernels.h"
+#include "core/status_macros.h"
+
+namespace fibquant {
+
+using codec_internal::Isa;
+using codec_internal::SearchTable;
+
+struct Quantizer::SearchIndex {
+  SearchTable table;
+};
+
+namespace {
+
+constexpr size_t kTile = 256;
+// Codebooks at least this large get the norm-bound pruning (below it brute force is as fast).
+constexpr uint32_t kPruneMinCodebookSize = 64;
+
+struct Scratch {
+  std::vector<float> x;      // tile input as f32
+  std::vector<float> y;      // rotated / gathered
+  std::vector<float> z;      // decode output before conversion
+  std::vector<uint32_t> idx;
+  std::vector<double> xd, ud, yd;
+  std::vector<uint8_t> ok;
+  std::vector<float> nu;
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+template <class T>
+void Grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+bool ValidDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+absl::StatusOr<size_t> CheckedMul(size_t a, size_t b, const char* what) {
+  if (b != 0 && a > std::numeric_limits<size_t>::max() / b) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": size overflows size_t"));
+  }
+  return a * b;
+}
+
+// The norm rule shared by both paths: every element finite, nu = sqrt(sum x_i^2) in f64 summed
+// left to right, nu > 0, and nu narrowed f64 -> f32 -> binary16 finite and > 0.
+absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint16_t* half) {
+  double s = 0;
+  for (uint32_t i = 0; i < d; ++i) {
+    if (!std::isfinite(x[i])) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "vector %d: element %d is not finite (%g)", v, i, static_cast<double>(x[i])));
+    }
+    s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  }
+  const double n = std::sqrt(s);
+  if (n == 0) return absl::InvalidArgumentError(absl::StrFormat("vector %d: zero norm", v));
+  const uint16_t h = FloatToHalf(static_cast<float>(n));
+  const float back = HalfToFloat(h);
+  if (!std::isfinite(back) || !(back > 0)) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "vector %d: norm %g is outside the fp16 norm range (overflows at >= 65520, underflows "
+        "below ~2.98e-8)",
+        v, n));
+  }
+  *nu = n;
+  *half = h;
+  return absl::OkStatus();
+}
+
+void ToF32(DType dtype, const uint8_t* in, size_t count, float* out, Isa isa) {
+  switch (dtype) {
+    case DType::kF32: std::memcpy(out, in, count * 4); return;
+    case DType::kF16: codec_internal::LoadF16(in, count, out, isa); return;
+    case DType::kBF16: ToFloat(DType::kBF16, in, count, out); return;
+  }
+}
+
+void FromF32(DType dtype, const float* in, size_t count, uint8_t* out, Isa isa) {
+  switch (dtype) {
+    case DType::kF32: std::memcpy(out, in, count * 4); return;
+    case DType::kF16: codec_internal::StoreF16Saturating(in, count, out, isa); return;
+    case DType::kBF16: codec_internal::StoreBf16Saturating(in, count, out); return;
+  }
+}
+
+}  // namespace
+
+Quantizer::Quantizer(Codebook codebook, Rotation rotation)
+    : codebook_(std::move(codebook)), rotation_(std::move(rotation)) {
+  code_bytes_ = codebook_.profile().code_bytes();
+}
+
+absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook codebook) {
+  const Profile& p = codebook.profile();
+  FQ_RETURN_IF_ERROR(p.Validate());
+  const size_t expected = static_cast<size_t>(p.codebook_size) * p.block_dim;
+  if (codebook.codewords().size() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("codebook: ", codebook.codewords().size(),
+                                                   " codeword values, expected N*k = ", expected));
+  }
+  FQ_ASSIGN_OR_RETURN(Rotation rotation,
+                      Rotation::Create(p.rotation_algorithm, p.ambient_dim, p.rotation_seed));
+  if (rotation.digest() != codebook.rotation_digest()) {
+    return absl::DataLossError(absl::StrCat("codebook rotation_digest ", codebook.rotation_digest(),
+                                            " does not match the rotation rebuilt from the profile (",
+                                            rotation.digest(), ")"));
+  }
+  std::shared_ptr<Quantizer> q(new Quantizer(std::move(codebook), std::move(rotation)));
+  auto index = std::make_shared<SearchIndex>();
+  index->table = SearchTable::Build(q->codebook_.codewords().data(), p.codebook_size, p.block_dim,
+                                    p.codebook_size >= kPruneMinCodebookSize);
+  q->search_ = std::move(index);
+  return std::shared_ptr<const Quantizer>(std::move(q));
+}
+
+absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t n,
+                               absl::Span<uint8_t> codes, CodecPath path,
+                               std::vector<VectorFailure>* failures) const {
+  if (!ValidDType(dtype)) return absl::InvalidArgumentError("dtype: unknown element type");
+  if (path != CodecPath::kReference && path != CodecPath::kFast) {
+    return absl::InvalidArgumentError("path: unknown codec path");
+  }
+  const uint32_t d = dim();
+  const size_t es = DTypeSize(dtype);
+  FQ_ASSIGN_OR_RETURN(const size_t elems, CheckedMul(n, d, "encode input"));
+  FQ_ASSIGN_OR_RETURN(const size_t in_bytes, CheckedMul(elems, es, "encode input"));
+  FQ_ASSIGN_OR_RETURN(const size_t code_total, CheckedMul(n, code_bytes_, "encode codes"));
+  if (in.size() != in_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("encode input: ", in.size(), " bytes, expected ",
+                                                   in_bytes, " (", n, " vectors x ", d, " x ", es,
+                                                   " bytes of ", std::string(DTypeName(dtype)), ")"));
+  }
+  if (codes.size() != code_total) {
+    return absl::InvalidArgumentError(absl::StrCat("encode codes: ", codes.size(),
+                                                   " bytes, expected ", code_total, " (", n,
+                                                   " codes x ", code_bytes_, " bytes)"));
+  }
+  if (failures != nullptr) failures->clear();
+
+  const Profile& p = profile();
+  const uint32_t k = p.block_dim, blocks = p.block_count(), w = p.wire_index_bits, nc = p.codebook_size;
+  const float* cw = codebook_.codewords().data();
+  const Isa isa = codec_internal::ActiveIsa();
+  Scratch& s = ThreadScratch();
+  const size_t tile = path == CodecPath::kFast ? kTile : 1;
+  Grow(s.x, tile * d);
+  Grow(s.y, tile * d);
+  Grow(s.idx, tile * blocks);
+  Grow(s.ok, tile);
+  Grow(s.nu, tile);
+  uint16_t half_tile[kTile];
+  if (path == CodecPath::kReference) {
+    Grow(s.xd, d);
+    Grow(s.ud, d);
+    Grow(s.yd, d);
+  }
+
+  for (size_t t0 = 0; t0 < n; t0 += tile) {
+    const size_t tn = std::min(tile, n - t0);
+    ToF32(dtype, in.data() + t0 * d * es, tn * d, s.x.data(), isa);
+    for (size_t v = 0; v < tn; ++v) {
+      double nu = 0;
+      uint16_t h = 0;
+      absl::Status st = CheckVector(s.x.data() + v * d, d, t0 + v, &nu, &h);
+      s.ok[v] = st.ok();
+      if (!st.ok()) {
+        if (failures == nullptr) return st;
+        failures->push_back({t0 + v, std::move(st)});
+        std::memset(codes.data() + (t0 + v) * code_bytes_, 0, code_bytes_);
+        std::fill_n(s.x.data() + v * d, d, 0.0f);
+        continue;
+      }
+      half_tile[v] = h;
+      if (path == CodecPath::kReference) {
+        for (uint32_t i = 0; i < d; ++i) s.ud[i] = static_cast<double>(s.x[v * d + i]) / nu;
+        rotation_.Apply(s.ud.data(), s.yd.data());
+        for (uint32_t j = 0; j < blocks; ++j) {
+          s.idx[v * blocks + j] =
+              codec_internal::NearestReference(cw, nc, k, s.yd.data() + static_cast<size_t>(j) * k);
+        }
+      } else {
+        const float inv = static_cast<float>(1.0 / nu);
+        float* xv = s.x.data() + v * d;
+        for (uint32_t i = 0; i < d; ++i) xv[i] *= inv;
+      }
+    }
+    if (path == CodecPath::kFast) {
+      rotation_.ApplyBatch(s.x.data(), s.y.data(), tn);
+      search_->table.Nearest(s.y.data(), tn * blocks, s.idx.data(), isa);
+    }
+    for (size_t v = 0; v < tn; ++v) {
+      if (!s.ok[v]) continue;
+      uint8_t* code = codes.data() + (t0 + v) * code_bytes_;
+      code[0] = static_cast<uint8_t>(half_tile[v] & 0xff);
+      code[1] = static_cast<uint8_t>(half_tile[v] >> 8);
+      PackRaw(s.idx.data() + v * blocks, blocks, w, code + 2);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType dtype,
+                               absl::Span<uint8_t> out, CodecPath path) const {
+  if (!ValidDType(dtype)) return absl::InvalidArgumentError("dtype: unknown element type");
+  if (path != CodecPath::kReference && path != CodecPath::kFast) {
+    return absl::InvalidArgumentError("path: unknown codec path");
+  }
+  const uint32_t d = dim();
+  const size_t es = DTypeSize(dtype);
+  FQ_ASSIGN_OR_RETURN(const size_t elems, CheckedMul(n, d, "decode output"));
+  FQ_ASSIGN_OR_RETURN(const size_t out_bytes, CheckedMul(elems, es, "decode output"));
+  FQ_ASSIGN_OR_RETURN(const size_t code_total, CheckedMul(n, code_bytes_, "decode codes"));
+  if (codes.size() != code_total) {
+    return absl::InvalidArgumentError(absl::StrCat("decode codes: ", codes.size(),
+                                                   " bytes, expected ", code_total, " (", n,
+                                                   " codes x ", code_bytes_, " bytes)"));
+  }
+  if (out.size() != out_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("decode output: ", out.size(), " bytes, expected ",
+                                                   out_bytes, " (", n, " vectors x ", d, " x ", es,
+                                                   " bytes of ", std::string(DTypeName(dtype)), ")"));
+  }
+
+  const Profile& p = profile();
+  const uint32_t k = p.block_dim, blocks = p.block_count(), w = p.wire_index_bits, nc = p.codebook_size;
+  const float* cw = codebook_.codewords().data();
+  const Isa isa = codec_internal::ActiveIsa();
+  Scratch& s = ThreadScratch();
+  const size_t tile = path == CodecPath::kFast ? kTile : 1;
+  Grow(s.y, tile * d);
+  Grow(s.z, tile * d);
+  Grow(s.idx, tile * blocks);
+  Grow(s.nu, tile);
+  if (path == CodecPath::kReference) {
+    Grow(s.ud, d);
+    Grow(s.yd, d);
+  }
+
+  for (size_t t0 = 0; t0 < n; t0 += tile) {
+    const size_t tn = std::min(tile, n - t0);
+    // Validate and unpack the whole tile first: a corrupt code fails the call before any output.
+    for (size_t v = 0; v < tn; ++v) {
+      const uint8_t* code = codes.data() + (t0 + v) * code_bytes_;
+      const uint16_t h = static_cast<uint16_t>(code[0] | (code[1] << 8));
+      const float nu = HalfToFloat(h);
+      if (!std::isfinite(nu) || !(nu > 0)) {
+        return absl::DataLossError(absl::StrFormat(
+            "code %d: norm field 0x%04x decodes to %g, expected finite and > 0", t0 + v, h,
+            static_cast<double>(nu)));
+      }
+      s.nu[v] = nu;
+      uint32_t* idx = s.idx.data() + v * blocks;
+      if (!UnpackRaw(code + 2, blocks, w, idx)) {
+        return absl::DataLossError(
+            absl::StrFormat("code %d: index field has a non-zero padding bit", t0 + v));
+      }
+      for (uint32_t j = 0; j < blocks; ++j) {
+        if (idx[j] >= nc) {
+          return absl::DataLossError(absl::StrFormat(
+              "code %d: index field: block %d index %d >= codebook size %d", t0 + v, j, idx[j], nc));
+        }
+      }
+    }
+    uint8_t* dst = out.data() + t0 * d * es;
+    if (path == CodecPath::kReference) {
+      for (size_t v = 0; v < tn; ++v) {
+        const uint32_t* idx = s.idx.data() + v * blocks;
+        for (uint32_t j = 0; j < blocks; ++j) {
+          const float* c = cw + static_cast<size_t>(idx[j]) * k;
+          for (uint32_t c2 = 0; c2 < k; ++c2) s.yd[j * k + c2] = static_cast<double>(c[c2]);
+        }
+        rotation_.ApplyInverse(s.yd.data(), s.ud.data());
+        const double nu = static_cast<double>(s.nu[v]);
+        float* z = s.z.data() + v * d;
+        for (uint32_t i = 0; i < d; ++i) z[i] = static_cast<float>(nu * s.ud[i]);
+      }
+      FromF32(dtype, s.z.data(), tn * d, dst, Isa::kScalar);
+    } else {
+      for (size_t v = 0; v < tn; ++v) {
+        const uint32_t* idx = s.idx.data() + v * blocks;
+        const float nu = s.nu[v];
+        float* yv = s.y.data() + v * d;
+        for (uint32_t j = 0; j < blocks; ++j) {
+          const float* c = cw + static_cast<size_t>(idx[j]) * k;
+          float* o = yv + static_cast<size_t>(j) * k;
+          for (uint32_t c2 = 0; c2 < k; ++c2) o[c2] = c[c2] * nu;
+        }
+      }
+      rotation_.ApplyInverseBatch(s.y.data(), s.z.data(), tn);
+      FromF32(dtype, s.z.data(), tn * d, dst, isa);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Quantizer::DecodeF32(absl::Span<const uint8_t> codes, size_t n, float* out,
+                                  CodecPath path) const {
+  FQ_ASSIGN_OR_RETURN(const size_t elems, CheckedMul(n, dim(), "decode output"));
+  FQ_ASSIGN_OR_RETURN(const size_t bytes, CheckedMul(elems, 4, "decode output"));
+  if (out == nullptr && bytes != 0) return absl::InvalidArgumentError("decode output: null pointer");
+  return Decode(codes, n, DType::kF32,
+                absl::Span<uint8_t>(reinterpret_cast<uint8_t*>(out), bytes), path);
+}
+
+}  // namespace fibquant
