@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -67,6 +68,15 @@ class Codebook {
   const std::vector<float>& codewords() const { return codewords_; }
   const LloydReport& report() const { return report_; }
   const BuildStats& build_stats() const { return stats_; }
+
+  // JSON form stored on disk by the service: {"schema", "profile" (Profile::ToJsonValue),
+  // "profile_digest", "rotation_digest", "codebook_digest", "codewords" (N*k numbers, exact f32
+  // values), "report" {...}} (docs/format/codebook.md). Build stats are not stored.
+  std::string ToJson(int indent = 2) const;
+  // Parses ToJson output (all fields required, unknown fields rejected: InvalidArgument) and
+  // verifies it like FromStored; the stored profile and rotation digests must also match the
+  // recomputed ones (DataLoss).
+  [[nodiscard]] static absl::StatusOr<Codebook> FromJson(std::string_view json);
   uint32_t size() const { return profile_.codebook_size; }
   uint32_t dim() const { return profile_.block_dim; }
 
@@ -81,6 +91,27 @@ class Codebook {
   BuildStats stats_;
   friend class CodebookBuilder;
 };
+
+// The initial radial-angular codebook c_t = r_(t+1) * u_t (k = 1: the scalar-baseline levels),
+// N*k values row-major, each rounded to f32 (held in doubles). InvalidArgument for an invalid
+// profile; Internal if a value is not finite.
+[[nodiscard]] absl::StatusOr<std::vector<double>> InitialCodebook(const Profile& profile);
+
+// The profile's M = training_samples spherical-Beta training blocks (M x k row-major), drawn from
+// Rng(codebook_seed XOR kTrainingSeedXor).
+[[nodiscard]] absl::StatusOr<std::vector<double>> TrainingSamples(const Profile& profile);
+
+// The starting codebook of Lloyd restart r >= 1: Q_r * c for every codeword c of `initial`, with
+// Q_r = Rotation::Create(kRotationHaarQr, k, codebook_seed + r * 0x9E3779B9) (wrapping u64), applied
+// with Rotation::Apply; for k = 1, (-1)^r * c.
+[[nodiscard]] absl::StatusOr<std::vector<double>> RestartStart(const Profile& profile,
+                                                               const std::vector<double>& initial,
+                                                               uint32_t restart);
+
+// The codebook digest (domain kCodebookSchema) over the documented canonical encoding.
+std::string CodebookDigest(std::string_view profile_digest, std::string_view rotation_digest,
+                           uint32_t codebook_size, uint32_t block_dim,
+                           const std::vector<float>& codewords, const LloydReport& report);
 
 }  // namespace fibquant
 
