@@ -1,8 +1,9 @@
 // FibQuant profile: every parameter that determines a codebook, its validation, rate bookkeeping,
-// canonical encoding and digest (docs/FORMAT.md, "Profile"), and a JSON form for people.
+// canonical encoding and digest (docs/format/profile.md), and JSON forms for people and admin tools.
 //
 // A Profile is a plain value. Same profile -> same codebook -> same digest on every machine.
-// Thread safety: immutable after construction; safe to share across threads.
+// Ownership: the profile module (core/profile.cc, tests/profile_test.cc); other modules consume it.
+// Thread safety: a plain value with no shared state; const methods are safe to call concurrently.
 #ifndef FIBQUANT_CORE_PROFILE_H_
 #define FIBQUANT_CORE_PROFILE_H_
 
