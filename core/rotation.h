@@ -69,9 +69,8 @@ class Rotation {
   uint64_t seed_ = 0;
   std::vector<double> matrix_;
   // Haar fast path: M (for the inverse, X = Y M) and Mᵀ (forward, Y = X Mᵀ) in f32, packed as
-  // column panels of kPanelWidth lanes: panel p holds rows c = 0..d-1, lanes p*W..p*W+W-1, zero
-  // padded past d. Each panel is contiguous so the kernel streams it from L1.
-  static constexpr uint32_t kPanelWidth = 16;
+  // column panels of W = rotation_internal::kPanelWidth lanes: panel p holds rows c = 0..d-1,
+  // lanes p*W..p*W+W-1, zero padded past d. Each panel is contiguous so the kernel streams it from L1.
   std::vector<float> packed_fwd_;
   std::vector<float> packed_inv_;
   // Hadamard fast path: D1 * d^-1.5, D2, D3 as f32 (the scale is folded into D1; H is linear).

@@ -14,34 +14,29 @@ namespace {
 
 #define FQ_AVX2 __attribute__((target("avx2,fma")))
 
-// MR rows x 16 columns of Y from one packed panel; accumulators stay in registers (2*MR <= 12).
+// MR rows x kPanelWidth columns of Y from one packed panel; accumulators stay in registers.
+constexpr int kVecs = static_cast<int>(kPanelWidth / 8);
 template <int MR>
 FQ_AVX2 inline void Micro(const float* x, float* y, size_t d, const float* panel, size_t col0) {
-  __m256 acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc0[r] = _mm256_setzero_ps();
-    acc1[r] = _mm256_setzero_ps();
-  }
+  __m256 acc[MR][kVecs];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < kVecs; ++q) acc[r][q] = _mm256_setzero_ps();
   for (size_t c = 0; c < d; ++c) {
-    const __m256 b0 = _mm256_loadu_ps(panel + c * kPanelWidth);
-    const __m256 b1 = _mm256_loadu_ps(panel + c * kPanelWidth + 8);
+    __m256 b[kVecs];
+    for (int q = 0; q < kVecs; ++q) b[q] = _mm256_loadu_ps(panel + c * kPanelWidth + 8 * q);
     for (int r = 0; r < MR; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * d + c);
-      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
+      for (int q = 0; q < kVecs; ++q) acc[r][q] = _mm256_fmadd_ps(a, b[q], acc[r][q]);
     }
   }
   if (d - col0 >= kPanelWidth) {
-    for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(y + r * d + col0, acc0[r]);
-      _mm256_storeu_ps(y + r * d + col0 + 8, acc1[r]);
-    }
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < kVecs; ++q) _mm256_storeu_ps(y + r * d + col0 + 8 * q, acc[r][q]);
   } else {  // last, partial panel
     const size_t width = d - col0;
     alignas(32) float tmp[kPanelWidth];
     for (int r = 0; r < MR; ++r) {
-      _mm256_store_ps(tmp, acc0[r]);
-      _mm256_store_ps(tmp + 8, acc1[r]);
+      for (int q = 0; q < kVecs; ++q) _mm256_store_ps(tmp + 8 * q, acc[r][q]);
       std::memcpy(y + r * d + col0, tmp, width * sizeof(float));
     }
   }
@@ -53,7 +48,7 @@ FQ_AVX2 void MatMulPanelsAvx2(const float* x, float* y, size_t n, uint32_t dim,
                               const float* packed) {
   const size_t d = dim;
   const size_t panels = (d + kPanelWidth - 1) / kPanelWidth;
-  constexpr size_t kMr = 6;
+  constexpr size_t kMr = 12 / kVecs;
   // A block of rows stays in L1/L2 while every panel (d*64 bytes) streams over it.
   constexpr size_t kRowBlock = 48;
   for (size_t r0 = 0; r0 < n; r0 += kRowBlock) {
@@ -138,9 +133,10 @@ FQ_AVX2 inline void MulRow(const float* in, const float* s, float* out, size_t d
   }
 }
 
-// Whole-row FWHT on NV registers (d = 8*NV <= 256; the compiler spills some at 256): all three rounds of one vector run without
-// touching memory except the sign vectors. Stages h = 1, 2, 4 are done per register first; they
-// never cross a register, so this is the same set of butterflies in a dependency-respecting order.
+// Whole-row FWHT on NV registers (d = 8*NV <= 256; the compiler spills some at 256): all three
+// rounds of one vector run without touching memory except the sign vectors. Stages h = 1, 2, 4
+// are done per register first; they never cross a register, so this is the same set of butterflies
+// in a dependency-respecting order.
 template <int NV, int HV>
 FQ_AVX2 inline void StageRegs(__m256 (&v)[NV]) {
   if constexpr (HV < NV) {
