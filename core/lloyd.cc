@@ -1,6 +1,7 @@
 #include "core/lloyd.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -12,6 +13,11 @@ namespace fibquant {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+#ifdef FQ_LLOYD_STATS
+}  // namespace
+std::atomic<uint64_t> g_full{0}, g_dist{0}, g_pass{0};
+namespace {
+#endif
 constexpr uint32_t kNoIndex = std::numeric_limits<uint32_t>::max();
 // Cells per ParallelFor chunk in the per-cell statistics (fixed; results do not depend on it).
 constexpr size_t kCellChunk = 256;
@@ -129,6 +135,9 @@ SearchResult FullSearch(const SearchIndex& ix, const double* x, double nx) {
     } else {
       lo_open = --lo > 0;
     }
+#ifdef FQ_LLOYD_STATS
+    g_dist.fetch_add(1, std::memory_order_relaxed);
+#endif
     const double d = SqDistBounded<K>(x, &ix.sorted_c[j * k], k, r.second);
     if (d > r.second) continue;
     const uint32_t idx = ix.perm[j];
@@ -234,6 +243,9 @@ class Assigner {
           }
         }
         const SearchResult r = FullSearch<K>(ix, x, norms_[i]);
+#ifdef FQ_LLOYD_STATS
+        g_full.fetch_add(1, std::memory_order_relaxed);
+#endif
         index[i] = r.index;
         distance[i] = r.best;
         lower_[i] = std::sqrt(r.second);
@@ -241,6 +253,9 @@ class Assigner {
     });
     prev_ = c;
     have_prev_ = true;
+#ifdef FQ_LLOYD_STATS
+    g_pass.fetch_add(m_, std::memory_order_relaxed);
+#endif
   }
 
   const double* samples_;
