@@ -211,49 +211,56 @@ bool Rotation::is_hadamard() const { return algorithm_ == kRotationHadamard; }
 
 void Rotation::Apply(const double* x, double* y) const {
   const size_t d = dim_;
-  if (is_hadamard()) {
-    std::vector<double> t(x, x + d);
-    for (size_t i = 0; i < d; ++i) t[i] *= signs_[i];
-    Fwht(t.data(), d);
-    for (size_t i = 0; i < d; ++i) t[i] *= signs_[d + i];
-    Fwht(t.data(), d);
-    for (size_t i = 0; i < d; ++i) t[i] *= signs_[2 * d + i];
-    Fwht(t.data(), d);
+  if (is_hadamard()) {  // in place in y
+    if (y != x) std::memcpy(y, x, d * sizeof(double));
+    for (size_t i = 0; i < d; ++i) y[i] *= signs_[i];
+    Fwht(y, d);
+    for (size_t i = 0; i < d; ++i) y[i] *= signs_[d + i];
+    Fwht(y, d);
+    for (size_t i = 0; i < d; ++i) y[i] *= signs_[2 * d + i];
+    Fwht(y, d);
     const double scale = HadamardScale(dim_);
-    for (size_t i = 0; i < d; ++i) y[i] = t[i] * scale;
+    for (size_t i = 0; i < d; ++i) y[i] *= scale;
     return;
   }
-  std::vector<double> out(d);  // x and y may alias
+  if (y == x) {  // rare: compute out of place, then copy back
+    std::vector<double> tmp(x, x + d);
+    Apply(tmp.data(), y);
+    return;
+  }
   for (size_t r = 0; r < d; ++r) {
     const double* row = &matrix_[r * d];
     double s = 0.0;
     for (size_t c = 0; c < d; ++c) s += row[c] * x[c];
-    out[r] = s;
+    y[r] = s;
   }
-  std::memcpy(y, out.data(), d * sizeof(double));
 }
 
 void Rotation::ApplyInverse(const double* y, double* x) const {
   const size_t d = dim_;
-  if (is_hadamard()) {
-    std::vector<double> t(y, y + d);
-    Fwht(t.data(), d);
-    for (size_t i = 0; i < d; ++i) t[i] *= signs_[2 * d + i];
-    Fwht(t.data(), d);
-    for (size_t i = 0; i < d; ++i) t[i] *= signs_[d + i];
-    Fwht(t.data(), d);
+  if (is_hadamard()) {  // in place in x
+    if (x != y) std::memcpy(x, y, d * sizeof(double));
+    Fwht(x, d);
+    for (size_t i = 0; i < d; ++i) x[i] *= signs_[2 * d + i];
+    Fwht(x, d);
+    for (size_t i = 0; i < d; ++i) x[i] *= signs_[d + i];
+    Fwht(x, d);
     const double scale = HadamardScale(dim_);
-    for (size_t i = 0; i < d; ++i) x[i] = (t[i] * signs_[i]) * scale;
+    for (size_t i = 0; i < d; ++i) x[i] = (x[i] * signs_[i]) * scale;
     return;
   }
-  // x_c = sum_r M[r][c] y_r with r ascending; the temporary lets x and y alias.
-  std::vector<double> out(d, 0.0);
+  if (x == y) {
+    std::vector<double> tmp(y, y + d);
+    ApplyInverse(tmp.data(), x);
+    return;
+  }
+  // x_c = sum_r M[r][c] y_r with r ascending from 0.0, accumulated row by row so M is read in order.
+  for (size_t c = 0; c < d; ++c) x[c] = 0.0;
   for (size_t r = 0; r < d; ++r) {
     const double* row = &matrix_[r * d];
     const double yr = y[r];
-    for (size_t c = 0; c < d; ++c) out[c] += row[c] * yr;
+    for (size_t c = 0; c < d; ++c) x[c] += row[c] * yr;
   }
-  std::memcpy(x, out.data(), d * sizeof(double));
 }
 
 void Rotation::ApplyBatch(const float* x, float* y, size_t n) const {

@@ -44,8 +44,8 @@ class Rotation {
   const std::string& algorithm() const { return algorithm_; }
   bool is_hadamard() const;
 
-  // Reference: y = Π x, x and y of length dim (may alias), f64 (left-to-right sums for the matrix
-  // form). Allocates a temporary: use the batch paths on hot paths.
+  // Reference: y = Π x, x and y of length dim, f64 (left-to-right sums for the matrix form).
+  // x == y is allowed (Haar then allocates a temporary); partial overlap is not.
   void Apply(const double* x, double* y) const;
   // Reference inverse: x = Πᵀ y.
   void ApplyInverse(const double* y, double* x) const;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -352,6 +353,32 @@ TEST(RotationBatch, RoundTripAndZeroRows) {
     rot.ApplyInverseBatch(y.data(), back.data(), n);
     for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(back[i], x[i], 1e-5) << alg << " " << i;
     rot.ApplyBatch(x.data(), y.data(), 0);  // n == 0 is a no-op
+  }
+}
+
+// A Rotation is immutable: concurrent batch calls on one shared object give the serial results.
+TEST(RotationBatch, ConcurrentUseMatchesSerial) {
+  for (std::string_view alg : {kRotationHaarQr, kRotationHadamard}) {
+    const Rotation rot = MustCreate(alg, 64, 12);
+    constexpr int kThreads = 4;
+    const size_t n = 200, d = 64;
+    std::vector<std::vector<float>> in(kThreads), serial(kThreads), parallel(kThreads);
+    for (int t = 0; t < kThreads; ++t) {
+      Rng rng(t);
+      in[t].resize(n * d);
+      for (float& v : in[t]) v = static_cast<float>(rng.Normal());
+      serial[t].resize(n * d);
+      parallel[t].resize(n * d);
+      rot.ApplyBatch(in[t].data(), serial[t].data(), n);
+    }
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int rep = 0; rep < 20; ++rep) rot.ApplyBatch(in[t].data(), parallel[t].data(), n);
+      });
+    }
+    for (std::thread& th : threads) th.join();
+    for (int t = 0; t < kThreads; ++t) EXPECT_EQ(serial[t], parallel[t]) << alg << " thread " << t;
   }
 }
 
