@@ -96,8 +96,10 @@ class KvCodec {
   // OutOfRange for an index outside the shape, InvalidArgument for an off-grid span.
   absl::Status CheckCoords(const KvPageCoords& c) const;
 
-  // Compress one page. InvalidArgument for bad coordinates, data size, query/key sizes or
-  // non-finite input under fail_closed; FailedPrecondition "quality budget violated: <metric>
+  // Compress one page. InvalidArgument for an input dtype other than the shape's, a bad data,
+  // query or key size, off-grid coordinates or a non-finite element (OutOfRange for coordinates
+  // outside the shape); under fallback fail_closed a vector that cannot be encoded fails the page
+  // with the codec's status; FailedPrecondition "quality budget violated: <metric>
   // <value> > <limit> on page (b, l, h, tokens [s, e))" when the budget fails under fail_closed.
   [[nodiscard]] absl::StatusOr<CompressedPage> CompressPage(const KvPageInput& input,
                                                             const KvCompressOptions& options = {}) const;

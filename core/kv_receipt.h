@@ -29,7 +29,8 @@ struct KvBudgetVerdict {
   double worst_value = 0;               // max over pages of the final value
   uint64_t pages_over_before_fallback = 0;
   uint64_t pages_failing = 0;           // final value > limit (0 unless enforcement was off)
-  bool passed = true;
+  uint64_t pages_measured = 0;          // pages that carried this check
+  bool passed = true;                   // pages_failing == 0 and every page measured
   friend bool operator==(const KvBudgetVerdict&, const KvBudgetVerdict&) = default;
 };
 

@@ -1,0 +1,295 @@
+#include "core/kv_metrics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/portable_math.h"
+#include "core/status_macros.h"
+
+namespace fibquant {
+namespace {
+
+constexpr double kKlFloor = 1e-12;
+
+absl::Status CheckFinite(const float* x, size_t n, const char* what) {
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) {
+      return absl::InvalidArgumentError(absl::StrCat("quality: ", what, "[", i, "] is not finite"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Reconstruction(const float* x, const float* y, size_t n, KvQualityMetrics* m) {
+  double se = 0, dot = 0, nx = 0, ny = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double a = x[i], b = y[i];
+    se += (a - b) * (a - b);
+    dot += a * b;
+    nx += a * a;
+    ny += b * b;
+  }
+  m->reconstruction_mse = se / static_cast<double>(n);
+  if (nx == 0 && ny == 0) {
+    m->cosine_similarity = 1.0;
+  } else if (nx == 0 || ny == 0) {
+    m->cosine_similarity = 0.0;
+  } else {
+    m->cosine_similarity = dot / (std::sqrt(nx) * std::sqrt(ny));
+  }
+}
+
+// logits[t] = q.k_t / sqrt(d), f64, left-to-right sums.
+void Logits(const float* q, const float* keys, size_t tokens, size_t dim, double inv_sqrt_d, double* out) {
+  for (size_t t = 0; t < tokens; ++t) {
+    const float* k = keys + t * dim;
+    double s = 0;
+    for (size_t c = 0; c < dim; ++c) s += static_cast<double>(q[c]) * static_cast<double>(k[c]);
+    out[t] = s * inv_sqrt_d;
+  }
+}
+
+absl::Status Softmax(const double* logits, size_t n, double* p) {
+  double mx = logits[0];
+  for (size_t i = 1; i < n; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    p[i] = PortableExp(logits[i] - mx);
+    sum += p[i];
+  }
+  if (!(sum > 0) || !std::isfinite(sum)) return absl::InvalidArgumentError("quality: softmax sum is not positive and finite");
+  for (size_t i = 0; i < n; ++i) p[i] /= sum;
+  return absl::OkStatus();
+}
+
+// Indices of the k largest values, descending, ties by lower index (values are finite).
+std::vector<uint32_t> TopK(const double* v, size_t n, size_t k) {
+  std::vector<uint32_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0u);
+  std::partial_sort(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(),
+                    [&](uint32_t a, uint32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+  idx.resize(k);
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
+absl::Status CheckCommon(const float* x, const float* y, size_t tokens, size_t dim) {
+  if (tokens == 0 || dim == 0) return absl::InvalidArgumentError("quality: tokens and dim must be >= 1");
+  if (x == nullptr || y == nullptr) return absl::InvalidArgumentError("quality: original and reconstruction are required");
+  FQ_RETURN_IF_ERROR(CheckFinite(x, tokens * dim, "original"));
+  FQ_RETURN_IF_ERROR(CheckFinite(y, tokens * dim, "reconstruction"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string_view KvQuerySourceName(KvQuerySource v) {
+  switch (v) {
+    case KvQuerySource::kNone: return "none";
+    case KvQuerySource::kCaller: return "caller_queries";
+    case KvQuerySource::kProxySelfKeys: return "proxy_self_keys";
+    case KvQuerySource::kProxySelfValues: return "proxy_self_values";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<KvQualityMetrics> EvaluateKeyQuality(const float* keys, const float* keys_hat, size_t tokens,
+                                                    size_t dim, const float* queries, size_t n_queries,
+                                                    uint32_t top_k) {
+  FQ_RETURN_IF_ERROR(CheckCommon(keys, keys_hat, tokens, dim));
+  KvQualityMetrics m;
+  m.tokens = tokens;
+  Reconstruction(keys, keys_hat, tokens * dim, &m);
+  const float* q = queries;
+  size_t nq = n_queries;
+  if (nq > 0 && q != nullptr) {
+    FQ_RETURN_IF_ERROR(CheckFinite(q, nq * dim, "queries"));
+    m.query_source = KvQuerySource::kCaller;
+  } else {
+    q = keys;
+    nq = std::min<size_t>(tokens, kMaxProxyQueries);
+    m.query_source = KvQuerySource::kProxySelfKeys;
+  }
+  m.queries = static_cast<uint32_t>(nq);
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(dim));
+  const size_t k = std::clamp<size_t>(top_k, 1, tokens);
+  std::vector<double> l(tokens), lh(tokens), p(tokens), ph(tokens);
+  double logit_mse = 0, tv = 0, kl = 0, dis = 0;
+  for (size_t i = 0; i < nq; ++i) {
+    Logits(q + i * dim, keys, tokens, dim, inv_sqrt_d, l.data());
+    Logits(q + i * dim, keys_hat, tokens, dim, inv_sqrt_d, lh.data());
+    FQ_RETURN_IF_ERROR(Softmax(l.data(), tokens, p.data()));
+    FQ_RETURN_IF_ERROR(Softmax(lh.data(), tokens, ph.data()));
+    double se = 0, a = 0, kk = 0;
+    for (size_t t = 0; t < tokens; ++t) {
+      se += (l[t] - lh[t]) * (l[t] - lh[t]);
+      a += std::fabs(p[t] - ph[t]);
+      const double pc = std::max(p[t], kKlFloor), hc = std::max(ph[t], kKlFloor);
+      kk += pc * PortableLog(pc / hc);
+    }
+    logit_mse += se / static_cast<double>(tokens);
+    tv += 0.5 * a;
+    kl += kk;
+    const std::vector<uint32_t> ta = TopK(l.data(), tokens, k), tb = TopK(lh.data(), tokens, k);
+    size_t inter = 0;
+    for (size_t x = 0, y = 0; x < k && y < k;) {
+      if (ta[x] == tb[y]) {
+        ++inter, ++x, ++y;
+      } else if (ta[x] < tb[y]) {
+        ++x;
+      } else {
+        ++y;
+      }
+    }
+    dis += 1.0 - static_cast<double>(inter) / static_cast<double>(k);
+  }
+  const double n = static_cast<double>(nq);
+  m.key_logit_mse = logit_mse / n;
+  m.attention_tv = tv / n;
+  m.attention_kl = kl / n;
+  m.topk_disagreement = dis / n;
+  return m;
+}
+
+absl::StatusOr<KvQualityMetrics> EvaluateValueQuality(const float* values, const float* values_hat, size_t tokens,
+                                                      size_t dim, const float* queries, size_t n_queries,
+                                                      const float* keys) {
+  FQ_RETURN_IF_ERROR(CheckCommon(values, values_hat, tokens, dim));
+  KvQualityMetrics m;
+  m.tokens = tokens;
+  Reconstruction(values, values_hat, tokens * dim, &m);
+  const float* q = queries;
+  const float* kk = keys;
+  size_t nq = n_queries;
+  if (nq > 0 && q != nullptr && kk != nullptr) {
+    FQ_RETURN_IF_ERROR(CheckFinite(q, nq * dim, "queries"));
+    FQ_RETURN_IF_ERROR(CheckFinite(kk, tokens * dim, "keys"));
+    m.query_source = KvQuerySource::kCaller;
+  } else {
+    q = values;
+    kk = values;
+    nq = std::min<size_t>(tokens, kMaxProxyQueries);
+    m.query_source = KvQuerySource::kProxySelfValues;
+  }
+  m.queries = static_cast<uint32_t>(nq);
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(dim));
+  std::vector<double> l(tokens), p(tokens), o(dim), oh(dim);
+  double se = 0;
+  for (size_t i = 0; i < nq; ++i) {
+    Logits(q + i * dim, kk, tokens, dim, inv_sqrt_d, l.data());
+    FQ_RETURN_IF_ERROR(Softmax(l.data(), tokens, p.data()));
+    std::fill(o.begin(), o.end(), 0.0);
+    std::fill(oh.begin(), oh.end(), 0.0);
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* v = values + t * dim;
+      const float* vh = values_hat + t * dim;
+      for (size_t c = 0; c < dim; ++c) {
+        o[c] += p[t] * static_cast<double>(v[c]);
+        oh[c] += p[t] * static_cast<double>(vh[c]);
+      }
+    }
+    for (size_t c = 0; c < dim; ++c) se += (o[c] - oh[c]) * (o[c] - oh[c]);
+  }
+  m.value_aggregation_mse = se / (static_cast<double>(nq) * static_cast<double>(dim));
+  return m;
+}
+
+absl::StatusOr<KvQualityMetrics> EvaluateQuality(KvRole role, const float* original, const float* reconstructed,
+                                                 size_t tokens, size_t dim, const float* queries, size_t n_queries,
+                                                 const float* keys, uint32_t top_k) {
+  if (role == KvRole::kKey) {
+    return EvaluateKeyQuality(original, reconstructed, tokens, dim, queries, n_queries, top_k);
+  }
+  return EvaluateValueQuality(original, reconstructed, tokens, dim, queries, n_queries, keys);
+}
+
+namespace {
+
+void AddOpt(std::optional<double>* acc, const std::optional<double>& v, double w, bool first) {
+  if (first) {
+    if (v) *acc = *v * w;
+    return;
+  }
+  if (!v || !*acc) {
+    acc->reset();
+    return;
+  }
+  **acc += *v * w;
+}
+void MaxOpt(std::optional<double>* acc, const std::optional<double>& v, bool first) {
+  if (first) {
+    *acc = v;
+    return;
+  }
+  if (!v || !*acc) {
+    acc->reset();
+    return;
+  }
+  **acc = std::max(**acc, *v);
+}
+void DivOpt(std::optional<double>* v, double d) {
+  if (*v) **v /= d;
+}
+
+}  // namespace
+
+void KvQualityAccumulator::Add(const KvQualityMetrics& m) {
+  const bool first = pages_ == 0;
+  const double w = static_cast<double>(m.tokens);
+  if (first) {
+    sum_ = KvQualityMetrics{};
+    max_ = m;
+    sum_.query_source = m.query_source;
+    sum_.reconstruction_mse = m.reconstruction_mse * w;
+    sum_.cosine_similarity = m.cosine_similarity * w;
+  } else {
+    if (m.query_source != sum_.query_source) mixed_sources_ = true;
+    sum_.reconstruction_mse += m.reconstruction_mse * w;
+    sum_.cosine_similarity += m.cosine_similarity * w;
+    max_.reconstruction_mse = std::max(max_.reconstruction_mse, m.reconstruction_mse);
+    max_.cosine_similarity = std::min(max_.cosine_similarity, m.cosine_similarity);
+    max_.queries = std::max(max_.queries, m.queries);
+  }
+  sum_.tokens += m.tokens;
+  sum_.queries += m.queries;
+  AddOpt(&sum_.key_logit_mse, m.key_logit_mse, w, first);
+  AddOpt(&sum_.attention_tv, m.attention_tv, w, first);
+  AddOpt(&sum_.attention_kl, m.attention_kl, w, first);
+  AddOpt(&sum_.topk_disagreement, m.topk_disagreement, w, first);
+  AddOpt(&sum_.value_aggregation_mse, m.value_aggregation_mse, w, first);
+  if (!first) {
+    MaxOpt(&max_.key_logit_mse, m.key_logit_mse, false);
+    MaxOpt(&max_.attention_tv, m.attention_tv, false);
+    MaxOpt(&max_.attention_kl, m.attention_kl, false);
+    MaxOpt(&max_.topk_disagreement, m.topk_disagreement, false);
+    MaxOpt(&max_.value_aggregation_mse, m.value_aggregation_mse, false);
+  }
+  ++pages_;
+}
+
+KvQualityMetrics KvQualityAccumulator::Mean() const {
+  KvQualityMetrics m = sum_;
+  if (pages_ == 0 || sum_.tokens == 0) return m;
+  const double w = static_cast<double>(sum_.tokens);
+  m.reconstruction_mse /= w;
+  m.cosine_similarity /= w;
+  DivOpt(&m.key_logit_mse, w);
+  DivOpt(&m.attention_tv, w);
+  DivOpt(&m.attention_kl, w);
+  DivOpt(&m.topk_disagreement, w);
+  DivOpt(&m.value_aggregation_mse, w);
+  if (mixed_sources_) m.query_source = KvQuerySource::kCaller;
+  return m;
+}
+
+KvQualityMetrics KvQualityAccumulator::Max() const {
+  KvQualityMetrics m = max_;
+  m.tokens = sum_.tokens;
+  if (mixed_sources_) m.query_source = KvQuerySource::kCaller;
+  return m;
+}
+
+}  // namespace fibquant
