@@ -26,6 +26,50 @@ bool UseSimd() {
          RotationSimdAvailable();
 }
 
+// Applies the reflector of step j (v = (v0, col[j+1..d-1]), tau = t) to columns c0..d-1 of the
+// column-major d x d matrix m, rows j..d-1. For each column: s = v0*m[j][c] + sum_{i>j} col[i]*m[i][c]
+// (i ascending), f = s*t, m[j][c] -= f*v0, m[i][c] -= f*col[i]. Columns are independent, so four
+// are processed together purely for instruction-level parallelism; each column's operations and
+// their order are exactly the sequential ones, so the bits do not depend on the grouping.
+void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0, double t,
+                    size_t c0) {
+  size_t c = c0;
+  for (; c + 4 <= d; c += 4) {
+    double* m0 = m + c * d;
+    double* m1 = m0 + d;
+    double* m2 = m1 + d;
+    double* m3 = m2 + d;
+    double s0 = v0 * m0[j], s1 = v0 * m1[j], s2 = v0 * m2[j], s3 = v0 * m3[j];
+    for (size_t i = j + 1; i < d; ++i) {
+      const double v = col[i];
+      s0 += v * m0[i];
+      s1 += v * m1[i];
+      s2 += v * m2[i];
+      s3 += v * m3[i];
+    }
+    const double f0 = s0 * t, f1 = s1 * t, f2 = s2 * t, f3 = s3 * t;
+    m0[j] -= f0 * v0;
+    m1[j] -= f1 * v0;
+    m2[j] -= f2 * v0;
+    m3[j] -= f3 * v0;
+    for (size_t i = j + 1; i < d; ++i) {
+      const double v = col[i];
+      m0[i] -= f0 * v;
+      m1[i] -= f1 * v;
+      m2[i] -= f2 * v;
+      m3[i] -= f3 * v;
+    }
+  }
+  for (; c < d; ++c) {
+    double* mc = m + c * d;
+    double s = v0 * mc[j];
+    for (size_t i = j + 1; i < d; ++i) s += col[i] * mc[i];
+    const double f = s * t;
+    mc[j] -= f * v0;
+    for (size_t i = j + 1; i < d; ++i) mc[i] -= f * col[i];
+  }
+}
+
 // Haar rotation, row-major f64. The arithmetic uses only + - * / and sqrt in the documented order,
 // under -ffp-contract=off, so the bits are the same on every x86-64 CPU.
 std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
@@ -58,14 +102,7 @@ std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
     rdiag[j] = beta;
     reflect[j] = 1;
     // Apply H_j = I - tau v vᵀ to columns j+1..d-1, rows j..d-1.
-    for (size_t c = j + 1; c < d; ++c) {
-      double* ac = &a[c * d];
-      double s = v0j * ac[j];
-      for (size_t i = j + 1; i < d; ++i) s += col[i] * ac[i];
-      const double f = s * t;
-      ac[j] -= f * v0j;
-      for (size_t i = j + 1; i < d; ++i) ac[i] -= f * col[i];
-    }
+    ReflectColumns(a.data(), d, j, col, v0j, t, j + 1);
   }
 
   // Q = H_0 H_1 ... H_{d-1}, accumulated backward from the identity: Q <- H_j Q for j = d-1..0.
@@ -77,14 +114,7 @@ std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
     const double* col = &a[jj * d];
     const double v0j = v0[jj];
     const double t = tau[jj];
-    for (size_t c = jj; c < d; ++c) {
-      double* qc = &q[c * d];
-      double s = v0j * qc[jj];
-      for (size_t i = jj + 1; i < d; ++i) s += col[i] * qc[i];
-      const double f = s * t;
-      qc[jj] -= f * v0j;
-      for (size_t i = jj + 1; i < d; ++i) qc[i] -= f * col[i];
-    }
+    ReflectColumns(q.data(), d, jj, col, v0j, t, jj);
   }
 
   // Mezzadri: make R's diagonal non-negative by negating the matching columns of Q, which makes
