@@ -16,12 +16,18 @@
 #define FIBQUANT_SERVER_SERVICE_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/kv_profile.h"
 #include "fibquant/v1/kv_compression.grpc.pb.h"
 
 namespace fibquant::server {
@@ -29,6 +35,7 @@ namespace fibquant::server {
 class Metrics;
 class Registry;
 class WorkerPool;
+struct ProfileEntry;
 
 // Every limit of the service, with defaults fit for one 2-core pod. Exceeding a limit gives
 // ResourceExhausted (sizes, counts, cost) or InvalidArgument (malformed), naming the limit.
@@ -63,6 +70,10 @@ struct ServiceOptions {
   uint32_t max_eval_profiles = 8;
   // Reported by GetServerInfo.
   std::string version = "0.1.0";
+  // Admin check run first by RegisterProfile (the only RPC that changes server state on request),
+  // e.g. the bearer token of server/security.h. Its status is returned as is (Unauthenticated,
+  // PermissionDenied). Null: registration is open.
+  std::function<absl::Status(const grpc::ServerContextBase&)> authorize_admin;
 };
 
 class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService::CallbackService {
@@ -91,6 +102,9 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   const ServiceOptions& options() const { return options_; }
   // Profiles held by the registry (for health and metrics).
   size_t profile_count() const;
+  // CompressPages + DecompressPages streams not yet done (OnDone); tests use it to see that a
+  // cancelled stream was freed.
+  uint32_t open_streams() const { return open_streams_.load(); }
 
   // --- fibquant.v1.KvCompressionService (callback API) ---
   grpc::ServerUnaryReactor* RegisterProfile(grpc::CallbackServerContext* ctx,
@@ -126,10 +140,15 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
  private:
   KvCompressionServiceImpl(const ServiceOptions& options, Metrics* metrics);
   absl::Status Initialize();
-
-  friend class CompressReactor;
-  friend class DecompressReactor;
-  friend class ServiceInternals;
+  void RecordRpc(const char* method, absl::StatusCode code, std::chrono::steady_clock::time_point start) const;
+  // Exactly one of the two; the spec is validated and its build cost checked against the limit.
+  [[nodiscard]] absl::StatusOr<KvCompressionProfile> ParseSpec(const fibquant::v1::KvProfileSpec* structured,
+                                                               const std::string* spec_json) const;
+  // Builds the codebook on the calling thread (a worker) and stores the profile.
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<const ProfileEntry>> BuildAndStore(KvCompressionProfile profile,
+                                                                                  bool* inserted);
+  // The registered entry of an identical spec, if any (no build needed).
+  std::shared_ptr<const ProfileEntry> FindSpec(const KvCompressionProfile& profile) const;
 
   ServiceOptions options_;
   Metrics* metrics_;  // not owned; may be null
@@ -137,6 +156,9 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   std::unique_ptr<Registry> registry_;
   std::atomic<bool> draining_{false};
   std::atomic<uint32_t> open_streams_{0};
+  // Unresolved spec (profile JSON without codebook/rotation digests) -> registered digest.
+  mutable absl::Mutex spec_mu_;
+  std::map<std::string, std::string> spec_digests_ ABSL_GUARDED_BY(spec_mu_);
 };
 
 }  // namespace fibquant::server

@@ -1,0 +1,540 @@
+#include "server/registry.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/codebook.h"
+#include "core/codec.h"
+#include "core/digest.h"
+#include "core/status_macros.h"
+#include "google/protobuf/util/json_util.h"
+#include "server/metrics.h"
+#include <nlohmann/json.hpp>
+
+namespace fibquant::server {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr uint64_t kMaxRegistryFileBytes = 512ull << 20;  // a codebook of 2^20 x 256 f32 is 1 GiB hex;
+                                                          // profiles that large are refused by cost
+
+int64_t NowUnixSeconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string ErrnoText() { return std::string(std::strerror(errno)); }
+
+std::string HexEncode(const void* data, size_t n) {
+  static const char* kHex = "0123456789abcdef";
+  const auto* p = static_cast<const uint8_t*>(data);
+  std::string out(n * 2, '0');
+  for (size_t i = 0; i < n; ++i) {
+    out[2 * i] = kHex[p[i] >> 4];
+    out[2 * i + 1] = kHex[p[i] & 15];
+  }
+  return out;
+}
+
+absl::Status HexDecode(const std::string& hex, std::vector<uint8_t>* out) {
+  if (hex.size() % 2 != 0) return absl::DataLossError("codewords hex has odd length");
+  out->resize(hex.size() / 2);
+  auto nib = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  for (size_t i = 0; i < out->size(); ++i) {
+    int hi = nib(hex[2 * i]), lo = nib(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return absl::DataLossError("codewords hex has a non-hex character");
+    (*out)[i] = static_cast<uint8_t>(hi * 16 + lo);
+  }
+  return absl::OkStatus();
+}
+
+[[nodiscard]] absl::StatusOr<std::string> ReadFileBounded(const std::string& path) {
+  std::error_code ec;
+  uint64_t size = fs::file_size(path, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot stat ", path, ": ", ec.message()));
+  if (size > kMaxRegistryFileBytes) {
+    return absl::DataLossError(absl::StrCat(path, " is ", size, " bytes, above the registry file limit ",
+                                            kMaxRegistryFileBytes));
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InternalError(absl::StrCat("cannot open ", path));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+json ReportToJson(const LloydReport& r) {
+  json events = json::array();
+  for (const RepairEvent& e : r.repair_events) {
+    events.push_back({{"restart", e.restart},
+                      {"iteration", e.iteration},
+                      {"empty_cell", e.empty_cell},
+                      {"donor_cell", e.donor_cell},
+                      {"donor_count_before", e.donor_count_before},
+                      {"donor_distortion", e.donor_distortion},
+                      {"residual_norm", e.residual_norm}});
+  }
+  return {{"restarts", r.restarts},       {"iterations", r.iterations}, {"training_samples", r.training_samples},
+          {"init_mse", r.init_mse},       {"best_mse", r.best_mse},     {"best_restart", r.best_restart},
+          {"repair_events", events},      {"seed", r.seed}};
+}
+
+LloydReport ReportFromJson(const json& j) {  // throws json::exception on a type error
+  LloydReport r;
+  r.restarts = j.at("restarts").get<uint32_t>();
+  r.iterations = j.at("iterations").get<uint32_t>();
+  r.training_samples = j.at("training_samples").get<uint32_t>();
+  r.init_mse = j.at("init_mse").get<double>();
+  r.best_mse = j.at("best_mse").get<double>();
+  r.best_restart = j.at("best_restart").get<uint32_t>();
+  r.seed = j.at("seed").get<uint64_t>();
+  for (const json& e : j.at("repair_events")) {
+    RepairEvent ev;
+    ev.restart = e.at("restart").get<uint32_t>();
+    ev.iteration = e.at("iteration").get<uint32_t>();
+    ev.empty_cell = e.at("empty_cell").get<uint32_t>();
+    ev.donor_cell = e.at("donor_cell").get<uint32_t>();
+    ev.donor_count_before = e.at("donor_count_before").get<uint64_t>();
+    ev.donor_distortion = e.at("donor_distortion").get<double>();
+    ev.residual_norm = e.at("residual_norm").get<double>();
+    r.repair_events.push_back(ev);
+  }
+  return r;
+}
+
+std::string SerializeEntry(const ProfileEntry& e) {
+  json j;
+  j["schema"] = std::string(kRegistryProfileSchema);
+  j["digest"] = e.digest;
+  j["profile_json"] = e.profile_json;
+  j["registered_unix_seconds"] = e.registered_unix_seconds;
+  j["build_seconds"] = e.build_seconds;
+  j["build_threads"] = e.build_threads;
+  const auto& q = e.codec->quantizer();
+  if (q) {
+    const Codebook& cb = q->codebook();
+    j["codebook"] = {{"digest", cb.digest()},
+                     {"codewords_f32le_hex",
+                      HexEncode(cb.codewords().data(), cb.codewords().size() * sizeof(float))},
+                     {"report", ReportToJson(cb.report())}};
+  } else {
+    j["codebook"] = nullptr;
+  }
+  return j.dump(1);
+}
+
+std::string SerializeReceipt(const fibquant::v1::Receipt& r, uint64_t seq) {
+  std::string body;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(r, &body, opts);
+  json j;
+  j["schema"] = std::string(kRegistryReceiptSchema);
+  j["seq"] = seq;
+  j["sha256"] = Sha256Digest(body);
+  j["receipt"] = body;
+  return j.dump(1);
+}
+
+uint64_t ReceiptSeq(const std::string& id) {
+  // ids are "rcpt-<12 digits>"
+  if (id.size() < 6) return 0;
+  return std::strtoull(id.c_str() + 5, nullptr, 10);
+}
+
+}  // namespace
+
+absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
+  fs::path p(path);
+  std::string dir = p.parent_path().string();
+  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", ErrnoText()));
+  size_t off = 0;
+  while (off < contents.size()) {
+    ssize_t n = ::write(fd, contents.data() + off, contents.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      std::string err = ErrnoText();
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return absl::InternalError(absl::StrCat("cannot write ", tmp, ": ", err));
+    }
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    std::string err = ErrnoText();
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return absl::InternalError(absl::StrCat("cannot fsync ", tmp, ": ", err));
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::string err = ErrnoText();
+    ::unlink(tmp.c_str());
+    return absl::InternalError(absl::StrCat("cannot rename ", tmp, " to ", path, ": ", err));
+  }
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {  // make the rename durable
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return absl::OkStatus();
+}
+
+std::string Registry::EntryFileName(const std::string& digest) {
+  std::string hex = digest.substr(digest.find(':') == std::string::npos ? 0 : digest.find(':') + 1);
+  return absl::StrCat(hex, ".json");
+}
+
+absl::StatusOr<std::unique_ptr<Registry>> Registry::Open(const RegistryOptions& options, Metrics* metrics) {
+  std::unique_ptr<Registry> r(new Registry(options, metrics));
+  if (!options.data_dir.empty()) {
+    for (const char* sub : {"profiles", "receipts", "quarantine"}) {
+      std::error_code ec;
+      fs::create_directories(fs::path(options.data_dir) / sub, ec);
+      if (ec) {
+        return absl::InternalError(absl::StrCat("cannot create data dir ", options.data_dir, "/", sub, ": ",
+                                                ec.message()));
+      }
+    }
+    FQ_RETURN_IF_ERROR(r->Load());
+  }
+  r->UpdateSizeMetric(r->size());
+  return r;
+}
+
+absl::Status Registry::Load() {
+  FQ_RETURN_IF_ERROR(LoadProfiles());
+  return LoadReceipts();
+}
+
+void Registry::Quarantine(const std::string& path, const absl::Status& why) {
+  fs::path src(path);
+  fs::path dst = fs::path(options_.data_dir) / "quarantine" /
+                 absl::StrCat(src.filename().string(), ".", NowUnixSeconds());
+  std::error_code ec;
+  fs::rename(src, dst, ec);
+  std::fprintf(stderr, "fibquant registry: quarantined %s -> %s: %s%s\n", path.c_str(), dst.c_str(),
+               std::string(why.message()).c_str(), ec ? (" (move failed: " + ec.message() + ")").c_str() : "");
+  {
+    absl::MutexLock lock(&mu_);
+    ++quarantined_;
+  }
+  if (metrics_) metrics_->RegistryFileQuarantined();
+}
+
+absl::StatusOr<ProfileEntry> Registry::ReadProfileFile(const std::string& path) const {
+  FQ_ASSIGN_OR_RETURN(std::string text, ReadFileBounded(path));
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError("not a JSON object");
+  ProfileEntry e;
+  std::string codebook_hex, codebook_digest;
+  LloydReport report;
+  bool has_codebook = false;
+  try {
+    if (j.at("schema").get<std::string>() != kRegistryProfileSchema) {
+      return absl::DataLossError("unknown registry file schema");
+    }
+    e.digest = j.at("digest").get<std::string>();
+    e.profile_json = j.at("profile_json").get<std::string>();
+    e.registered_unix_seconds = j.at("registered_unix_seconds").get<int64_t>();
+    e.build_seconds = j.at("build_seconds").get<double>();
+    e.build_threads = j.at("build_threads").get<int>();
+    const json& cb = j.at("codebook");
+    if (!cb.is_null()) {
+      has_codebook = true;
+      codebook_digest = cb.at("digest").get<std::string>();
+      codebook_hex = cb.at("codewords_f32le_hex").get<std::string>();
+      report = ReportFromJson(cb.at("report"));
+    }
+  } catch (const json::exception& ex) {
+    return absl::DataLossError(absl::StrCat("malformed registry file: ", ex.what()));
+  }
+  if (fs::path(path).filename().string() != EntryFileName(e.digest)) {
+    return absl::DataLossError(absl::StrCat("file name does not match its digest ", e.digest));
+  }
+  auto profile = KvCompressionProfile::FromJson(e.profile_json);
+  if (!profile.ok()) return absl::DataLossError(absl::StrCat("stored profile invalid: ", profile.status().message()));
+  auto digest = profile->Digest();
+  if (!digest.ok()) return absl::DataLossError(absl::StrCat("stored profile: ", digest.status().message()));
+  if (*digest != e.digest) {
+    return absl::DataLossError(absl::StrCat("profile digest mismatch: file says ", e.digest, ", recomputed ", *digest));
+  }
+  std::shared_ptr<const Quantizer> quantizer;
+  if (profile->fib_profile.has_value()) {
+    if (!has_codebook) return absl::DataLossError("profile has a FibQuant part but the file has no codebook");
+    if (codebook_digest != profile->codebook_digest) {
+      return absl::DataLossError("stored codebook digest differs from the profile's");
+    }
+    std::vector<uint8_t> bytes;
+    FQ_RETURN_IF_ERROR(HexDecode(codebook_hex, &bytes));
+    if (bytes.size() % sizeof(float) != 0) return absl::DataLossError("codewords length is not a multiple of 4");
+    std::vector<float> codewords(bytes.size() / sizeof(float));
+    std::memcpy(codewords.data(), bytes.data(), bytes.size());
+    auto codebook = Codebook::FromStored(*profile->fib_profile, std::move(codewords), std::move(report),
+                                         profile->codebook_digest);
+    if (!codebook.ok()) {
+      return absl::DataLossError(absl::StrCat("stored codebook failed verification: ", codebook.status().message()));
+    }
+    FQ_ASSIGN_OR_RETURN(quantizer, Quantizer::Create(*std::move(codebook)));
+  }
+  auto codec = KvCodec::Create(*std::move(profile), std::move(quantizer));
+  if (!codec.ok()) return absl::DataLossError(absl::StrCat("stored profile: ", codec.status().message()));
+  if ((*codec)->profile_digest() != e.digest) return absl::DataLossError("compiled profile digest differs");
+  e.codec = *std::move(codec);
+  e.loaded_from_disk = true;
+  return e;
+}
+
+absl::Status Registry::LoadProfiles() {
+  fs::path dir = fs::path(options_.data_dir) / "profiles";
+  std::error_code ec;
+  std::vector<std::string> files;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.find(".tmp.") != std::string::npos) {  // an interrupted write: never complete
+      fs::remove(it->path(), ec);
+      ec.clear();
+      continue;
+    }
+    if (it->path().extension() == ".json") files.push_back(it->path().string());
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
+  std::sort(files.begin(), files.end());
+  for (const std::string& f : files) {
+    auto e = ReadProfileFile(f);
+    if (!e.ok()) {
+      Quarantine(f, e.status());
+      continue;
+    }
+    absl::MutexLock lock(&mu_);
+    std::string key = e->digest;
+    profiles_[key] = std::make_shared<const ProfileEntry>(*std::move(e));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<fibquant::v1::Receipt> Registry::ReadReceiptFile(const std::string& path) const {
+  FQ_ASSIGN_OR_RETURN(std::string text, ReadFileBounded(path));
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError("not a JSON object");
+  std::string body, sum;
+  try {
+    if (j.at("schema").get<std::string>() != kRegistryReceiptSchema) {
+      return absl::DataLossError("unknown receipt file schema");
+    }
+    body = j.at("receipt").get<std::string>();
+    sum = j.at("sha256").get<std::string>();
+    (void)j.at("seq").get<uint64_t>();
+  } catch (const json::exception& ex) {
+    return absl::DataLossError(absl::StrCat("malformed receipt file: ", ex.what()));
+  }
+  if (Sha256Digest(body) != sum) return absl::DataLossError("receipt checksum mismatch");
+  fibquant::v1::Receipt r;
+  auto st = google::protobuf::util::JsonStringToMessage(body, &r);
+  if (!st.ok()) return absl::DataLossError(absl::StrCat("receipt JSON: ", st.ToString()));
+  if (absl::StrCat(r.receipt_id(), ".json") != fs::path(path).filename().string()) {
+    return absl::DataLossError("receipt file name does not match its id");
+  }
+  return r;
+}
+
+absl::Status Registry::LoadReceipts() {
+  fs::path dir = fs::path(options_.data_dir) / "receipts";
+  std::error_code ec;
+  std::vector<std::string> files;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    if (it->path().filename().string().find(".tmp.") != std::string::npos) {
+      fs::remove(it->path(), ec);
+      ec.clear();
+      continue;
+    }
+    if (it->path().extension() == ".json") files.push_back(it->path().string());
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
+  std::vector<fibquant::v1::Receipt> loaded;
+  for (const std::string& f : files) {
+    auto r = ReadReceiptFile(f);
+    if (!r.ok()) {
+      Quarantine(f, r.status());
+      continue;
+    }
+    loaded.push_back(*std::move(r));
+  }
+  std::sort(loaded.begin(), loaded.end(), [](const auto& a, const auto& b) {
+    return ReceiptSeq(a.receipt_id()) < ReceiptSeq(b.receipt_id());
+  });
+  std::vector<std::string> drop;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& r : loaded) {
+      receipt_counter_ = std::max(receipt_counter_, ReceiptSeq(r.receipt_id()) + 1);
+      receipts_.push_back(std::move(r));
+    }
+    while (receipts_.size() > options_.receipt_retention) {
+      drop.push_back(receipts_.front().receipt_id());
+      receipts_.pop_front();
+    }
+  }
+  for (const auto& id : drop) fs::remove(dir / absl::StrCat(id, ".json"), ec);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const ProfileEntry>> Registry::Lookup(const std::string& digest) const {
+  absl::MutexLock lock(&mu_);
+  auto it = profiles_.find(digest);
+  if (it == profiles_.end()) {
+    return absl::NotFoundError(absl::StrCat("profile ", digest, " is not registered"));
+  }
+  return it->second;
+}
+
+absl::Status Registry::CheckCapacity() const {
+  absl::MutexLock lock(&mu_);
+  if (profiles_.size() >= options_.max_profiles) {
+    return absl::ResourceExhaustedError(absl::StrCat("registry holds ", profiles_.size(),
+                                                     " profiles, the limit max_profiles is ",
+                                                     options_.max_profiles));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const ProfileEntry>> Registry::Insert(ProfileEntry entry, bool* inserted) {
+  *inserted = false;
+  absl::MutexLock io(&io_mu_);  // one writer at a time: the check and the write stay consistent
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = profiles_.find(entry.digest);
+    if (it != profiles_.end()) return it->second;
+    if (profiles_.size() >= options_.max_profiles) {
+      return absl::ResourceExhaustedError(absl::StrCat("registry holds ", profiles_.size(),
+                                                       " profiles, the limit max_profiles is ",
+                                                       options_.max_profiles));
+    }
+  }
+  if (entry.registered_unix_seconds == 0) entry.registered_unix_seconds = NowUnixSeconds();
+  if (!options_.data_dir.empty()) {
+    FQ_RETURN_IF_ERROR(WriteFileAtomically(
+        (fs::path(options_.data_dir) / "profiles" / EntryFileName(entry.digest)).string(), SerializeEntry(entry)));
+  }
+  auto shared = std::make_shared<const ProfileEntry>(std::move(entry));
+  size_t n;
+  {
+    absl::MutexLock lock(&mu_);
+    profiles_[shared->digest] = shared;
+    n = profiles_.size();
+  }
+  UpdateSizeMetric(n);
+  *inserted = true;
+  return shared;
+}
+
+std::vector<std::shared_ptr<const ProfileEntry>> Registry::List(const std::string& after, size_t limit) const {
+  std::vector<std::shared_ptr<const ProfileEntry>> out;
+  absl::MutexLock lock(&mu_);
+  for (auto it = profiles_.upper_bound(after); it != profiles_.end() && out.size() < limit; ++it) {
+    out.push_back(it->second);
+  }
+  return out;
+}
+
+size_t Registry::size() const {
+  absl::MutexLock lock(&mu_);
+  return profiles_.size();
+}
+
+void Registry::UpdateSizeMetric(size_t n) {
+  if (metrics_) metrics_->SetRegistrySize(static_cast<int64_t>(n));
+}
+
+absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt receipt) {
+  absl::MutexLock io(&io_mu_);
+  uint64_t seq;
+  {
+    absl::MutexLock lock(&mu_);
+    seq = receipt_counter_++;
+  }
+  receipt.set_receipt_id(absl::StrFormat("rcpt-%012d", seq));
+  if (receipt.recorded_unix_seconds() == 0) receipt.set_recorded_unix_seconds(NowUnixSeconds());
+  fs::path dir = fs::path(options_.data_dir) / "receipts";
+  if (!options_.data_dir.empty()) {
+    FQ_RETURN_IF_ERROR(WriteFileAtomically((dir / absl::StrCat(receipt.receipt_id(), ".json")).string(),
+                                           SerializeReceipt(receipt, seq)));
+  }
+  std::vector<std::string> drop;
+  {
+    absl::MutexLock lock(&mu_);
+    receipts_.push_back(receipt);
+    while (receipts_.size() > options_.receipt_retention) {
+      drop.push_back(receipts_.front().receipt_id());
+      receipts_.pop_front();
+    }
+  }
+  if (!options_.data_dir.empty()) {
+    std::error_code ec;
+    for (const auto& id : drop) fs::remove(dir / absl::StrCat(id, ".json"), ec);
+  }
+  return receipt;
+}
+
+absl::StatusOr<fibquant::v1::Receipt> Registry::GetReceipt(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  for (const auto& r : receipts_) {
+    if (r.receipt_id() == id) return r;
+  }
+  return absl::NotFoundError(absl::StrCat("receipt ", id, " is not stored (unknown, or dropped by retention)"));
+}
+
+std::vector<fibquant::v1::Receipt> Registry::ListReceipts(const std::string& profile_digest, size_t offset,
+                                                         size_t limit, bool* more) const {
+  std::vector<fibquant::v1::Receipt> out;
+  *more = false;
+  absl::MutexLock lock(&mu_);
+  size_t skipped = 0;
+  for (auto it = receipts_.rbegin(); it != receipts_.rend(); ++it) {
+    if (!profile_digest.empty() && it->profile_digest() != profile_digest) continue;
+    if (skipped < offset) {
+      ++skipped;
+      continue;
+    }
+    if (out.size() == limit) {
+      *more = true;
+      break;
+    }
+    out.push_back(*it);
+  }
+  return out;
+}
+
+size_t Registry::receipt_count() const {
+  absl::MutexLock lock(&mu_);
+  return receipts_.size();
+}
+
+uint64_t Registry::quarantined() const {
+  absl::MutexLock lock(&mu_);
+  return quarantined_;
+}
+
+}  // namespace fibquant::server

@@ -1,0 +1,102 @@
+#include "server/worker_pool.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace fibquant::server {
+
+WorkerPool::WorkerPool(int threads, size_t capacity, DepthObserver observer)
+    : capacity_(capacity), thread_count_(threads), observer_(std::move(observer)) {
+  threads_.reserve(static_cast<size_t>(threads));
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { WorkerLoop(); });
+}
+
+WorkerPool::~WorkerPool() { Shutdown(); }
+
+void WorkerPool::Observe(int64_t depth) {
+  if (observer_) observer_(depth);
+}
+
+absl::Status WorkerPool::Submit(Task task) {
+  int64_t depth;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return absl::UnavailableError("worker pool is shutting down");
+    if (queue_.size() >= capacity_) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "server busy: worker queue holds ", queue_.size(), " tasks (worker_queue_capacity ",
+          capacity_, "); retry later"));
+    }
+    queue_.push_back(std::move(task));
+    depth = static_cast<int64_t>(queue_.size());
+  }
+  Observe(depth);
+  return absl::OkStatus();
+}
+
+void WorkerPool::SubmitReserved(Task task) {
+  int64_t depth;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!stopping_) {
+      queue_.push_back(std::move(task));
+      depth = static_cast<int64_t>(queue_.size());
+    } else {
+      depth = -1;
+    }
+  }
+  if (depth < 0) {
+    std::move(task)(absl::CancelledError("worker pool is shutting down"));
+    return;
+  }
+  Observe(depth);
+}
+
+void WorkerPool::WorkerLoop() {
+  for (;;) {
+    Task task;
+    int64_t depth;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](WorkerPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
+            return p->stopping_ || !p->queue_.empty();
+          },
+          this));
+      if (queue_.empty()) return;  // stopping and drained
+      if (stopping_) return;       // Shutdown() cancels what is left
+      task = std::move(queue_.front());
+      queue_.pop_front();
+      depth = static_cast<int64_t>(queue_.size());
+    }
+    Observe(depth);
+    std::move(task)(absl::OkStatus());
+  }
+}
+
+void WorkerPool::Shutdown() {
+  absl::MutexLock shutdown_lock(&shutdown_mu_);  // serialises concurrent Shutdown() calls
+  std::deque<Task> left;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+  threads_.clear();
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(queue_);
+  }
+  if (!left.empty()) Observe(0);
+  for (auto& task : left) std::move(task)(absl::CancelledError("worker pool is shutting down"));
+}
+
+size_t WorkerPool::queue_depth() const {
+  absl::MutexLock lock(&mu_);
+  return queue_.size();
+}
+
+}  // namespace fibquant::server
