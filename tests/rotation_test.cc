@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -379,6 +380,85 @@ TEST(RotationBatch, ConcurrentUseMatchesSerial) {
     }
     for (std::thread& th : threads) th.join();
     for (int t = 0; t < kThreads; ++t) EXPECT_EQ(serial[t], parallel[t]) << alg << " thread " << t;
+  }
+}
+
+std::vector<float> LoadF32(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<float> v;
+  if (!in) return v;
+  in.seekg(0, std::ios::end);
+  v.resize(static_cast<size_t>(in.tellg()) / sizeof(float));
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(v.size() * sizeof(float)));
+  return v;
+}
+
+// Mean over unit rows of d * max_c u_c^2: how spiky single vectors are (a random direction gives
+// about 2 ln d).
+double MeanPeakEnergy(const std::vector<float>& u, size_t d) {
+  const size_t n = u.size() / d;
+  double sum = 0.0;
+  for (size_t r = 0; r < n; ++r) {
+    double peak = 0.0;
+    for (size_t c = 0; c < d; ++c) peak = std::max(peak, double(u[r * d + c]) * u[r * d + c]);
+    sum += peak * d;
+  }
+  return sum / n;
+}
+
+// Real keys/queries (tests/data, USE-Lite layer 1, d = 128): the f32 batch rotation preserves the
+// attention logits q.k (both sides rotated) and the rows' norms.
+TEST(RotationRealData, PreservesLogitsAndNorms) {
+  const size_t d = 128;
+  std::vector<float> k = LoadF32(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32");
+  std::vector<float> q = LoadF32(std::string(FQ_TEST_DATA_DIR) + "/L1_q.f32");
+  ASSERT_EQ(k.size(), 64u * 4 * d);
+  ASSERT_EQ(q.size(), k.size());
+  const size_t n = k.size() / d;
+  for (size_t r = 0; r < n; ++r) {  // unit rows, as the codec rotates them
+    double nk = 0.0;
+    for (size_t c = 0; c < d; ++c) nk += double(k[r * d + c]) * k[r * d + c];
+    for (size_t c = 0; c < d; ++c) k[r * d + c] = static_cast<float>(k[r * d + c] / std::sqrt(nk));
+  }
+  for (std::string_view alg : {kRotationHaarQr, kRotationHadamard}) {
+    const Rotation rot = MustCreate(alg, d, 2026);
+    std::vector<float> rk(k.size()), rq(q.size());
+    rot.ApplyBatch(k.data(), rk.data(), n);
+    rot.ApplyBatch(q.data(), rq.data(), n);
+    for (size_t t = 0; t < 64; ++t) {     // token of q
+      for (size_t h = 0; h < 4; ++h) {    // same head for q and k
+        const size_t qi = t * 4 + h, ki = ((t * 7) % 64) * 4 + h;
+        double before = 0.0, after = 0.0, nq = 0.0;
+        for (size_t c = 0; c < d; ++c) {
+          before += double(q[qi * d + c]) * k[ki * d + c];
+          after += double(rq[qi * d + c]) * rk[ki * d + c];
+          nq += double(q[qi * d + c]) * q[qi * d + c];
+        }
+        ASSERT_NEAR(after, before, 1e-5 * std::sqrt(nq)) << alg << " q" << qi << " k" << ki;
+      }
+    }
+    for (size_t r = 0; r < n; ++r) {
+      double nr = 0.0;
+      for (size_t c = 0; c < d; ++c) nr += double(rk[r * d + c]) * rk[r * d + c];
+      ASSERT_NEAR(std::sqrt(nr), 1.0, 1e-5) << alg << " row " << r;
+    }
+  }
+}
+
+// Spiky inputs (one-hot e_c, the worst case for per-block quantisation) come out spread like random
+// directions: mean d * max_c y_c^2 drops from d = 128 to about 2 ln d (~10).
+TEST(RotationSpreading, OneHotInputsBecomeFlat) {
+  const size_t d = 128;
+  std::vector<float> eye(d * d, 0.0f), y(d * d);
+  for (size_t c = 0; c < d; ++c) eye[c * d + c] = 1.0f;
+  EXPECT_EQ(MeanPeakEnergy(eye, d), double(d));
+  for (std::string_view alg : {kRotationHaarQr, kRotationHadamard}) {
+    const Rotation rot = MustCreate(alg, d, 99);
+    rot.ApplyBatch(eye.data(), y.data(), d);
+    const double peak = MeanPeakEnergy(y, d);
+    EXPECT_LT(peak, 16.0) << alg;
+    EXPECT_GT(peak, 4.0) << alg;
   }
 }
 
