@@ -362,6 +362,42 @@ void MatMulPanelsScalar(const float* x, float* y, size_t n, uint32_t dim, const 
   }
 }
 
+namespace {
+// Portable f32 FWHT with the reference butterflies: stages h = 1, 2 on groups of four in scalar
+// registers, then h >= 4 four lanes at a time (SSE2 on baseline x86-64). Same pairs, same order of
+// dependent operations, hence the same bits as Fwht<float> and the AVX2 kernel.
+void FwhtF32(float* x, size_t d) {
+  if (d < 4) {
+    Fwht(x, d);
+    return;
+  }
+  for (size_t i = 0; i < d; i += 4) {
+    const float b0 = x[i] + x[i + 1], b1 = x[i] - x[i + 1];
+    const float b2 = x[i + 2] + x[i + 3], b3 = x[i + 2] - x[i + 3];
+    x[i] = b0 + b2;
+    x[i + 2] = b0 - b2;
+    x[i + 1] = b1 + b3;
+    x[i + 3] = b1 - b3;
+  }
+  for (size_t h = 4; h < d; h *= 2) {
+    for (size_t i = 0; i < d; i += 2 * h) {
+      for (size_t j = i; j < i + h; j += 4) {
+        V4 a, b;
+        std::memcpy(&a, x + j, sizeof(V4));
+        std::memcpy(&b, x + j + h, sizeof(V4));
+        const V4 s = a + b, t = a - b;
+        std::memcpy(x + j, &s, sizeof(V4));
+        std::memcpy(x + j + h, &t, sizeof(V4));
+      }
+    }
+  }
+}
+
+void MulF32(const float* in, const float* s, float* out, size_t d) {
+  for (size_t i = 0; i < d; ++i) out[i] = in[i] * s[i];
+}
+}  // namespace
+
 void HadamardBatchScalar(const float* x, float* y, size_t n, uint32_t dim, const float* s1,
                          const float* d2, const float* d3, bool inverse) {
   const size_t d = dim;
@@ -369,20 +405,20 @@ void HadamardBatchScalar(const float* x, float* y, size_t n, uint32_t dim, const
     const float* in = x + r * d;
     float* out = y + r * d;
     if (!inverse) {
-      for (size_t i = 0; i < d; ++i) out[i] = in[i] * s1[i];
-      Fwht(out, d);
-      for (size_t i = 0; i < d; ++i) out[i] *= d2[i];
-      Fwht(out, d);
-      for (size_t i = 0; i < d; ++i) out[i] *= d3[i];
-      Fwht(out, d);
+      MulF32(in, s1, out, d);
+      FwhtF32(out, d);
+      MulF32(out, d2, out, d);
+      FwhtF32(out, d);
+      MulF32(out, d3, out, d);
+      FwhtF32(out, d);
     } else {
       std::memcpy(out, in, d * sizeof(float));
-      Fwht(out, d);
-      for (size_t i = 0; i < d; ++i) out[i] *= d3[i];
-      Fwht(out, d);
-      for (size_t i = 0; i < d; ++i) out[i] *= d2[i];
-      Fwht(out, d);
-      for (size_t i = 0; i < d; ++i) out[i] *= s1[i];
+      FwhtF32(out, d);
+      MulF32(out, d3, out, d);
+      FwhtF32(out, d);
+      MulF32(out, d2, out, d);
+      FwhtF32(out, d);
+      MulF32(out, s1, out, d);
     }
   }
 }
