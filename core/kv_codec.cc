@@ -274,8 +274,6 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
           DType::kF32,
           absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(src.data()), src.size() * sizeof(float)),
           todo.size(), absl::Span<uint8_t>(enc), opt.path, &failures));
-      std::vector<float> dec(todo.size() * len);
-      FQ_RETURN_IF_ERROR(quantizer_->DecodeF32(enc, todo.size(), dec.data(), opt.path));
       std::vector<bool> failed(todo.size(), false);
       for (const VectorFailure& f : failures) {
         const uint32_t vi = todo[f.index];
@@ -288,10 +286,22 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
         reason[vi] = kEncodeFallback;
         AddReason(&out.raw_reasons, absl::StrCat("encode_fallback:", f.status.message()));
       }
+      // Decode the successful codes (failed slots are all-zero codes, which do not decode).
+      std::vector<uint32_t> ok_idx;
+      std::vector<uint8_t> ok_codes;
       for (size_t j = 0; j < todo.size(); ++j) {
         if (failed[j]) continue;
-        std::memcpy(&codes[size_t{todo[j]} * cb], &enc[j * cb], cb);
-        std::memcpy(&recon[size_t{todo[j]} * len], &dec[j * len], len * sizeof(float));
+        ok_idx.push_back(todo[j]);
+        ok_codes.insert(ok_codes.end(), enc.begin() + static_cast<std::ptrdiff_t>(j * cb),
+                        enc.begin() + static_cast<std::ptrdiff_t>((j + 1) * cb));
+      }
+      std::vector<float> dec(ok_idx.size() * len);
+      if (!ok_idx.empty()) {
+        FQ_RETURN_IF_ERROR(quantizer_->DecodeF32(ok_codes, ok_idx.size(), dec.data(), opt.path));
+      }
+      for (size_t j = 0; j < ok_idx.size(); ++j) {
+        std::memcpy(&codes[size_t{ok_idx[j]} * cb], &ok_codes[j * cb], cb);
+        std::memcpy(&recon[size_t{ok_idx[j]} * len], &dec[j * len], len * sizeof(float));
       }
     }
   }
