@@ -3,6 +3,7 @@
 // (docs/format/rotation.md): every loop order below is part of the rotation digest.
 #include "core/rotation.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -10,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/digest.h"
+#include "core/parallel.h"
 #include "core/profile.h"
 #include "core/rng.h"
 #include "core/rotation_kernels.h"
@@ -31,10 +33,10 @@ bool UseSimd() {
 // (i ascending), f = s*t, m[j][c] -= f*v0, m[i][c] -= f*col[i]. Columns are independent, so four
 // are processed together purely for instruction-level parallelism; each column's operations and
 // their order are exactly the sequential ones, so the bits do not depend on the grouping.
-void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0, double t,
-                    size_t c0) {
+void ReflectColumnRange(double* m, size_t d, size_t j, const double* col, double v0, double t,
+                        size_t c0, size_t c1) {
   size_t c = c0;
-  for (; c + 4 <= d; c += 4) {
+  for (; c + 4 <= c1; c += 4) {
     double* m0 = m + c * d;
     double* m1 = m0 + d;
     double* m2 = m1 + d;
@@ -60,7 +62,7 @@ void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0,
       m3[i] -= f3 * v;
     }
   }
-  for (; c < d; ++c) {
+  for (; c < c1; ++c) {
     double* mc = m + c * d;
     double s = v0 * mc[j];
     for (size_t i = j + 1; i < d; ++i) s += col[i] * mc[i];
@@ -68,6 +70,24 @@ void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0,
     mc[j] -= f * v0;
     for (size_t i = j + 1; i < d; ++i) mc[i] -= f * col[i];
   }
+}
+
+// Columns c0..d-1. Large updates are split over threads by column: each column's arithmetic is
+// unchanged, so the result is bit-identical for every thread count.
+void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0, double t,
+                    size_t c0) {
+  constexpr size_t kChunkColumns = 64;
+  const size_t columns = d - c0;
+  if (columns * (d - j) < (size_t{1} << 18) || columns < 2 * kChunkColumns) {
+    ReflectColumnRange(m, d, j, col, v0, t, c0, d);
+    return;
+  }
+  const size_t chunks = (columns + kChunkColumns - 1) / kChunkColumns;
+  ParallelFor(chunks, 0, [&](size_t k) {
+    const size_t begin = c0 + k * kChunkColumns;
+    const size_t end = std::min(d, begin + kChunkColumns);
+    ReflectColumnRange(m, d, j, col, v0, t, begin, end);
+  });
 }
 
 // Haar rotation, row-major f64. The arithmetic uses only + - * / and sqrt in the documented order,
