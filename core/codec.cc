@@ -31,8 +31,6 @@ struct Quantizer::SearchIndex {
 namespace {
 
 constexpr size_t kTile = 256;
-// Codebooks at least this large get the norm-bound pruning (below it brute force is as fast).
-constexpr uint32_t kPruneMinCodebookSize = 64;
 
 struct Scratch {
   std::vector<float> x;      // tile input as f32
@@ -129,8 +127,9 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
   }
   std::shared_ptr<Quantizer> q(new Quantizer(std::move(codebook), std::move(rotation)));
   auto index = std::make_shared<SearchIndex>();
-  index->table = SearchTable::Build(q->codebook_.codewords().data(), p.codebook_size, p.block_dim,
-                                    p.codebook_size >= kPruneMinCodebookSize);
+  const float* cw = q->codebook_.codewords().data();
+  index->table = SearchTable::Build(cw, p.codebook_size, p.block_dim,
+                                    SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
   q->search_ = std::move(index);
   return std::shared_ptr<const Quantizer>(std::move(q));
 }

@@ -47,13 +47,6 @@ inline double PruneSlack(uint32_t k, double ny, double max_norm) {
   return static_cast<double>(k + 4) * 0x1p-20 * r * r;
 }
 
-// First group whose largest norm is >= ny (the group "holding" ny), clamped to the last group.
-inline uint32_t StartGroup(const std::vector<double>& hi, double ny) {
-  const auto it = std::lower_bound(hi.begin(), hi.end(), ny);
-  const size_t g = static_cast<size_t>(it - hi.begin());
-  return static_cast<uint32_t>(std::min(g, hi.size() - 1));
-}
-
 // Lexicographic (score, index) minimum over 8 lanes.
 inline uint32_t PickLane(const float* score, const int32_t* index, uint32_t n) {
   float best = score[0];
@@ -110,8 +103,10 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
   for (uint32_t i = 0; i < n; ++i) norm[i] = BlockNorm(codewords + static_cast<size_t>(i) * k, k);
   std::vector<uint32_t> order(n);
   std::iota(order.begin(), order.end(), 0u);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](uint32_t a, uint32_t b) { return norm[a] < norm[b]; });
+  if (prune) {  // brute force keeps index order, which lets its kernel break ties with a plain <
+    std::stable_sort(order.begin(), order.end(),
+                     [&](uint32_t a, uint32_t b) { return norm[a] < norm[b]; });
+  }
   const size_t g8 = static_cast<size_t>(t.groups_) * 8;
   t.soa_.assign(g8 * k, 0.0f);
   t.norm2_.assign(g8, std::numeric_limits<float>::infinity());
@@ -135,13 +130,49 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
     t.group_hi_[g] = norm[i];
     t.max_norm_ = std::max(t.max_norm_, norm[i]);
   }
+  const size_t buckets = static_cast<size_t>(t.groups_) * 4 + 1;
+  t.lut_scale_ = t.max_norm_ > 0 ? static_cast<double>(buckets) / t.max_norm_ : 0.0;
+  t.start_lut_.resize(buckets);
+  for (size_t b = 0; b < buckets; ++b) {
+    const double edge = t.lut_scale_ > 0 ? static_cast<double>(b) / t.lut_scale_ : 0.0;
+    const size_t g = static_cast<size_t>(
+        std::lower_bound(t.group_hi_.begin(), t.group_hi_.end(), edge) - t.group_hi_.begin());
+    t.start_lut_[b] = static_cast<uint32_t>(std::min<size_t>(g, t.groups_ - 1));
+  }
   return t;
+}
+
+bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
+  const uint32_t groups = (n + 7) / 8;
+  if (groups < 32) return false;  // the fixed per-block cost alone exceeds a full scan
+  const SearchTable t = Build(codewords, n, k, /*prune=*/true);
+  const uint32_t stride = std::max<uint32_t>(1, n / 512);
+  std::vector<float> queries;
+  for (uint32_t i = 0; i < n; i += stride) {
+    queries.insert(queries.end(), codewords + static_cast<size_t>(i) * k,
+                   codewords + static_cast<size_t>(i + 1) * k);
+  }
+  const size_t count = queries.size() / k;
+  std::vector<uint32_t> out(count);
+  const uint64_t saved = t_groups_visited;
+  t_groups_visited = 0;
+  t.Nearest(queries.data(), count, out.data(), Isa::kScalar);
+  const double visited = static_cast<double>(t_groups_visited) / static_cast<double>(count);
+  t_groups_visited = saved;
+  return 25.0 + 3.3 * visited < static_cast<double>(groups);
 }
 
 uint64_t SearchTable::GroupsVisitedOnThisThread() { return t_groups_visited; }
 void SearchTable::ResetGroupsVisitedOnThisThread() { t_groups_visited = 0; }
 
 struct SearchKernels {
+  static uint32_t StartGroup(const SearchTable& t, double ny) {
+    const double pos = ny * t.lut_scale_;
+    const size_t last = t.start_lut_.size() - 1;
+    const size_t b = pos < static_cast<double>(last) ? static_cast<size_t>(pos) : last;
+    return t.start_lut_[b];
+  }
+
   // ---- scalar -------------------------------------------------------------------------------
   static void Scalar(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
     const uint32_t k = t.k_;
@@ -158,11 +189,14 @@ struct SearchKernels {
         const float* c = t.soa_.data() + static_cast<size_t>(g) * k * 8;
         const float* n2 = t.norm2_.data() + static_cast<size_t>(g) * 8;
         const int32_t* id = t.index_.data() + static_cast<size_t>(g) * 8;
+        float s[8];
+        for (int l = 0; l < 8; ++l) s[l] = n2[l];
+        for (uint32_t j = 0; j < k; ++j) {
+          for (int l = 0; l < 8; ++l) s[l] = s[l] + m[j] * c[j * 8 + l];
+        }
         for (int l = 0; l < 8; ++l) {
-          float s = n2[l];
-          for (uint32_t j = 0; j < k; ++j) s = s + m[j] * c[j * 8 + l];
-          if (s < best[l] || (s == best[l] && id[l] < best_idx[l])) {
-            best[l] = s;
+          if (s[l] < best[l] || (s[l] == best[l] && id[l] < best_idx[l])) {
+            best[l] = s[l];
             best_idx[l] = id[l];
           }
         }
@@ -177,7 +211,7 @@ struct SearchKernels {
         const double ny = BlockNorm(yb, k);
         const double ny2 = ny * ny;
         const double slack = PruneSlack(k, ny, t.max_norm_);
-        const uint32_t g0 = StartGroup(t.group_hi_, ny);
+        const uint32_t g0 = StartGroup(t, ny);
         double limit = static_cast<double>(visit(g0)) + ny2 + slack;
         for (uint32_t g = g0 + 1; g < t.groups_; ++g) {
           const double gap = t.group_lo_[g] - ny;
@@ -240,7 +274,7 @@ struct SearchKernels {
         const double ny = BlockNorm(yb, k);
         const double ny2 = ny * ny;
         const double slack = PruneSlack(k, ny, t.max_norm_);
-        const uint32_t g0 = StartGroup(t.group_hi_, ny);
+        const uint32_t g0 = StartGroup(t, ny);
         visit(g0);
         double limit = hmin() + ny2 + slack;
         for (uint32_t g = g0 + 1; g < t.groups_; ++g) {
@@ -262,9 +296,80 @@ struct SearchKernels {
     }
     t_groups_visited += visited;
   }
+
+  // Brute force over a table in index order, NB blocks at a time: each codeword group is loaded
+  // once for NB blocks, and the NB (best, index) chains are independent, which hides the
+  // compare/blend latency. Within a lane the indices increase with g, so a strict < keeps the
+  // lowest index; PickLane settles ties across lanes.
+  template <uint32_t K, uint32_t NB>
+  __attribute__((target("avx2"))) static void Avx2BruteBlocks(const SearchTable& t, const float* y,
+                                                              uint32_t* out) {
+    const uint32_t k = K != 0 ? K : t.k_;
+    __m256 m[NB][K != 0 ? K : 1];
+    __m256 best[NB];
+    __m256i best_g[NB];
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    for (uint32_t b = 0; b < NB; ++b) {
+      if constexpr (K != 0) {
+        for (uint32_t j = 0; j < K; ++j) m[b][j] = _mm256_set1_ps(-2.0f * y[b * K + j]);
+      }
+      best[b] = inf;
+      best_g[b] = _mm256_setzero_si256();
+    }
+    const float* c = t.soa_.data();
+    const float* n2 = t.norm2_.data();
+    __m256i gv = _mm256_setzero_si256();
+    const __m256i one = _mm256_set1_epi32(1);
+    for (uint32_t g = 0; g < t.groups_; ++g, c += static_cast<size_t>(k) * 8, n2 += 8) {
+      const __m256 base = _mm256_loadu_ps(n2);
+      __m256 s[NB];
+      for (uint32_t b = 0; b < NB; ++b) s[b] = base;
+      for (uint32_t j = 0; j < k; ++j) {
+        const __m256 cj = _mm256_loadu_ps(c + j * 8);
+        for (uint32_t b = 0; b < NB; ++b) {
+          const __m256 mj = K != 0 ? m[b][j] : _mm256_set1_ps(-2.0f * y[b * k + j]);
+          s[b] = _mm256_add_ps(s[b], _mm256_mul_ps(mj, cj));
+        }
+      }
+      for (uint32_t b = 0; b < NB; ++b) {
+        const __m256 lt = _mm256_cmp_ps(s[b], best[b], _CMP_LT_OQ);
+        best[b] = _mm256_blendv_ps(best[b], s[b], lt);
+        best_g[b] = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(best_g[b]), _mm256_castsi256_ps(gv), lt));
+      }
+      gv = _mm256_add_epi32(gv, one);
+    }
+    alignas(32) float lane_best[8];
+    alignas(32) int32_t lane_g[8];
+    int32_t lane_idx[8];
+    for (uint32_t b = 0; b < NB; ++b) {
+      _mm256_store_ps(lane_best, best[b]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_g), best_g[b]);
+      for (int l = 0; l < 8; ++l) lane_idx[l] = t.index_[static_cast<size_t>(lane_g[l]) * 8 + l];
+      out[b] = PickLane(lane_best, lane_idx, t.n_);
+    }
+  }
+
+  template <uint32_t K>
+  static void Avx2Brute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
+    const uint32_t k = K != 0 ? K : t.k_;
+    size_t b = 0;
+    for (; b + 4 <= count; b += 4) Avx2BruteBlocks<K, 4>(t, y + b * k, out + b);
+    for (; b < count; ++b) Avx2BruteBlocks<K, 1>(t, y + b * k, out + b);
+    t_groups_visited += count * t.groups_;
+  }
 };
 
 void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && !prune_) {
+    switch (k_) {
+      case 1: return SearchKernels::Avx2Brute<1>(*this, y, count, out);
+      case 2: return SearchKernels::Avx2Brute<2>(*this, y, count, out);
+      case 4: return SearchKernels::Avx2Brute<4>(*this, y, count, out);
+      case 8: return SearchKernels::Avx2Brute<8>(*this, y, count, out);
+      default: return SearchKernels::Avx2Brute<0>(*this, y, count, out);
+    }
+  }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) {
     switch (k_) {
       case 1: return SearchKernels::Avx2<1>(*this, y, count, out);

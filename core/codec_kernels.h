@@ -38,6 +38,11 @@ class SearchTable {
  public:
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
+  // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
+  // pruned search with the codewords themselves as queries (a deterministic sample of at most
+  // 512) and compares the groups it visits with a cost model measured on this kernel family
+  // (a pruned block costs about 25 + 3.3 * visited brute-force group evaluations).
+  static bool PruningPays(const float* codewords, uint32_t n, uint32_t k);
 
   // Nearest codeword index for each of `count` blocks stored contiguously in y (count*k floats).
   void Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const;
@@ -62,6 +67,11 @@ class SearchTable {
   std::vector<double> group_lo_;   // per group: smallest ||c|| (f64 of the f32 codeword)
   std::vector<double> group_hi_;   // per group: largest ||c||
   double max_norm_ = 0;
+  // Start group by norm bucket: start_lut_[floor(|y| * lut_scale_)] (clamped) is the first group
+  // whose largest norm reaches the bucket's lower edge. Any start is correct (the traversal goes
+  // both ways); a table lookup avoids a branchy binary search per block.
+  std::vector<uint32_t> start_lut_;
+  double lut_scale_ = 0;
 
   friend struct SearchKernels;
 };

@@ -5,6 +5,7 @@
 #include "core/codec_kernels.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -97,6 +98,46 @@ INSTANTIATE_TEST_SUITE_P(Shapes, NearestTest,
                            return absl::StrCat("k", info.param.k, "_n", info.param.n);
                          });
 
+// Midpoints between each codeword and its nearest neighbour are exact ties in real arithmetic, so
+// rounding decides them: here the f32 search and the f64 reference do disagree, and every
+// disagreement must be a near-tie (this is what the Quantizer-level bound relies on).
+TEST(Nearest, DisagreementsOnConstructedTiesAreNearTies) {
+  const uint32_t k = 4, n = 256;
+  Rng rng(99);
+  const std::vector<float> cw = GaussianBlocks(rng, n, k, 0.125);
+  std::vector<float> y;
+  for (uint32_t a = 0; a < n; ++a) {
+    uint32_t b = a == 0 ? 1 : 0;
+    double bd = std::numeric_limits<double>::infinity();
+    for (uint32_t c = 0; c < n; ++c) {
+      if (c == a) continue;
+      double d = 0;
+      for (uint32_t j = 0; j < k; ++j) d += (cw[a * k + j] - cw[c * k + j]) * (cw[a * k + j] - cw[c * k + j]);
+      if (d < bd) {
+        bd = d;
+        b = c;
+      }
+    }
+    for (uint32_t j = 0; j < k; ++j) y.push_back(0.5f * (cw[a * k + j] + cw[b * k + j]));
+  }
+  const SearchTable t = SearchTable::Build(cw.data(), n, k, false);
+  std::vector<uint32_t> fast(n);
+  t.Nearest(y.data(), n, fast.data(), ActiveIsa());
+  size_t mismatches = 0;
+  for (uint32_t q = 0; q < n; ++q) {
+    std::vector<double> yd(y.begin() + q * k, y.begin() + (q + 1) * k);
+    const uint32_t ref = NearestReference(cw.data(), n, k, yd.data());
+    if (ref == fast[q]) continue;
+    ++mismatches;
+    const double dr = DistanceF64(cw.data(), k, ref, yd.data());
+    const double df = DistanceF64(cw.data(), k, fast[q], yd.data());
+    EXPECT_LE(dr, df);
+    EXPECT_LT(df - dr, 1e-4 * dr) << "query " << q;
+  }
+  std::printf("constructed ties: %zu of %u differ\n", mismatches, n);
+  EXPECT_GT(mismatches, 0u);
+}
+
 TEST(Nearest, TiesGoToTheLowestIndex) {
   // Codewords 1, 3 and 5 are the same point; 0, 2, 4 are farther from y.
   const uint32_t k = 4, n = 24;
@@ -149,6 +190,9 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   EXPECT_EQ(brute_groups, count * brute.group_count());
   EXPECT_LT(pruned_groups * 3, brute_groups) << "pruning visited " << pruned_groups << " of "
                                              << brute_groups << " groups";
+  // The cost model turns pruning on for this shell-structured codebook and off for a small one.
+  EXPECT_TRUE(SearchTable::PruningPays(cw.data(), n, k));
+  EXPECT_FALSE(SearchTable::PruningPays(cw.data(), 64, k));
 }
 
 TEST(Nearest, ForcedScalarIsReported) {

@@ -497,13 +497,17 @@ TEST(Codec, FastMatchesReferenceExceptNearTies) {
   const auto real = LoadFixture("L1_k.f32");
   const auto real_v = LoadFixture("L1_v.f32");
   for (auto rot : {kRotationHaarQr, kRotationHadamard}) {
-    for (auto [k, n] : {std::pair<uint32_t, uint32_t>{4, 256}, {2, 16}, {8, 256}}) {
-      auto q = GetQuantizer(128, k, n, rot);
+    // (2, 1024) at d = 64 is large enough for the pruned search to be chosen.
+    for (auto [d, k, n] : {std::tuple<uint32_t, uint32_t, uint32_t>{128, 4, 256}, {128, 2, 16},
+                           {128, 8, 256}, {64, 2, 1024}}) {
+      if (d == 64 && rot == kRotationHadamard) continue;
+      auto q = GetQuantizer(d, k, n, rot);
       ASSERT_NE(q, nullptr);
-      const std::string tag = absl::StrCat(std::string(rot).substr(0, 16), " k=", k, " N=", n);
-      FastVsReference(*q, Gaussian(1000, 128, 99, 0.5), (tag + " gaussian").c_str());
-      if (!real.empty()) FastVsReference(*q, real, (tag + " L1_k").c_str());
-      if (!real_v.empty()) FastVsReference(*q, real_v, (tag + " L1_v").c_str());
+      const std::string tag =
+          absl::StrCat(std::string(rot).substr(0, 16), " d=", d, " k=", k, " N=", n);
+      FastVsReference(*q, Gaussian(1000, d, 99, 0.5), (tag + " gaussian").c_str());
+      if (d == 128 && !real.empty()) FastVsReference(*q, real, (tag + " L1_k").c_str());
+      if (d == 128 && !real_v.empty()) FastVsReference(*q, real_v, (tag + " L1_v").c_str());
     }
   }
 }
