@@ -132,7 +132,7 @@ BENCHMARK(BM_CreateHaar)
     ->Arg(1024)
     ->ArgName("d")
     ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();  // Create may use several threads for large d
+    ->UseRealTime();
 
 void BM_CreateHadamard(benchmark::State& state) {
   const uint32_t d = static_cast<uint32_t>(state.range(0));

@@ -3,7 +3,6 @@
 // (docs/format/rotation.md): every loop order below is part of the rotation digest.
 #include "core/rotation.h"
 
-#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -11,7 +10,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/digest.h"
-#include "core/parallel.h"
 #include "core/profile.h"
 #include "core/rng.h"
 #include "core/rotation_kernels.h"
@@ -72,22 +70,11 @@ void ReflectColumnRange(double* m, size_t d, size_t j, const double* col, double
   }
 }
 
-// Columns c0..d-1. Large updates are split over threads by column: each column's arithmetic is
-// unchanged, so the result is bit-identical for every thread count.
+// Columns c0..d-1. (Splitting columns over threads would not change a bit, but measured on the
+// shared 2-core machine it did not pay for the thread start-ups: Create stays single-threaded.)
 void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0, double t,
                     size_t c0) {
-  constexpr size_t kChunkColumns = 64;
-  const size_t columns = d - c0;
-  if (columns * (d - j) < (size_t{1} << 18) || columns < 2 * kChunkColumns) {
-    ReflectColumnRange(m, d, j, col, v0, t, c0, d);
-    return;
-  }
-  const size_t chunks = (columns + kChunkColumns - 1) / kChunkColumns;
-  ParallelFor(chunks, 0, [&](size_t k) {
-    const size_t begin = c0 + k * kChunkColumns;
-    const size_t end = std::min(d, begin + kChunkColumns);
-    ReflectColumnRange(m, d, j, col, v0, t, begin, end);
-  });
+  ReflectColumnRange(m, d, j, col, v0, t, c0, d);
 }
 
 // Haar rotation, row-major f64. The arithmetic uses only + - * / and sqrt in the documented order,
