@@ -16,6 +16,7 @@
 #include <numeric>
 
 #include "core/half.h"
+#include "core/rng.h"
 
 namespace fibquant::codec_internal {
 namespace {
@@ -146,11 +147,17 @@ bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
   const uint32_t groups = (n + 7) / 8;
   if (groups < 32) return false;  // the fixed per-block cost alone exceeds a full scan
   const SearchTable t = Build(codewords, n, k, /*prune=*/true);
+  // Queries: midpoints of codeword pairs (i, j(i)) with j a fixed pseudo-random partner. A
+  // codeword itself would be a degenerate query (distance 0 prunes everything at once).
   const uint32_t stride = std::max<uint32_t>(1, n / 512);
   std::vector<float> queries;
+  uint64_t state = 0x243F6A8885A308D3ull;  // fixed: the choice must not vary between runs
   for (uint32_t i = 0; i < n; i += stride) {
-    queries.insert(queries.end(), codewords + static_cast<size_t>(i) * k,
-                   codewords + static_cast<size_t>(i + 1) * k);
+    const uint32_t j = static_cast<uint32_t>(SplitMix64(&state) % n);
+    for (uint32_t t2 = 0; t2 < k; ++t2) {
+      queries.push_back(0.5f * (codewords[static_cast<size_t>(i) * k + t2] +
+                                codewords[static_cast<size_t>(j) * k + t2]));
+    }
   }
   const size_t count = queries.size() / k;
   std::vector<uint32_t> out(count);
@@ -159,7 +166,7 @@ bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
   t.Nearest(queries.data(), count, out.data(), Isa::kScalar);
   const double visited = static_cast<double>(t_groups_visited) / static_cast<double>(count);
   t_groups_visited = saved;
-  return 25.0 + 3.3 * visited < static_cast<double>(groups);
+  return 25.0 + 4.0 * visited < static_cast<double>(groups);
 }
 
 uint64_t SearchTable::GroupsVisitedOnThisThread() { return t_groups_visited; }

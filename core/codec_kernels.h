@@ -39,9 +39,9 @@ class SearchTable {
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
-  // pruned search with the codewords themselves as queries (a deterministic sample of at most
-  // 512) and compares the groups it visits with a cost model measured on this kernel family
-  // (a pruned block costs about 25 + 3.3 * visited brute-force group evaluations).
+  // pruned search on midpoints of codeword pairs (a deterministic sample of at most 512) and
+  // compares the groups it visits with a cost model measured on this kernel family (a pruned
+  // block costs about 25 + 4 * visited brute-force group evaluations). Deterministic.
   static bool PruningPays(const float* codewords, uint32_t n, uint32_t k);
 
   // Nearest codeword index for each of `count` blocks stored contiguously in y (count*k floats).

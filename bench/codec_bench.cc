@@ -1,0 +1,205 @@
+// Vector codec throughput and quality: encode and decode of 4096-vector batches of f16 input at
+// d = 64 and 128, (k, N) in {(2,16), (4,256), (8,256)}, Haar and Hadamard rotations, fast path,
+// plus the reference path for one configuration as a baseline. Counters: items_per_second
+// (vectors/s), bytes_per_second (f16 input bytes), and the round trip's rel_mse
+// (mean ||x - x^||^2/||x||^2), mse (mean squared element error) and cosine.
+// Data: USE-Lite keys from FQ_SHARED_DATA_DIR if present, else the tests/data fixture (repeated),
+// else Gaussian vectors.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "benchmark/benchmark.h"
+#include "core/codec.h"
+#include "core/half.h"
+#include "core/rng.h"
+
+namespace fibquant {
+namespace {
+
+constexpr size_t kBatch = 4096;
+
+std::vector<float> ReadF32(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::vector<float> v;
+  if (!f) return v;
+  f.seekg(0, std::ios::end);
+  v.resize(static_cast<size_t>(f.tellg()) / 4);
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(v.size() * 4));
+  return v;
+}
+
+struct Data {
+  std::string source;
+  std::vector<float> f32;     // kBatch x d, the values exactly as the f16 input holds them
+  std::vector<uint8_t> f16;   // kBatch x d binary16
+};
+
+const Data& GetData(uint32_t d) {
+  static std::map<uint32_t, Data> cache;
+  auto it = cache.find(d);
+  if (it != cache.end()) return it->second;
+  Data data;
+  const char* layer = d == 64 ? "L0_k.f32" : "L1_k.f32";
+  std::vector<float> raw = ReadF32(std::string(FQ_SHARED_DATA_DIR) + "/use-lite-qkv/" + layer);
+  data.source = "use-lite-qkv/" + std::string(layer);
+  if (raw.size() < d) {
+    raw = ReadF32(std::string(FQ_TEST_DATA_DIR) + "/" + layer);
+    data.source = "tests/data/" + std::string(layer) + " (repeated)";
+  }
+  if (raw.size() < d || (d != 64 && d != 128)) {
+    Rng rng(7);
+    raw.resize(kBatch * d);
+    for (auto& x : raw) x = static_cast<float>(rng.Normal());
+    data.source = "gaussian";
+  }
+  const size_t have = raw.size() / d;
+  data.f32.resize(kBatch * d);
+  for (size_t v = 0; v < kBatch; ++v) {
+    std::copy_n(raw.begin() + (v % have) * d, d, data.f32.begin() + v * d);
+  }
+  data.f16.resize(kBatch * d * 2);
+  FromFloat(DType::kF16, data.f32.data(), data.f32.size(), data.f16.data());
+  ToFloat(DType::kF16, data.f16.data(), data.f32.size(), data.f32.data());
+  return cache.emplace(d, std::move(data)).first->second;
+}
+
+std::shared_ptr<const Quantizer> GetQuantizer(uint32_t d, uint32_t k, uint32_t n,
+                                              std::string_view rot) {
+  static std::map<std::tuple<uint32_t, uint32_t, uint32_t, std::string>,
+                  std::shared_ptr<const Quantizer>>
+      cache;
+  auto key = std::make_tuple(d, k, n, std::string(rot));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto profile = Profile::PaperDefault(d, k, n, /*seed=*/20260512, rot);
+  if (!profile.ok()) {
+    std::fprintf(stderr, "profile: %s\n", profile.status().ToString().c_str());
+    return nullptr;
+  }
+  auto cb = Codebook::Build(*profile, 0);  // paper defaults: 4 restarts x 25 iterations, 30 N
+  if (!cb.ok()) {
+    std::fprintf(stderr, "codebook: %s\n", cb.status().ToString().c_str());
+    return nullptr;
+  }
+  auto q = Quantizer::Create(*std::move(cb));
+  if (!q.ok()) {
+    std::fprintf(stderr, "quantizer: %s\n", q.status().ToString().c_str());
+    return nullptr;
+  }
+  return cache[key] = *q;
+}
+
+void SetQuality(benchmark::State& state, const Quantizer& q, const Data& data,
+                const std::vector<uint8_t>& codes, CodecPath path) {
+  const uint32_t d = q.dim();
+  std::vector<float> out(kBatch * d);
+  if (!q.DecodeF32(codes, kBatch, out.data(), path).ok()) {
+    state.SkipWithError("decode failed");
+    return;
+  }
+  double rel = 0, mse = 0, cos = 0;
+  for (size_t v = 0; v < kBatch; ++v) {
+    double e = 0, xx = 0, hh = 0, xh = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      const double a = data.f32[v * d + i], b = out[v * d + i];
+      e += (a - b) * (a - b);
+      xx += a * a;
+      hh += b * b;
+      xh += a * b;
+    }
+    rel += e / xx;
+    mse += e / d;
+    cos += xh / std::sqrt(xx * hh);
+  }
+  state.counters["rel_mse"] = rel / kBatch;
+  state.counters["mse"] = mse / kBatch;
+  state.counters["cosine"] = cos / kBatch;
+  state.counters["code_bytes"] = static_cast<double>(q.code_bytes());
+}
+
+void BM_Encode(benchmark::State& state, uint32_t d, uint32_t k, uint32_t n, std::string rot,
+               CodecPath path) {
+  auto q = GetQuantizer(d, k, n, rot);
+  if (!q) return state.SkipWithError("quantizer build failed");
+  const Data& data = GetData(d);
+  std::vector<uint8_t> codes(kBatch * q->code_bytes());
+  for (auto _ : state) {
+    const absl::Status st = q->Encode(DType::kF16, data.f16, kBatch, absl::MakeSpan(codes), path);
+    if (!st.ok()) return state.SkipWithError(st.ToString().c_str());
+    benchmark::DoNotOptimize(codes.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kBatch));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * data.f16.size()));
+  SetQuality(state, *q, data, codes, path);
+  state.SetLabel(data.source);
+}
+
+void BM_Decode(benchmark::State& state, uint32_t d, uint32_t k, uint32_t n, std::string rot,
+               CodecPath path) {
+  auto q = GetQuantizer(d, k, n, rot);
+  if (!q) return state.SkipWithError("quantizer build failed");
+  const Data& data = GetData(d);
+  std::vector<uint8_t> codes(kBatch * q->code_bytes());
+  if (!q->Encode(DType::kF16, data.f16, kBatch, absl::MakeSpan(codes), path).ok()) {
+    return state.SkipWithError("encode failed");
+  }
+  std::vector<uint8_t> out(kBatch * d * 2);
+  for (auto _ : state) {
+    const absl::Status st = q->Decode(codes, kBatch, DType::kF16, absl::MakeSpan(out), path);
+    if (!st.ok()) return state.SkipWithError(st.ToString().c_str());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kBatch));
+  // bytes/s counts the f16 vectors produced, so encode and decode rates compare directly.
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * out.size()));
+  SetQuality(state, *q, data, codes, path);
+  state.SetLabel(data.source);
+}
+
+void RegisterAll() {
+  struct Kn {
+    uint32_t k, n;
+  };
+  const std::pair<std::string, std::string_view> rots[] = {{"haar", kRotationHaarQr},
+                                                           {"hadamard", kRotationHadamard}};
+  for (uint32_t d : {64u, 128u}) {
+    for (Kn kn : {Kn{2, 16}, Kn{4, 256}, Kn{8, 256}}) {
+      for (const auto& [rname, rot] : rots) {
+        const std::string cfg = absl::StrCat("d", d, "/k", kn.k, "/N", kn.n, "/", rname);
+        benchmark::RegisterBenchmark(("Encode/fast/" + cfg).c_str(), BM_Encode, d, kn.k, kn.n,
+                                     std::string(rot), CodecPath::kFast)
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("Decode/fast/" + cfg).c_str(), BM_Decode, d, kn.k, kn.n,
+                                     std::string(rot), CodecPath::kFast)
+            ->Unit(benchmark::kMillisecond);
+      }
+    }
+  }
+  // Baseline: the f64 reference path for one configuration.
+  benchmark::RegisterBenchmark("Encode/reference/d128/k4/N256/haar", BM_Encode, 128u, 4u, 256u,
+                               std::string(kRotationHaarQr), CodecPath::kReference)
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("Decode/reference/d128/k4/N256/haar", BM_Decode, 128u, 4u, 256u,
+                               std::string(kRotationHaarQr), CodecPath::kReference)
+      ->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+}  // namespace fibquant
+
+int main(int argc, char** argv) {
+  fibquant::RegisterAll();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
