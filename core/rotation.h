@@ -1,11 +1,13 @@
-// Seeded orthogonal rotations Π applied to unit vectors before blocking (docs/FORMAT.md, "Rotation").
+// Seeded orthogonal rotations Π applied to unit vectors before blocking (docs/FORMAT.md, "Rotation";
+// normative construction in docs/format/rotation.md).
 //
 // Two algorithms, each with its own version string bound into profile and rotation digests:
 //  - kRotationHaarQr: d*d standard normals from Rng(seed) filled column-major, Householder QR,
 //    Mezzadri sign correction (negate column j of Q when R[j][j] < 0); stored row-major f64.
 //  - kRotationHadamard: y = H D3 H D2 H D1 x / d^(3/2), D_i random +-1 diagonals from Rng(seed),
 //    H the unnormalised Walsh-Hadamard matrix; power-of-two d only; O(d log d).
-// The f64 paths are the reference (and digested); the f32 batch paths are for the fast codec.
+// Construction is exact and CPU-independent (the matrix bits / signs are digested); the f64 Apply
+// paths are the reference; the f32 batch paths (AVX2+FMA or portable) are for the fast codec.
 // Thread safety: immutable after Create(); all methods are const and safe to call concurrently.
 // SetRotationKernelForTesting is a process-wide switch meant for tests and benchmarks only.
 // Ownership: the rotation engineer (core/rotation*.cc, docs/format/rotation.md).
@@ -51,6 +53,7 @@ class Rotation {
   void ApplyInverse(const double* y, double* x) const;
 
   // Fast: n row-major f32 vectors (n x dim), in and out may not alias. SIMD where available.
+  // Allocate nothing; n == 0 is a no-op. Within 1e-5 * ||x|| per coordinate of the f64 reference.
   void ApplyBatch(const float* x, float* y, size_t n) const;
   void ApplyInverseBatch(const float* y, float* x, size_t n) const;
 
