@@ -38,14 +38,14 @@ std::string KvCalibrationSummary::CanonicalBytes() const {
   w.Str(schema_version);
   w.Str(shape_digest);
   w.Str(source_digest);
-  w.U8(static_cast<uint8_t>(role));
+  w.Str(KvRoleName(role));
   w.U64(vector_count);
   w.F64(mean_norm);
   w.F64(max_norm);
   w.F64(outlier_norm_threshold);
   w.U64(outlier_count);
   w.F64(channel_outlier_ratio);
-  w.U8(static_cast<uint8_t>(recommended_axis));
+  w.Str(KvAxisPolicyName(recommended_axis));
   w.U32(recommended_first_tokens_raw);
   w.U32(recommended_last_tokens_raw);
   return w.bytes();

@@ -263,8 +263,8 @@ absl::StatusOr<std::string> KvCompressionProfile::CanonicalBytes() const {
   w.Str(fib_profile_digest);
   w.Str(codebook_digest);
   w.Str(rotation_digest);
-  w.U8(static_cast<uint8_t>(role_policy));
-  w.U8(static_cast<uint8_t>(axis_policy));
+  w.Str(KvRoleName(role_policy));
+  w.Str(KvAxisPolicyName(axis_policy));
   const std::string gb = page_geometry.CanonicalBytes();
   w.Bytes(gb.data(), gb.size());
   w.U32(protected_policy.first_tokens_raw);
@@ -273,14 +273,14 @@ absl::StatusOr<std::string> KvCompressionProfile::CanonicalBytes() const {
   for (uint32_t v : protected_policy.raw_layers) w.U32(v);
   w.U32(static_cast<uint32_t>(protected_policy.raw_heads.size()));
   for (uint32_t v : protected_policy.raw_heads) w.U32(v);
-  w.U8(static_cast<uint8_t>(fallback_policy.mode));
+  w.Str(KvFallbackModeName(fallback_policy.mode));
   w.Bool(fallback_policy.raw_fallback_available);
   const KvQualityBudget& b = quality_budget;
   w.OptF64(b.max_logit_mse.has_value(), b.max_logit_mse.value_or(0));
   w.OptF64(b.max_attention_tv.has_value(), b.max_attention_tv.value_or(0));
   w.OptF64(b.max_topk_disagreement.has_value(), b.max_topk_disagreement.value_or(0));
   w.OptF64(b.max_value_aggregation_mse.has_value(), b.max_value_aggregation_mse.value_or(0));
-  w.U8(static_cast<uint8_t>(b.fallback_on_violation));
+  w.Str(KvFallbackModeName(b.fallback_on_violation));
   w.Str(calibration_digest);
   return w.bytes();
 }

@@ -19,7 +19,7 @@ using kv_internal::S;
 void WriteMetrics(CanonicalWriter* w, const KvQualityMetrics& m) {
   w->U64(m.tokens);
   w->U32(m.queries);
-  w->U8(static_cast<uint8_t>(m.query_source));
+  w->Str(KvQuerySourceName(m.query_source));
   w->F64(m.reconstruction_mse);
   w->F64(m.cosine_similarity);
   for (const std::optional<double>* o : {&m.key_logit_mse, &m.attention_tv, &m.attention_kl, &m.topk_disagreement,
@@ -64,7 +64,7 @@ std::string KvReceipt::CanonicalBytes() const {
   w.Str(fib_profile_digest);
   w.Str(codebook_digest);
   w.Str(rotation_digest);
-  w.U8(static_cast<uint8_t>(axis_policy));
+  w.Str(KvAxisPolicyName(axis_policy));
   w.Str(source_digest);
   w.Str(frames_digest);
   for (uint64_t v : {pages, vectors, vectors_compressed, raw_protected, raw_policy, raw_encode_fallback,

@@ -172,16 +172,16 @@ uint64_t KvTensorShape::VectorOffset(uint32_t b, uint32_t l, uint32_t h, uint32_
 absl::StatusOr<std::string> KvTensorShape::CanonicalBytes() const {
   FQ_RETURN_IF_ERROR(Validate());
   CanonicalWriter w(kKvShapeSchema);
-  w.U8(static_cast<uint8_t>(role));
-  w.U8(static_cast<uint8_t>(attention_kind));
+  w.Str(KvRoleName(role));
+  w.Str(KvAttentionKindName(attention_kind));
   w.U32(batch);
   w.U32(layers);
   w.U32(kv_heads);
   w.U32(query_heads);
   w.U32(tokens);
   w.U32(head_dim);
-  w.U8(static_cast<uint8_t>(dtype));
-  w.U8(static_cast<uint8_t>(rope_state));
+  w.Str(DTypeName(dtype));
+  w.Str(KvRopeStateName(rope_state));
   return w.bytes();
 }
 

@@ -32,6 +32,10 @@ KvTensorShape KeyShape() {
   return s;
 }
 
+// Pinned in docs/format/kv.md.
+constexpr const char* kShapeGolden = "sha256:57295b15160b20ac5938da7f406d8a5365abe0bf04c42b755451de77c9234c53";
+constexpr const char* kRawProfileGolden = "sha256:9ba3a60813846e13844a43d44c94244f7f8679fc79b9188a387cb2756e792a1b";
+
 constexpr const char* kSpec = R"({
   "profile_id": "test.key.per_token",
   "shape": {"role": "key", "attention_kind": "gqa", "batch": 1, "layers": 2, "kv_heads": 2,
@@ -129,11 +133,25 @@ TEST(KvShape, DigestGoldenAndJsonRoundTrip) {
   const KvTensorShape s = KeyShape();
   auto bytes = s.CanonicalBytes();
   ASSERT_TRUE(bytes.ok());
-  // "fq_kv_shape_v1" 0x00, role, kind, six u32, dtype, rope.
-  EXPECT_EQ(bytes->size(), 15u + 2 + 24 + 2);
-  EXPECT_EQ(bytes->substr(0, 15), std::string("fq_kv_shape_v1\0", 15));
+  // Built by hand from docs/format/kv.md: domain, 0x00, Str role, Str kind, six u32, Str dtype, Str rope.
+  std::string want("fq_kv_shape_v1\0", 15);
+  auto str = [&](const std::string& v) {
+    want.push_back(static_cast<char>(v.size()));
+    want.append(3, '\0');
+    want += v;
+  };
+  auto u32 = [&](uint32_t v) {
+    for (int i = 0; i < 4; ++i) want.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+  };
+  str("key");
+  str("gqa");
+  for (uint32_t v : {1u, 2u, 2u, 4u, 12u, 16u}) u32(v);
+  str("f32");
+  str("post_rope");
+  EXPECT_EQ(*bytes, want);
   auto d1 = s.Digest();
   ASSERT_TRUE(d1.ok());
+  EXPECT_EQ(*d1, kShapeGolden);
   auto back = KvTensorShape::FromJson(s.ToJson());
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(*back, s);
@@ -298,7 +316,8 @@ TEST(KvProfileValidate, RawAxisHasNoFibProfile) {
   auto p = KvCompressionProfile::FromSpecJson(j.dump());
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_TRUE(p->resolved());
-  EXPECT_TRUE(p->Digest().ok());
+  ASSERT_TRUE(p->Digest().ok());
+  EXPECT_EQ(*p->Digest(), kRawProfileGolden);
   KvCompressionProfile q = *p;
   q.fib_profile = Resolved().fib_profile;
   EXPECT_EQ(q.Validate().code(), StatusCode::kInvalidArgument);
