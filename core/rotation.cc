@@ -26,11 +26,13 @@ bool UseSimd() {
          RotationSimdAvailable();
 }
 
-// Applies the reflector of step j (v = (v0, col[j+1..d-1]), tau = t) to columns c0..d-1 of the
+// Applies the reflector of step j (v = (v0, col[j+1..d-1]), tau = t) to columns c0..c1-1 of the
 // column-major d x d matrix m, rows j..d-1. For each column: s = v0*m[j][c] + sum_{i>j} col[i]*m[i][c]
 // (i ascending), f = s*t, m[j][c] -= f*v0, m[i][c] -= f*col[i]. Columns are independent, so four
 // are processed together purely for instruction-level parallelism; each column's operations and
-// their order are exactly the sequential ones, so the bits do not depend on the grouping.
+// their order are exactly the sequential ones, so the bits do not depend on the grouping. (Splitting
+// columns over threads would not change a bit either, but on the shared 2-core machine it did not
+// pay for the thread start-ups, so Create stays single-threaded.)
 void ReflectColumnRange(double* m, size_t d, size_t j, const double* col, double v0, double t,
                         size_t c0, size_t c1) {
   size_t c = c0;
@@ -70,13 +72,6 @@ void ReflectColumnRange(double* m, size_t d, size_t j, const double* col, double
   }
 }
 
-// Columns c0..d-1. (Splitting columns over threads would not change a bit, but measured on the
-// shared 2-core machine it did not pay for the thread start-ups: Create stays single-threaded.)
-void ReflectColumns(double* m, size_t d, size_t j, const double* col, double v0, double t,
-                    size_t c0) {
-  ReflectColumnRange(m, d, j, col, v0, t, c0, d);
-}
-
 // Haar rotation, row-major f64. The arithmetic uses only + - * / and sqrt in the documented order,
 // under -ffp-contract=off, so the bits are the same on every x86-64 CPU.
 std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
@@ -109,7 +104,7 @@ std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
     rdiag[j] = beta;
     reflect[j] = 1;
     // Apply H_j = I - tau v vᵀ to columns j+1..d-1, rows j..d-1.
-    ReflectColumns(a.data(), d, j, col, v0j, t, j + 1);
+    ReflectColumnRange(a.data(), d, j, col, v0j, t, j + 1, d);
   }
 
   // Q = H_0 H_1 ... H_{d-1}, accumulated backward from the identity: Q <- H_j Q for j = d-1..0.
@@ -121,7 +116,7 @@ std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
     const double* col = &a[jj * d];
     const double v0j = v0[jj];
     const double t = tau[jj];
-    ReflectColumns(q.data(), d, jj, col, v0j, t, jj);
+    ReflectColumnRange(q.data(), d, jj, col, v0j, t, jj, d);
   }
 
   // Mezzadri: make R's diagonal non-negative by negating the matching columns of Q, which makes
@@ -194,7 +189,9 @@ absl::StatusOr<Rotation> Rotation::Create(std::string_view algorithm, uint32_t d
   const bool haar = algorithm == kRotationHaarQr;
   const bool hadamard = algorithm == kRotationHadamard;
   if (!haar && !hadamard) {
-    return absl::InvalidArgumentError(absl::StrCat("rotation algorithm \"", std::string(algorithm),
+    // Echo at most 64 bytes of the caller's string: it may be arbitrarily long.
+    return absl::InvalidArgumentError(absl::StrCat("rotation algorithm \"",
+                                                   std::string(algorithm.substr(0, 64)),
                                                    "\" is unknown (expected \"",
                                                    std::string(kRotationHaarQr), "\" or \"",
                                                    std::string(kRotationHadamard), "\")"));
