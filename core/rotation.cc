@@ -127,11 +127,12 @@ std::vector<double> HaarMatrix(uint32_t dim, uint64_t seed) {
     }
   }
 
-  std::vector<double> m(d * d);
+  // Row-major result, reusing a's storage (the reflectors are no longer needed): at d = 4096 each
+  // d x d buffer is 128 MiB.
   for (size_t r = 0; r < d; ++r) {
-    for (size_t c = 0; c < d; ++c) m[r * d + c] = q[c * d + r];
+    for (size_t c = 0; c < d; ++c) a[r * d + c] = q[c * d + r];
   }
-  return m;
+  return a;
 }
 
 // Packs P (given as P[c][j] = get(c, j)) into column panels of kPanelWidth lanes, zero padded.
