@@ -28,5 +28,26 @@ test: build
 bench: build
 	scripts/run-benchmarks $(BUILD_DIR)
 
+# `make run`: builds the server and starts it in the foreground on 127.0.0.1:50051 (plaintext,
+# loopback only), data in ./fibquant-data, the default profiles of server/default-profiles/
+# preloaded, metrics on 127.0.0.1:9464. Ctrl-C drains and stops it. RUN_FLAGS adds flags
+# (e.g. RUN_FLAGS="--workers=4"); docs/OPERATIONS.md describes them all.
+RUN_FLAGS ?=
+BUF_CURL := scripts/buf curl --protocol grpc --http2-prior-knowledge
+SVC_URL := http://127.0.0.1:50051/fibquant.v1.KvCompressionService
+run: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target fibquant-server
+	@echo ""
+	@echo "Talk to it from another shell (scripts/buf installs buf from npm on first use):"
+	@echo "  $(BUF_CURL) --list-services http://127.0.0.1:50051"
+	@echo "  $(BUF_CURL) --schema /usr/share/grpc-proto/grpc/health/v1/health.proto -d '{}' http://127.0.0.1:50051/grpc.health.v1.Health/Check"
+	@echo "  $(BUF_CURL) -d '{}' $(SVC_URL)/GetServerInfo"
+	@echo "  $(BUF_CURL) -d '{}' $(SVC_URL)/ListProfiles"
+	@echo "  curl -s http://127.0.0.1:9464/metrics | grep ^fibquant_"
+	@echo "More (register a profile, compress a stream): docs/OPERATIONS.md. Ctrl-C stops the server."
+	@echo ""
+	$(BUILD_DIR)/server/fibquant-server --listen=127.0.0.1:50051 --data-dir=./fibquant-data \
+	  --preload-dir=server/default-profiles $(RUN_FLAGS)
+
 clean:
 	rm -rf $(BUILD_DIR)

@@ -1,0 +1,271 @@
+// fibquant-server: the FibQuant KV compression gRPC service as a process.
+//
+// Startup: flags -> security checks (TLS files, loopback-only plaintext, admin token) -> metrics
+// exposer -> service (opens the data dir) -> preload -> gRPC server with health and reflection.
+// Any failure prints one line naming the flag and exits 1 before anything listens.
+//
+// Shutdown: SIGTERM and SIGINT are blocked in every thread (the mask is set before the first thread
+// starts and inherited) and received by one sigwait thread. On a signal: health goes NOT_SERVING
+// (overall and for fibquant.v1.KvCompressionService), the service refuses new streams and
+// registrations (UNAVAILABLE), and grpc::Server::Shutdown lets running calls finish until
+// --drain-seconds have passed, then cancels the rest. The process exits 0.
+//
+// Thread safety: main() owns everything; the signal thread only touches the server, the service
+// and the health service, all of which are thread-safe, and is joined before they are destroyed.
+#include <pthread.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "server/metrics.h"
+#include "server/options_flags.h"
+#include "server/security.h"
+#include "server/service.h"
+
+namespace {
+const fibquant::server::ServiceOptions kDefaults;
+}  // namespace
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "gRPC listen address (host:port, [v6]:port or unix:path; port 0 picks a free port). "
+          "Plaintext is allowed only on loopback unless --allow-insecure is set.");
+ABSL_FLAG(int32_t, workers, 0, "Worker threads for encode/decode and builds (0 = one per core).");
+ABSL_FLAG(std::string, data_dir, "./fibquant-data",
+          "Directory holding registered profiles and receipts (created if missing; back it up).");
+ABSL_FLAG(std::string, preload_dir, "",
+          "Directory of profile spec *.json files registered at startup (empty = none). A spec "
+          "that fails to register stops the startup.");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Prometheus /metrics HTTP listen address (port 0 picks a free port; empty disables).");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate chain; enables TLS (with --tls-key).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File holding the admin token (>= 16 printable characters). When set, RegisterProfile "
+          "requires metadata 'authorization: Bearer <token>'.");
+ABSL_FLAG(bool, allow_insecure, false,
+          "Allow plaintext gRPC on a non-loopback --listen address (only behind a trusted proxy "
+          "that terminates TLS).");
+ABSL_FLAG(uint64_t, max_message_bytes, kDefaults.max_message_bytes,
+          "Largest gRPC message received or sent, in bytes.");
+ABSL_FLAG(uint64_t, max_page_bytes, kDefaults.max_page_bytes,
+          "Largest raw page (CompressPages) or frame (DecompressPages), in bytes.");
+ABSL_FLAG(uint32_t, max_inflight_pages_per_stream, kDefaults.max_inflight_pages_per_stream,
+          "Pages of one stream in work at once; the server stops reading the stream beyond this.");
+ABSL_FLAG(uint32_t, max_concurrent_streams, kDefaults.max_concurrent_streams,
+          "CompressPages + DecompressPages streams open at once; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(uint64_t, max_profile_build_cost, kDefaults.max_profile_build_cost,
+          "Largest codebook build accepted, in training_samples x codebook_size x block_dim x "
+          "lloyd_iterations x lloyd_restarts units.");
+ABSL_FLAG(uint32_t, receipt_retention, kDefaults.receipt_retention,
+          "Receipts kept; the oldest are dropped first.");
+ABSL_FLAG(uint32_t, max_profiles, kDefaults.max_profiles,
+          "Profiles kept in the registry; registering more gets RESOURCE_EXHAUSTED.");
+ABSL_FLAG(uint32_t, worker_queue_capacity, kDefaults.worker_queue_capacity,
+          "Tasks queued on the worker pool beyond which new work is refused or not read.");
+ABSL_FLAG(int32_t, build_threads, kDefaults.build_threads,
+          "Threads one codebook build may use (0 = one per core); the codebook is identical for "
+          "any value.");
+ABSL_FLAG(uint64_t, max_eval_values, kDefaults.max_eval_values,
+          "EvaluateQuality: largest keys/values/queries sample, in floats each.");
+ABSL_FLAG(uint32_t, max_eval_profiles, kDefaults.max_eval_profiles,
+          "EvaluateQuality: most profiles and candidates per call.");
+ABSL_FLAG(int32_t, drain_seconds, 30,
+          "On SIGTERM/SIGINT: seconds running calls may take to finish before they are cancelled.");
+
+namespace fibquant::server {
+namespace {
+
+constexpr char kServiceName[] = "fibquant.v1.KvCompressionService";
+constexpr char kUsage[] =
+    "FibQuant KV-cache compression gRPC server.\n"
+    "Usage: fibquant-server [--flag=value ...]   (see docs/OPERATIONS.md)";
+
+void Log(const std::string& line) {
+  std::fprintf(stderr, "fibquant-server: %s\n", line.c_str());
+  std::fflush(stderr);
+}
+
+int Fail(const absl::Status& status) {
+  Log(absl::StrCat("error: ", status.message()));
+  return 1;
+}
+
+// Flag values that cannot be expressed by the flag types alone.
+absl::Status CheckFlagRanges() {
+  if (absl::GetFlag(FLAGS_workers) < 0) {
+    return absl::InvalidArgumentError("--workers must be >= 0 (0 = one per core)");
+  }
+  if (absl::GetFlag(FLAGS_build_threads) < 0) {
+    return absl::InvalidArgumentError("--build-threads must be >= 0 (0 = one per core)");
+  }
+  if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
+    return absl::InvalidArgumentError("--drain-seconds must be >= 0");
+  }
+  // gRPC takes the message limit as an int.
+  if (absl::GetFlag(FLAGS_max_message_bytes) == 0 ||
+      absl::GetFlag(FLAGS_max_message_bytes) > static_cast<uint64_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-message-bytes must be in [1, ", INT32_MAX, "]"));
+  }
+  return absl::OkStatus();
+}
+
+ServiceOptions ServiceOptionsFromFlags() {
+  ServiceOptions o;
+  o.data_dir = absl::GetFlag(FLAGS_data_dir);
+  o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  o.max_page_bytes = absl::GetFlag(FLAGS_max_page_bytes);
+  o.max_inflight_pages_per_stream = absl::GetFlag(FLAGS_max_inflight_pages_per_stream);
+  o.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  o.max_profile_build_cost = absl::GetFlag(FLAGS_max_profile_build_cost);
+  o.receipt_retention = absl::GetFlag(FLAGS_receipt_retention);
+  o.max_profiles = absl::GetFlag(FLAGS_max_profiles);
+  o.worker_threads = absl::GetFlag(FLAGS_workers);
+  o.worker_queue_capacity = absl::GetFlag(FLAGS_worker_queue_capacity);
+  o.build_threads = absl::GetFlag(FLAGS_build_threads);
+  o.max_eval_values = absl::GetFlag(FLAGS_max_eval_values);
+  o.max_eval_profiles = absl::GetFlag(FLAGS_max_eval_profiles);
+  return o;
+}
+
+// Waits for SIGTERM/SIGINT, then drains. Returns after grpc::Server::Shutdown has returned.
+void DrainOnSignal(const sigset_t* signals, grpc::Server* server, KvCompressionServiceImpl* service,
+                   int drain_seconds) {
+  int sig = 0;
+  if (sigwait(signals, &sig) != 0) sig = SIGTERM;  // cannot happen with a valid set
+  Log(absl::StrCat("received ", sig == SIGINT ? "SIGINT" : "SIGTERM", ", draining for up to ",
+                   drain_seconds, " s"));
+  // NOT_SERVING first, so health probes see the drain; Shutdown() of the health service also
+  // freezes the status (later SetServingStatus calls are ignored).
+  if (auto* health = server->GetHealthCheckService(); health != nullptr) {
+    health->SetServingStatus(false);
+    health->Shutdown();
+  }
+  service->StartDrain();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(drain_seconds));
+}
+
+int Run(int argc, char** argv) {
+  // Block the shutdown signals before any thread exists: every thread inherits the mask, so only
+  // the sigwait thread ever receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  absl::SetProgramUsageMessage(kUsage);
+  std::vector<std::string> args = NormalizeFlagArgs(argc, argv);
+  if (WantsHelp(args)) {
+    std::fputs(FlagsHelp(kUsage, "server/main.cc").c_str(), stdout);
+    return 0;
+  }
+  std::vector<char*> arg_ptrs;
+  for (auto& a : args) arg_ptrs.push_back(a.data());
+  std::vector<char*> positional =
+      absl::ParseCommandLine(static_cast<int>(arg_ptrs.size()), arg_ptrs.data());
+  if (positional.size() > 1) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument '", positional[1], "' (flags are --name=value)")));
+  }
+  if (absl::Status s = CheckFlagRanges(); !s.ok()) return Fail(s);
+
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  TlsFlags tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+               absl::GetFlag(FLAGS_tls_client_ca)};
+  if (absl::Status s = CheckPlaintextAllowed(listen, tls.enabled(),
+                                             absl::GetFlag(FLAGS_allow_insecure));
+      !s.ok()) {
+    return Fail(s);
+  }
+  auto creds = MakeServerCredentials(tls);
+  if (!creds.ok()) return Fail(creds.status());
+
+  std::unique_ptr<AdminTokenAuth> admin_auth;
+  if (const std::string path = absl::GetFlag(FLAGS_admin_token_file); !path.empty()) {
+    auto auth = AdminTokenAuth::FromFile(path);
+    if (!auth.ok()) return Fail(auth.status());
+    admin_auth = *std::move(auth);
+  }
+
+  Metrics metrics;
+  if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
+    auto port = metrics.StartExposer(ml);
+    if (!port.ok()) return Fail(port.status());
+    Log(absl::StrCat("metrics on http://", ml.substr(0, ml.rfind(':')), ":", *port, "/metrics"));
+  }
+
+  ServiceOptions options = ServiceOptionsFromFlags();
+  if (admin_auth != nullptr) {
+    // admin_auth outlives the service (declared earlier in this scope).
+    options.authorize_admin = [auth = admin_auth.get()](const grpc::ServerContextBase& ctx) {
+      return auth->Authorize(ctx);
+    };
+  }
+  auto service = KvCompressionServiceImpl::Create(options, &metrics);
+  if (!service.ok()) return Fail(service.status());
+  if (const std::string dir = absl::GetFlag(FLAGS_preload_dir); !dir.empty()) {
+    if (absl::Status s = (*service)->PreloadDir(dir); !s.ok()) {
+      return Fail(absl::Status(s.code(), absl::StrCat("--preload-dir=", dir, ": ", s.message())));
+    }
+    Log(absl::StrCat("preloaded ", dir, "; ", (*service)->profile_count(), " profiles registered"));
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, *creds, &port);
+  builder.RegisterService(service->get());
+  const int max_message = static_cast<int>(absl::GetFlag(FLAGS_max_message_bytes));
+  builder.SetMaxReceiveMessageSize(max_message);
+  builder.SetMaxSendMessageSize(max_message);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || (port == 0 && !listen.starts_with("unix"))) {
+    return Fail(absl::UnavailableError(absl::StrCat(
+        "--listen=", listen, ": cannot listen (address in use, bad address, or TLS files that "
+        "do not match)")));
+  }
+  if (auto* health = server->GetHealthCheckService(); health != nullptr) {
+    health->SetServingStatus(true);
+    health->SetServingStatus(kServiceName, true);
+  }
+  const std::string mode = !tls.enabled()              ? "plaintext"
+                           : tls.client_ca_file.empty() ? "tls"
+                                                        : "mtls";
+  const std::string where = listen.starts_with("unix")
+                                ? listen
+                                : absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
+  Log(absl::StrCat("serving ", kServiceName, " on ", where, " (", mode, ", admin token ", admin_auth ? "required" : "not required",
+                   ", ", (*service)->profile_count(), " profiles)"));
+
+  std::thread signal_thread(DrainOnSignal, &signals, server.get(), service->get(),
+                            absl::GetFlag(FLAGS_drain_seconds));
+  server->Wait();
+  signal_thread.join();
+  server.reset();   // the service must outlive the server
+  service->reset();
+  Log("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace fibquant::server
+
+int main(int argc, char** argv) { return fibquant::server::Run(argc, argv); }

@@ -1,0 +1,228 @@
+// Operations tests against the real fibquant-server binary (child process, 127.0.0.1 only, ports
+// chosen by the server with :0): --help, refusal of plaintext on a non-loopback address, bad TLS
+// flags, mTLS without a client certificate, the admin token on RegisterProfile, and drain on
+// SIGTERM with exit code 0.
+#include <signal.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "fibquant/v1/kv_compression.grpc.pb.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/server/ops_test_util.h"
+
+namespace fibquant::server {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::ServerProcess;
+using testing::TempDir;
+
+constexpr char kService[] = "fibquant.v1.KvCompressionService";
+constexpr char kToken[] = "ops-test-admin-token-0123456789";
+
+// A small, cheap profile (head_dim 64, k = 2, N = 16): builds in milliseconds.
+constexpr char kSmallSpec[] = R"({
+  "profile_id": "ops-test-small",
+  "shape": {"role": "key", "attention_kind": "mha", "batch": 1, "layers": 1, "kv_heads": 1,
+            "query_heads": 1, "tokens": 64, "head_dim": 64, "dtype": "f32",
+            "rope_state": "pre_rope"},
+  "axis_policy": "per_token",
+  "tokens_per_page": 16,
+  "fibquant": {"block_dim": 2, "codebook_size": 16, "seed": 7}
+})";
+
+// Flags every test server gets: loopback, free port, metrics off (the exposer's 2 s teardown is not
+// what these tests are about), a private data dir.
+std::vector<std::string> BaseFlags(const TempDir& dir) {
+  return {"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=2",
+          "--data-dir=" + (dir.path() / "data").string(), "--drain-seconds=5"};
+}
+
+struct RunResult {
+  int exit_code = -1;
+  std::string log;
+};
+
+// Runs the binary to completion (it must exit on its own within the bounded wait).
+RunResult RunToExit(const std::vector<std::string>& args, const TempDir& dir) {
+  ServerProcess p;
+  p.Start(args, dir.path());
+  RunResult r;
+  r.exit_code = p.WaitForExit().value_or(-1);
+  r.log = p.Log();
+  return r;
+}
+
+std::shared_ptr<grpc::Channel> PlainChannel(int port) {
+  return grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                             grpc::InsecureChannelCredentials());
+}
+
+TEST(OpsServerTest, HelpListsEveryFlagWithItsDefault) {
+  TempDir dir;
+  RunResult r = RunToExit({"--help"}, dir);
+  EXPECT_EQ(r.exit_code, 0) << r.log;
+  for (const char* line : {"--listen  (default: 127.0.0.1:50051)", "--workers  (default: 0)",
+                           "--data-dir  (default: ./fibquant-data)", "--preload-dir  (default: \"\")",
+                           "--metrics-listen  (default: 127.0.0.1:9464)", "--tls-cert  (default",
+                           "--tls-key  (default", "--tls-client-ca  (default",
+                           "--admin-token-file  (default", "--allow-insecure  (default: false)",
+                           "--max-message-bytes  (default", "--max-page-bytes  (default",
+                           "--max-inflight-pages-per-stream  (default",
+                           "--max-concurrent-streams  (default", "--max-profile-build-cost  (default",
+                           "--receipt-retention  (default", "--drain-seconds  (default: 30)"}) {
+    EXPECT_THAT(r.log, HasSubstr(line)) << line;
+  }
+}
+
+TEST(OpsServerTest, RefusesPlaintextOnNonLoopbackWithoutAllowInsecure) {
+  TempDir dir;
+  std::vector<std::string> args = BaseFlags(dir);
+  args[0] = "--listen=0.0.0.0:0";
+  RunResult r = RunToExit(args, dir);
+  EXPECT_EQ(r.exit_code, 1) << r.log;
+  EXPECT_THAT(r.log, HasSubstr("--allow-insecure"));
+  EXPECT_THAT(r.log, HasSubstr("0.0.0.0:0"));
+  EXPECT_THAT(r.log, ::testing::Not(HasSubstr("serving")));
+}
+
+TEST(OpsServerTest, RefusesIncompleteTlsAndBadFlags) {
+  TempDir dir;
+  std::vector<std::string> args = BaseFlags(dir);
+  args.push_back("--tls-key=/nonexistent.key");
+  RunResult r = RunToExit(args, dir);
+  EXPECT_EQ(r.exit_code, 1) << r.log;
+  EXPECT_THAT(r.log, HasSubstr("--tls-key requires --tls-cert"));
+
+  testing::WriteWholeFile(dir.path() / "short-token", "abc\n");
+  args = BaseFlags(dir);
+  args.push_back("--admin-token-file=" + (dir.path() / "short-token").string());
+  r = RunToExit(args, dir);
+  EXPECT_EQ(r.exit_code, 1) << r.log;
+  EXPECT_THAT(r.log, HasSubstr("--admin-token-file"));
+
+  args = BaseFlags(dir);
+  args.push_back("--drain-seconds=-1");
+  r = RunToExit(args, dir);
+  EXPECT_EQ(r.exit_code, 1) << r.log;
+  EXPECT_THAT(r.log, HasSubstr("--drain-seconds"));
+}
+
+TEST(OpsServerTest, MtlsRefusesClientWithoutCertificate) {
+  TempDir dir;
+  const std::string certs = (dir.path() / "certs").string();
+  const std::string gen =
+      (testing::SourceRoot() / "scripts" / "gen-test-certs").string() + " '" + certs + "' >/dev/null";
+  ASSERT_EQ(std::system(gen.c_str()), 0);
+  std::vector<std::string> args = BaseFlags(dir);
+  args.push_back("--tls-cert=" + certs + "/server.crt");
+  args.push_back("--tls-key=" + certs + "/server.key");
+  args.push_back("--tls-client-ca=" + certs + "/ca.crt");
+  ServerProcess p;
+  p.Start(args, dir.path());
+  std::optional<int> port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("(mtls,"));
+  const std::string target = "localhost:" + std::to_string(*port);
+
+  grpc::SslCredentialsOptions no_cert;
+  no_cert.pem_root_certs = testing::ReadWholeFile(certs + "/ca.crt");
+  auto refused = testing::CheckHealth(
+      grpc::CreateChannel(target, grpc::SslCredentials(no_cert)), "");
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << refused.status.error_message();
+
+  grpc::SslCredentialsOptions with_cert = no_cert;
+  with_cert.pem_cert_chain = testing::ReadWholeFile(certs + "/client.crt");
+  with_cert.pem_private_key = testing::ReadWholeFile(certs + "/client.key");
+  auto channel = grpc::CreateChannel(target, grpc::SslCredentials(with_cert));
+  auto overall = testing::CheckHealth(channel, "");
+  ASSERT_TRUE(overall.status.ok()) << overall.status.error_message();
+  EXPECT_EQ(overall.serving_status, 1);  // SERVING
+  auto service = testing::CheckHealth(channel, kService);
+  ASSERT_TRUE(service.status.ok()) << service.status.error_message();
+  EXPECT_EQ(service.serving_status, 1);
+
+  // Plaintext to a TLS port fails too.
+  auto plain = testing::CheckHealth(PlainChannel(*port), "");
+  EXPECT_EQ(plain.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+}
+
+TEST(OpsServerTest, AdminTokenGuardsRegisterProfile) {
+  TempDir dir;
+  testing::WriteWholeFile(dir.path() / "token", std::string(kToken) + "\n");
+  std::vector<std::string> args = BaseFlags(dir);
+  args.push_back("--admin-token-file=" + (dir.path() / "token").string());
+  ServerProcess p;
+  p.Start(args, dir.path());
+  std::optional<int> port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("admin token required"));
+  auto stub = fibquant::v1::KvCompressionService::NewStub(PlainChannel(*port));
+
+  fibquant::v1::RegisterProfileRequest req;
+  req.set_spec_json(kSmallSpec);
+  auto call = [&](const char* authorization, fibquant::v1::RegisterProfileResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    if (authorization != nullptr) ctx.AddMetadata("authorization", authorization);
+    return stub->RegisterProfile(&ctx, req, resp);
+  };
+  fibquant::v1::RegisterProfileResponse resp;
+  EXPECT_EQ(call(nullptr, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(call("Bearer wrong-token-000000000000", &resp).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  const std::string bearer = std::string("Bearer ") + kToken;
+  grpc::Status ok = call(bearer.c_str(), &resp);
+  ASSERT_TRUE(ok.ok()) << ok.error_code() << " " << ok.error_message();
+  EXPECT_EQ(resp.profile().profile_id(), "ops-test-small");
+  EXPECT_EQ(resp.profile().digest().rfind("sha256:", 0), 0u) << resp.profile().digest();
+
+  {
+    // Read-only methods stay open. (Scoped: a live ClientContext keeps its finished call referenced,
+    // which would hold the server's drain until --drain-seconds.)
+    grpc::ClientContext ctx;
+    fibquant::v1::GetServerInfoResponse info;
+    EXPECT_TRUE(stub->GetServerInfo(&ctx, {}, &info).ok());
+  }
+
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+}
+
+TEST(OpsServerTest, SigtermDrainsAndExitsZero) {
+  TempDir dir;
+  ServerProcess p;
+  p.Start(BaseFlags(dir), dir.path());
+  std::optional<int> port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+  auto channel = PlainChannel(*port);
+  auto health = testing::CheckHealth(channel, kService);
+  ASSERT_TRUE(health.status.ok()) << health.status.error_message();
+  EXPECT_EQ(health.serving_status, 1);
+
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("received SIGTERM, draining"));
+  EXPECT_THAT(p.Log(), HasSubstr("stopped"));
+}
+
+TEST(OpsServerTest, SigintAlsoExitsZero) {
+  TempDir dir;
+  ServerProcess p;
+  p.Start(BaseFlags(dir), dir.path());
+  ASSERT_TRUE(p.WaitForPort().has_value()) << p.Log();
+  p.Signal(SIGINT);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("received SIGINT"));
+}
+
+}  // namespace
+}  // namespace fibquant::server
