@@ -1,8 +1,11 @@
 #include "core/lloyd.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -34,37 +37,73 @@ inline double SqDist(const double* x, const double* c, uint32_t k_runtime) {
   return s;
 }
 
-// The same additions as SqDist, abandoned once the partial sum exceeds `limit`: under
-// round-to-nearest, adding a non-negative term never decreases the sum, so the full distance would
-// exceed `limit` too. When the loop completes the value is bit-identical to SqDist.
-template <int K>
-inline double SqDistBounded(const double* x, const double* c, uint32_t k_runtime, double limit) {
-  const uint32_t k = K > 0 ? static_cast<uint32_t>(K) : k_runtime;
-  double s = 0.0;
-  for (uint32_t i = 0; i < k; ++i) {
-    const double t = x[i] - c[i];
-    s += t * t;
-    if (s > limit) return s;
-  }
-  return s;
-}
-
 double Norm(const double* x, uint32_t k) {
   double s = 0.0;
   for (uint32_t i = 0; i < k; ++i) s += x[i] * x[i];
   return std::sqrt(s);
 }
 
-// Codewords sorted by Euclidean norm. The search visits codewords in order of |norm - |x||
-// and prunes with the reverse triangle inequality ||x - c|| >= | ||x|| - ||c|| |, evaluated with a
-// margin that covers every floating-point error, so pruning never changes the result.
+// Lanes per codeword block of the search index.
+constexpr uint32_t kLanes = 8;
+
+// Squared distances from x to the kLanes codewords of one block stored dimension-major
+// (blk[j * kLanes + lane]). Every lane performs exactly SqDist's operations (subtract, square,
+// add, for j = 0..k-1, starting from 0.0) — vectorising across codewords needs no reassociation,
+// and -ffp-contract=off forbids fusing — so each result is bit-identical to SqDist.
+template <int K>
+__attribute__((target("avx2"))) void BlockDistAvx2(const double* x, const double* blk,
+                                                   uint32_t k_runtime, double* out) {
+  const uint32_t k = K > 0 ? static_cast<uint32_t>(K) : k_runtime;
+  __m256d acc0 = _mm256_setzero_pd();
+  __m256d acc1 = _mm256_setzero_pd();
+  for (uint32_t j = 0; j < k; ++j) {
+    const __m256d xv = _mm256_set1_pd(x[j]);
+    const double* row = blk + static_cast<size_t>(j) * kLanes;
+    const __m256d t0 = _mm256_sub_pd(xv, _mm256_loadu_pd(row));
+    const __m256d t1 = _mm256_sub_pd(xv, _mm256_loadu_pd(row + 4));
+    acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(t0, t0));
+    acc1 = _mm256_add_pd(acc1, _mm256_mul_pd(t1, t1));
+  }
+  _mm256_storeu_pd(out, acc0);
+  _mm256_storeu_pd(out + 4, acc1);
+}
+
+// Baseline x86-64 (SSE2) version of the same lane-wise operations.
+template <int K>
+void BlockDistBase(const double* x, const double* blk, uint32_t k_runtime, double* out) {
+  const uint32_t k = K > 0 ? static_cast<uint32_t>(K) : k_runtime;
+  __m128d acc[4] = {_mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd()};
+  for (uint32_t j = 0; j < k; ++j) {
+    const __m128d xv = _mm_set1_pd(x[j]);
+    const double* row = blk + static_cast<size_t>(j) * kLanes;
+    for (int q = 0; q < 4; ++q) {
+      const __m128d t = _mm_sub_pd(xv, _mm_loadu_pd(row + 2 * q));
+      acc[q] = _mm_add_pd(acc[q], _mm_mul_pd(t, t));
+    }
+  }
+  for (int q = 0; q < 4; ++q) _mm_storeu_pd(out + 2 * q, acc[q]);
+}
+
+const bool kCpuHasAvx2 = __builtin_cpu_supports("avx2");
+std::atomic<bool> g_use_avx2{kCpuHasAvx2};
+
+// Yinyang grouping: about kGroupSize codewords per group, at most kMaxGroups groups.
+constexpr uint32_t kGroupSize = 16;
+constexpr uint32_t kMaxGroups = 256;
+
+// Codewords sorted by Euclidean norm, in blocks of kLanes. The search visits blocks in order of
+// their norm gap to ||x|| and prunes with the reverse triangle inequality
+// ||x - c|| >= | ||x|| - ||c|| |, evaluated with a margin that covers every floating-point error,
+// so pruning never changes the result.
 struct SearchIndex {
   uint32_t n = 0;
   uint32_t k = 0;
+  uint32_t blocks = 0;
   double max_norm = 0;
-  std::vector<double> norms;     // ascending
+  std::vector<double> norms;     // ascending, per sorted slot
   std::vector<uint32_t> perm;    // original index of each sorted slot
-  std::vector<double> sorted_c;  // codewords in sorted order
+  std::vector<double> soa;       // blocks x k x kLanes
+  std::vector<double> block_lo, block_hi;  // norm range of each block
 
   void Build(const double* c, uint32_t n_in, uint32_t k_in) {
     n = n_in;
@@ -77,12 +116,27 @@ struct SearchIndex {
       return raw[a] < raw[b] || (raw[a] == raw[b] && a < b);
     });
     norms.resize(n);
-    sorted_c.resize(static_cast<size_t>(n) * k);
     max_norm = 0;
     for (uint32_t j = 0; j < n; ++j) {
       norms[j] = raw[perm[j]];
       max_norm = std::max(max_norm, norms[j]);
-      std::copy_n(c + static_cast<size_t>(perm[j]) * k, k, &sorted_c[static_cast<size_t>(j) * k]);
+    }
+    blocks = (n + kLanes - 1) / kLanes;
+    soa.assign(static_cast<size_t>(blocks) * k * kLanes, 0.0);
+    block_lo.resize(blocks);
+    block_hi.resize(blocks);
+    for (uint32_t b = 0; b < blocks; ++b) {
+      const uint32_t first = b * kLanes;
+      const uint32_t last = std::min(n, first + kLanes) - 1;
+      block_lo[b] = norms[first];
+      block_hi[b] = norms[last];
+      for (uint32_t l = 0; l < kLanes; ++l) {
+        const uint32_t slot = std::min(first + l, last);  // padding lanes repeat the last codeword
+        const double* cw = c + static_cast<size_t>(perm[slot]) * k;
+        for (uint32_t j = 0; j < k; ++j) {
+          soa[(static_cast<size_t>(b) * k + j) * kLanes + l] = cw[j];
+        }
+      }
     }
   }
 };
@@ -90,34 +144,38 @@ struct SearchIndex {
 struct SearchResult {
   uint32_t index = kNoIndex;
   double best = kInf;    // exact squared distance of `index`
-  double second = kInf;  // smallest squared distance over all other codewords (a lower bound for
-                         // pruned ones is never below it)
+  double second = kInf;  // smallest squared distance over all other codewords (codewords pruned
+                         // away are provably no closer)
 };
 
 // Exact nearest (and second-nearest distance) of x; equal to the brute-force scan.
 template <int K>
 SearchResult FullSearch(const SearchIndex& ix, const double* x, double nx) {
   const uint32_t k = ix.k;
-  const uint32_t n = ix.n;
   SearchResult r;
-  size_t hi = static_cast<size_t>(std::lower_bound(ix.norms.begin(), ix.norms.end(), nx) -
-                                  ix.norms.begin());
-  size_t lo = hi;  // next lower slot is lo - 1
-  // Bounds every rounding error in the two computed norms (relative error < k * 2^-52 each).
+  // First block whose norm range reaches nx.
+  const uint32_t start = static_cast<uint32_t>(
+      std::lower_bound(ix.block_hi.begin(), ix.block_hi.end(), nx) - ix.block_hi.begin());
+  uint32_t hi = start;  // next block upward
+  uint32_t lo = start;  // next block downward is lo - 1
+  // Bounds every rounding error in the computed norms (relative error < k * 2^-52 each).
   const double tol = 1e-10 * (nx + ix.max_norm);
   bool lo_open = lo > 0;
-  bool hi_open = hi < n;
+  bool hi_open = hi < ix.blocks;
+  double dist[kLanes];
   while (lo_open || hi_open) {
-    size_t j;
+    uint32_t b;
     double gap;
     bool from_hi;
-    if (hi_open && (!lo_open || ix.norms[hi] - nx <= nx - ix.norms[lo - 1])) {
-      j = hi;
-      gap = ix.norms[hi] - nx;
+    const double gap_hi = hi_open ? std::max(0.0, ix.block_lo[hi] - nx) : kInf;
+    const double gap_lo = lo_open ? std::max(0.0, nx - ix.block_hi[lo - 1]) : kInf;
+    if (gap_hi <= gap_lo) {
+      b = hi;
+      gap = gap_hi;
       from_hi = true;
     } else {
-      j = lo - 1;
-      gap = nx - ix.norms[lo - 1];
+      b = lo - 1;
+      gap = gap_lo;
       from_hi = false;
     }
     const double g = gap - tol;
@@ -131,124 +189,276 @@ SearchResult FullSearch(const SearchIndex& ix, const double* x, double nx) {
       continue;
     }
     if (from_hi) {
-      hi_open = ++hi < n;
+      hi_open = ++hi < ix.blocks;
     } else {
       lo_open = --lo > 0;
     }
+    const double* blk = &ix.soa[static_cast<size_t>(b) * k * kLanes];
+    if (g_use_avx2.load(std::memory_order_relaxed)) {
+      BlockDistAvx2<K>(x, blk, k, dist);
+    } else {
+      BlockDistBase<K>(x, blk, k, dist);
+    }
 #ifdef FQ_LLOYD_STATS
-    g_dist.fetch_add(1, std::memory_order_relaxed);
+    g_dist.fetch_add(kLanes, std::memory_order_relaxed);
 #endif
-    const double d = SqDistBounded<K>(x, &ix.sorted_c[j * k], k, r.second);
-    if (d > r.second) continue;
-    const uint32_t idx = ix.perm[j];
-    if (d < r.best || (d == r.best && idx < r.index)) {
-      r.second = r.best;
-      r.best = d;
-      r.index = idx;
-    } else if (d < r.second) {
-      r.second = d;
+    const uint32_t first = b * kLanes;
+    const uint32_t lanes = std::min(kLanes, ix.n - first);
+    for (uint32_t l = 0; l < lanes; ++l) {
+      const double d = dist[l];
+      const uint32_t idx = ix.perm[first + l];
+      if (d < r.best || (d == r.best && idx < r.index)) {
+        r.second = r.best;
+        r.best = d;
+        r.index = idx;
+      } else if (d < r.second) {
+        r.second = d;
+      }
     }
   }
   return r;
 }
 
-// Assigns samples to their exact nearest codeword across a sequence of codebooks (one Lloyd
-// restart after another), skipping the search for samples whose assignment provably cannot have
-// changed (Hamerly's bound on the distance to every other codeword, and Elkan's half distance to
-// the nearest other codeword). The proofs hold in real arithmetic with a gap of `margin_`, which
-// exceeds the accumulated floating-point error by orders of magnitude, so a skipped sample gets the
-// same index the brute-force scan would, and its distance is always recomputed with SqDist.
+// Exact nearest codeword of every sample with the norm-sorted search (no state between calls).
+template <int K>
+void SearchAll(const double* samples, size_t m, const std::vector<double>& c, uint32_t k,
+               int threads, uint32_t* index, double* distance) {
+  SearchIndex ix;
+  ix.Build(c.data(), static_cast<uint32_t>(c.size() / k), k);
+  const size_t chunks = (m + kLloydChunk - 1) / kLloydChunk;
+  ParallelFor(chunks, threads, [&](size_t chunk) {
+    const size_t end = std::min(m, (chunk + 1) * kLloydChunk);
+    for (size_t i = chunk * kLloydChunk; i < end; ++i) {
+      const double* x = samples + i * k;
+      const SearchResult r = FullSearch<K>(ix, x, Norm(x, k));
+      index[i] = r.index;
+      distance[i] = r.best;
+    }
+  });
+}
+
+void SearchAllDispatch(const double* samples, size_t m, const std::vector<double>& c, uint32_t k,
+                       int threads, uint32_t* index, double* distance) {
+  switch (k) {
+    case 1: return SearchAll<1>(samples, m, c, k, threads, index, distance);
+    case 2: return SearchAll<2>(samples, m, c, k, threads, index, distance);
+    case 4: return SearchAll<4>(samples, m, c, k, threads, index, distance);
+    case 8: return SearchAll<8>(samples, m, c, k, threads, index, distance);
+    default: return SearchAll<0>(samples, m, c, k, threads, index, distance);
+  }
+}
+
+// Largest float not above v (bounds stored as floats must stay lower bounds).
+inline float FloatDown(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) > v) {  // step one ulp towards -infinity
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if (f > 0.0f) {
+      --bits;
+    } else if (f < 0.0f) {
+      ++bits;
+    } else {
+      bits = 0x80000001u;  // -smallest subnormal
+    }
+    std::memcpy(&f, &bits, 4);
+  }
+  return f;
+}
+
+// Assigns samples to their exact nearest codeword across the passes of Lloyd restarts, skipping
+// work that provably cannot change the answer (Yinyang k-means bounds: the codewords are split
+// into G groups; each sample keeps, per group, a lower bound on its distance to every
+// non-assigned member, decreased each pass by the group's largest codeword move). A group is
+// evaluated only if its bound does not exceed the distance to the current assignment by
+// `margin`; the proofs hold in real arithmetic with that gap, which exceeds the accumulated
+// floating-point error by orders of magnitude, so every index equals the brute-force scan's and
+// every distance is computed with SqDist's exact operations. Grouping is a heuristic and cannot
+// affect results.
 class Assigner {
  public:
-  Assigner(const double* samples, size_t m, uint32_t k, int threads)
-      : samples_(samples), m_(m), k_(k), threads_(threads), norms_(m), lower_(m) {
+  Assigner(const double* samples, size_t m, uint32_t k, uint32_t n, int threads)
+      : samples_(samples), m_(m), k_(k), n_(n), threads_(threads) {
     sample_scale_ = 0;
-    for (size_t i = 0; i < m; ++i) {
-      norms_[i] = Norm(samples + i * k, k);
-      sample_scale_ = std::max(sample_scale_, norms_[i]);
-    }
+    for (size_t i = 0; i < m; ++i) sample_scale_ = std::max(sample_scale_, Norm(samples + i * k, k));
+    // G groups of about kGroupSize codewords; per-sample bounds capped at 2^25 floats (128 MB).
+    groups_ = std::max<uint32_t>(1, std::min<uint32_t>(kMaxGroups, n / kGroupSize));
+    while (groups_ > 1 && static_cast<uint64_t>(groups_) * m > (uint64_t{1} << 25)) groups_ /= 2;
+    lower_.resize(static_cast<size_t>(groups_) * m);
   }
 
-  void Assign(const std::vector<double>& c, std::vector<uint32_t>& index,
+  // `regroup`: the codewords changed arbitrarily (a new restart): re-cluster and search fully.
+  void Assign(const std::vector<double>& c, bool regroup, std::vector<uint32_t>& index,
               std::vector<double>& distance) {
     switch (k_) {
-      case 1: return AssignK<1>(c, index, distance);
-      case 2: return AssignK<2>(c, index, distance);
-      case 3: return AssignK<3>(c, index, distance);
-      case 4: return AssignK<4>(c, index, distance);
-      case 8: return AssignK<8>(c, index, distance);
-      default: return AssignK<0>(c, index, distance);
+      case 1: return AssignK<1>(c, regroup, index, distance);
+      case 2: return AssignK<2>(c, regroup, index, distance);
+      case 3: return AssignK<3>(c, regroup, index, distance);
+      case 4: return AssignK<4>(c, regroup, index, distance);
+      case 8: return AssignK<8>(c, regroup, index, distance);
+      default: return AssignK<0>(c, regroup, index, distance);
     }
   }
 
  private:
-  template <int K>
-  void AssignK(const std::vector<double>& c, std::vector<uint32_t>& index,
-               std::vector<double>& distance) {
+  // A few k-means steps on the codewords themselves; any grouping is correct, compact ones prune.
+  void Regroup(const std::vector<double>& c) {
+    const uint32_t k = k_, n = n_, g = groups_;
+    std::vector<double> centers(static_cast<size_t>(g) * k);
+    for (uint32_t j = 0; j < g; ++j) {
+      const size_t src = static_cast<size_t>(j) * n / g;
+      std::copy_n(&c[src * k], k, &centers[static_cast<size_t>(j) * k]);
+    }
+    group_of_.assign(n, 0);
+    for (int it = 0; it < 6; ++it) {
+      for (uint32_t t = 0; t < n; ++t) {
+        group_of_[t] = NearestCodewordBruteForce(&c[static_cast<size_t>(t) * k], centers.data(), g, k).index;
+      }
+      std::vector<double> sum(centers.size(), 0.0);
+      std::vector<uint32_t> cnt(g, 0);
+      for (uint32_t t = 0; t < n; ++t) {
+        ++cnt[group_of_[t]];
+        for (uint32_t j = 0; j < k; ++j) sum[group_of_[t] * k + j] += c[static_cast<size_t>(t) * k + j];
+      }
+      for (uint32_t j = 0; j < g; ++j) {
+        if (cnt[j] == 0) continue;
+        for (uint32_t q = 0; q < k; ++q) centers[j * k + q] = sum[j * k + q] / cnt[j];
+      }
+    }
+    // Blocks of kLanes per group.
+    block_start_.assign(g + 1, 0);
+    std::vector<uint32_t> sizes(g, 0);
+    for (uint32_t t = 0; t < n; ++t) ++sizes[group_of_[t]];
+    for (uint32_t j = 0; j < g; ++j) block_start_[j + 1] = block_start_[j] + (sizes[j] + kLanes - 1) / kLanes;
+    slot_.assign(static_cast<size_t>(block_start_[g]) * kLanes, kNoIndex);
+    std::vector<uint32_t> fill(g, 0);
+    for (uint32_t t = 0; t < n; ++t) {
+      const uint32_t j = group_of_[t];
+      slot_[static_cast<size_t>(block_start_[j]) * kLanes + fill[j]++] = t;
+    }
+  }
+
+  void FillBlocks(const std::vector<double>& c) {
     const uint32_t k = k_;
-    const uint32_t n = static_cast<uint32_t>(c.size() / k);
+    const size_t blocks = block_start_.back();
+    soa_.assign(blocks * k * kLanes, 0.0);
+    for (size_t b = 0; b < blocks; ++b) {
+      for (uint32_t l = 0; l < kLanes; ++l) {
+        uint32_t t = slot_[b * kLanes + l];
+        if (t == kNoIndex) t = slot_[b * kLanes];  // padding repeats the block's first codeword
+        for (uint32_t j = 0; j < k; ++j) soa_[(b * k + j) * kLanes + l] = c[static_cast<size_t>(t) * k + j];
+      }
+    }
+  }
+
+  template <int K>
+  void AssignK(const std::vector<double>& c, bool regroup, std::vector<uint32_t>& index,
+               std::vector<double>& distance) {
+    const uint32_t k = k_, n = n_, g = groups_;
     index.resize(m_);
     distance.resize(m_);
-    SearchIndex ix;
-    ix.Build(c.data(), n, k);
-    double scale = std::max(sample_scale_, ix.max_norm);
-
-    // Codeword moves since the previous call.
-    const bool bounded = have_prev_ && prev_.size() == c.size();
-    std::vector<double> move;
-    double move_max = 0, move_second = 0;
-    uint32_t move_argmax = kNoIndex;
+    const bool bounded = have_prev_ && !regroup;
+    if (!bounded) Regroup(c);
+    FillBlocks(c);
+    double scale = sample_scale_;
+    for (uint32_t t = 0; t < n; ++t) scale = std::max(scale, Norm(&c[static_cast<size_t>(t) * k], k));
+    std::vector<double> group_move(g, 0.0);
     if (bounded) {
-      move.resize(n);
-      for (uint32_t j = 0; j < n; ++j) {
-        const size_t o = static_cast<size_t>(j) * k;
-        move[j] = std::sqrt(SqDist<0>(&c[o], &prev_[o], k));
+      for (uint32_t t = 0; t < n; ++t) {
+        const size_t o = static_cast<size_t>(t) * k;
         scale = std::max(scale, Norm(&prev_[o], k));
-        if (move[j] > move_max) {
-          move_second = move_max;
-          move_max = move[j];
-          move_argmax = j;
-        } else if (move[j] > move_second) {
-          move_second = move[j];
-        }
+        const double mv = std::sqrt(SqDist<0>(&c[o], &prev_[o], k));
+        group_move[group_of_[t]] = std::max(group_move[group_of_[t]], mv);
       }
     }
     const double margin = 1e-7 * scale;
 
-    // Half the distance from each codeword to its nearest other codeword.
-    std::vector<double> half_sep(n);
-    const size_t cell_chunks = (n + kCellChunk - 1) / kCellChunk;
-    ParallelFor(cell_chunks, threads_, [&](size_t chunk) {
-      const uint32_t end = static_cast<uint32_t>(std::min<size_t>(n, (chunk + 1) * kCellChunk));
-      for (uint32_t j = static_cast<uint32_t>(chunk * kCellChunk); j < end; ++j) {
-        const double* cj = &c[static_cast<size_t>(j) * k];
-        half_sep[j] = 0.5 * std::sqrt(FullSearch<K>(ix, cj, Norm(cj, k)).second);
-      }
-    });
-
     const size_t chunks = (m_ + kLloydChunk - 1) / kLloydChunk;
     ParallelFor(chunks, threads_, [&](size_t chunk) {
       const size_t end = std::min(m_, (chunk + 1) * kLloydChunk);
+      std::vector<double> low(g);
+      std::vector<uint8_t> eval(g);
+      std::vector<double> gmin(g), gsecond(g);
+      std::vector<uint32_t> gmin_idx(g);
+      double dist[kLanes];
       for (size_t i = chunk * kLloydChunk; i < end; ++i) {
         const double* x = samples_ + i * k;
+        float* lower = &lower_[i * g];
+        uint32_t best_idx = kNoIndex;
+        double best = kInf;
+        double u = kInf;
+        uint32_t a = kNoIndex;
+        bool any = true;
         if (bounded) {
-          const uint32_t a = index[i];
-          const double l = lower_[i] - (a == move_argmax ? move_second : move_max);
-          const double da = SqDist<K>(x, &c[static_cast<size_t>(a) * k], k);
-          const double u = std::sqrt(da);
-          if (u + margin < std::max(l, half_sep[a])) {
-            distance[i] = da;
-            lower_[i] = l;
+          a = index[i];
+          best = SqDist<K>(x, &c[static_cast<size_t>(a) * k], k);
+          best_idx = a;
+          u = std::sqrt(best);
+          any = false;
+          for (uint32_t j = 0; j < g; ++j) {
+            low[j] = static_cast<double>(lower[j]) - group_move[j];
+            eval[j] = u + margin >= low[j];
+            any |= eval[j] != 0;
+          }
+          if (!any) {
+            distance[i] = best;
+            for (uint32_t j = 0; j < g; ++j) lower[j] = FloatDown(low[j]);
             continue;
           }
+        } else {
+          std::fill(eval.begin(), eval.end(), 1);
         }
-        const SearchResult r = FullSearch<K>(ix, x, norms_[i]);
+        for (uint32_t j = 0; j < g; ++j) {
+          if (!eval[j]) continue;
+          double m1 = kInf, m2 = kInf;
+          uint32_t m1_idx = kNoIndex;
+          for (uint32_t b = block_start_[j]; b < block_start_[j + 1]; ++b) {
+            const double* blk = &soa_[static_cast<size_t>(b) * k * kLanes];
+            if (g_use_avx2.load(std::memory_order_relaxed)) {
+              BlockDistAvx2<K>(x, blk, k, dist);
+            } else {
+              BlockDistBase<K>(x, blk, k, dist);
+            }
+#ifdef FQ_LLOYD_STATS
+            g_dist.fetch_add(kLanes, std::memory_order_relaxed);
+#endif
+            for (uint32_t l = 0; l < kLanes; ++l) {
+              const uint32_t t = slot_[static_cast<size_t>(b) * kLanes + l];
+              if (t == kNoIndex) break;
+              const double d = dist[l];
+              if (d < m1 || (d == m1 && t < m1_idx)) {
+                m2 = m1;
+                m1 = d;
+                m1_idx = t;
+              } else if (d < m2) {
+                m2 = d;
+              }
+            }
+          }
+          gmin[j] = m1;
+          gsecond[j] = m2;
+          gmin_idx[j] = m1_idx;
+          if (m1 < best || (m1 == best && m1_idx < best_idx)) {
+            best = m1;
+            best_idx = m1_idx;
+          }
+        }
 #ifdef FQ_LLOYD_STATS
         g_full.fetch_add(1, std::memory_order_relaxed);
 #endif
-        index[i] = r.index;
-        distance[i] = r.best;
-        lower_[i] = std::sqrt(r.second);
+        index[i] = best_idx;
+        distance[i] = best;
+        for (uint32_t j = 0; j < g; ++j) {
+          double l;
+          if (eval[j]) {
+            l = std::sqrt(gmin_idx[j] == best_idx ? gsecond[j] : gmin[j]);
+          } else {
+            l = low[j];
+            // The old assignment now counts among this group's non-assigned members.
+            if (a != kNoIndex && a != best_idx && group_of_[a] == j) l = std::min(l, u);
+          }
+          lower[j] = FloatDown(l);
+        }
       }
     });
     prev_ = c;
@@ -261,10 +471,15 @@ class Assigner {
   const double* samples_;
   size_t m_;
   uint32_t k_;
+  uint32_t n_;
   int threads_;
-  std::vector<double> norms_;
-  std::vector<double> lower_;  // lower bound on the distance to every non-assigned codeword
+  uint32_t groups_ = 1;
   double sample_scale_ = 0;
+  std::vector<float> lower_;  // m x G lower bounds (Euclidean distance)
+  std::vector<uint32_t> group_of_;
+  std::vector<uint32_t> block_start_;  // G + 1 block offsets
+  std::vector<uint32_t> slot_;         // codeword index per block lane (kNoIndex = padding)
+  std::vector<double> soa_;
   std::vector<double> prev_;
   bool have_prev_ = false;
 };
@@ -326,6 +541,12 @@ void ComputeCellStats(const double* samples, size_t m, uint32_t n, uint32_t k,
 
 }  // namespace
 
+bool SetLloydAvx2ForTesting(bool enabled) {
+  const bool before = g_use_avx2.load();
+  g_use_avx2.store(enabled && kCpuHasAvx2);
+  return before;
+}
+
 Nearest NearestCodewordBruteForce(const double* x, const double* codewords, uint32_t n,
                                   uint32_t k) {
   Nearest best{0, kInf};
@@ -338,22 +559,17 @@ Nearest NearestCodewordBruteForce(const double* x, const double* codewords, uint
 
 void AssignNearest(const double* samples, size_t m, const double* codewords, uint32_t n,
                    uint32_t k, int threads, uint32_t* index, double* distance) {
-  Assigner as(samples, m, k, threads);
-  std::vector<uint32_t> idx;
-  std::vector<double> dist;
-  as.Assign(std::vector<double>(codewords, codewords + static_cast<size_t>(n) * k), idx, dist);
-  std::copy(idx.begin(), idx.end(), index);
-  std::copy(dist.begin(), dist.end(), distance);
+  SearchAllDispatch(samples, m, std::vector<double>(codewords, codewords + static_cast<size_t>(n) * k),
+                    k, threads, index, distance);
 }
 
 double MeanDistortion(const std::vector<double>& samples, const std::vector<double>& codewords,
                       uint32_t k, int threads) {
   const size_t m = samples.size() / k;
   if (m == 0 || codewords.size() < k) return std::numeric_limits<double>::quiet_NaN();
-  Assigner as(samples.data(), m, k, threads);
-  std::vector<uint32_t> idx;
-  std::vector<double> dist;
-  as.Assign(codewords, idx, dist);
+  std::vector<uint32_t> idx(m);
+  std::vector<double> dist(m);
+  SearchAllDispatch(samples.data(), m, codewords, k, threads, idx.data(), dist.data());
   double total = 0.0;
   for (double d : dist) total += d;
   return total / static_cast<double>(m);
@@ -388,7 +604,7 @@ absl::StatusOr<LloydResult> RunLloyd(const std::vector<double>& initial,
     return absl::InvalidArgumentError("RunLloyd: restarts > 1 need a restart start function");
   }
 
-  Assigner assigner(samples.data(), m, k, params.threads);
+  Assigner assigner(samples.data(), m, k, n, params.threads);
   std::vector<uint32_t> index;
   std::vector<double> distance;
   CellStats st;
@@ -399,7 +615,7 @@ absl::StatusOr<LloydResult> RunLloyd(const std::vector<double>& initial,
   rep.iterations = params.iterations;
   rep.training_samples = static_cast<uint32_t>(m);
 
-  assigner.Assign(initial, index, distance);
+  assigner.Assign(initial, /*regroup=*/true, index, distance);
   absl::StatusOr<double> init_mse = MeanOf(distance);
   if (!init_mse.ok()) return init_mse.status();
   rep.init_mse = *init_mse;
@@ -421,7 +637,7 @@ absl::StatusOr<LloydResult> RunLloyd(const std::vector<double>& initial,
       c = *std::move(s);
     }
     for (uint32_t it = 0; it < params.iterations; ++it) {
-      assigner.Assign(c, index, distance);
+      assigner.Assign(c, /*regroup=*/r > 0 && it == 0, index, distance);
       ComputeCellStats(samples.data(), m, n, k, index, distance, params.threads, &st);
       std::vector<uint32_t> empty;
       for (uint32_t j = 0; j < n; ++j) {
@@ -481,7 +697,7 @@ absl::StatusOr<LloydResult> RunLloyd(const std::vector<double>& initial,
         st.distortion[e] = 0.0;
       }
     }
-    assigner.Assign(c, index, distance);
+    assigner.Assign(c, /*regroup=*/false, index, distance);
     absl::StatusOr<double> mse = MeanOf(distance);
     if (!mse.ok()) return mse.status();
     if (*mse < rep.best_mse) {

@@ -45,6 +45,11 @@ void AssignNearest(const double* samples, size_t m, const double* codewords, uin
 double MeanDistortion(const std::vector<double>& samples, const std::vector<double>& codewords,
                       uint32_t k, int threads = 0);
 
+// Selects the AVX2 or the baseline (SSE2) distance kernel (both give bit-identical results; AVX2
+// is used when the CPU has it). For tests; not synchronised with running searches. Returns the
+// previous setting.
+bool SetLloydAvx2ForTesting(bool enabled);
+
 struct LloydParams {
   uint32_t block_dim = 0;
   uint32_t restarts = 1;

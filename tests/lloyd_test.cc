@@ -176,5 +176,25 @@ TEST(Lloyd, BitIdenticalToSequentialBruteForce) {
   }
 }
 
+TEST(Lloyd, BaselineKernelMatchesAvx2) {
+  const std::vector<double> samples = *SphericalBetaSamples(40, 8, 5000, 3);
+  const std::vector<double> c0(samples.begin(), samples.begin() + 64 * 8);
+  absl::StatusOr<LloydResult> a = RunLloyd(c0, samples, Params(8, 1, 8, 2), nullptr);
+  const bool before = SetLloydAvx2ForTesting(false);
+  absl::StatusOr<LloydResult> b = RunLloyd(c0, samples, Params(8, 1, 8, 2), nullptr);
+  std::vector<uint32_t> idx(5000);
+  std::vector<double> dist(5000);
+  AssignNearest(samples.data(), 5000, c0.data(), 64, 8, 1, idx.data(), dist.data());
+  SetLloydAvx2ForTesting(before);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(std::memcmp(a->codewords.data(), b->codewords.data(), a->codewords.size() * 8), 0);
+  EXPECT_EQ(a->report, b->report);
+  for (size_t i = 0; i < 5000; ++i) {
+    const Nearest want = NearestCodewordBruteForce(&samples[i * 8], c0.data(), 64, 8);
+    ASSERT_EQ(idx[i], want.index);
+    ASSERT_EQ(dist[i], want.distance);
+  }
+}
+
 }  // namespace
 }  // namespace fibquant
