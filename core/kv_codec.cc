@@ -86,7 +86,7 @@ std::array<uint8_t, 32> KvPageSourceDigest(const KvPageCoords& c, DType dtype, a
   w.U32(c.kv_head);
   w.U32(c.token_start);
   w.U32(c.token_count);
-  w.U8(static_cast<uint8_t>(dtype));
+  w.Str(DTypeName(dtype));
   w.U64(data.size());
   Sha256Hasher h;
   h.Update(w.bytes());

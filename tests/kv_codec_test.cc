@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/digest.h"
 #include "core/kv_codec.h"
 #include "core/kv_frame.h"
 #include "core/kv_receipt.h"
@@ -580,6 +581,20 @@ TEST(KvReceipt, RejectsPageOfAnotherProfile) {
   ASSERT_TRUE(cp.ok());
   KvReceiptBuilder rb(b);
   EXPECT_EQ(rb.Add(*cp).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(KvDigests, PageSourceDigestByHand) {
+  // Domain, 0x00, five u32 coordinates, Str(dtype name), u64 length, data (docs/format/kv.md section 8).
+  std::string want("fq_kv_source_page_v1\0", 21);
+  for (uint32_t v : {1u, 2u, 3u, 4u, 2u}) {
+    for (int i = 0; i < 4; ++i) want.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+  }
+  want += std::string("\x03\0\0\0f16", 7);
+  want += std::string("\x04\0\0\0\0\0\0\0", 8);
+  want += std::string("\x01\x02\x03\x04", 4);
+  const std::vector<uint8_t> data = {1, 2, 3, 4};
+  const auto raw = KvPageSourceDigest({1, 2, 3, 4, 2}, DType::kF16, data);
+  EXPECT_EQ(RenderDigest(raw), Sha256Digest(want));
 }
 
 TEST(KvCodecCreate, QuantizerMustMatchProfile) {

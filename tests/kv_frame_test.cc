@@ -81,6 +81,13 @@ TEST(KvFrame, LayoutAndRoundTrip) {
   EXPECT_EQ(*KvFrameSize(Header()), f.size());
 }
 
+TEST(KvFrame, GoldenChecksum) {
+  // Pins the byte layout of docs/format/kv.md section 5 (any field moved changes the XXH3-64).
+  auto v = ParseKvFrame(Bytes(Frame()));
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->checksum, 0x99d763ef171d1c1cull) << std::hex << v->checksum;
+}
+
 TEST(KvFrame, RawRankOverManyWords) {
   KvFrameHeader h = Header();
   h.coords.token_count = 200;
