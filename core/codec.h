@@ -47,6 +47,10 @@ class Quantizer {
   // Encodes n vectors of dim() elements of `dtype` (in: n*dim*DTypeSize bytes) into
   // codes (n*code_bytes() bytes). InvalidArgument if a buffer size is wrong. Vectors that cannot be
   // encoded are listed in *failures (if non-null; otherwise the first one fails the call).
+  // *failures is cleared first, then lists this call's failures in index order. Both paths write
+  // the same norm bytes; kFast differs from kReference only in near-tie block indices, and its
+  // indices are the same on every x86-64 CPU (the scalar and AVX2 searches are bit-identical).
+  // Single-threaded per call; run calls on several threads for parallelism.
   absl::Status Encode(DType dtype, absl::Span<const uint8_t> in, size_t n, absl::Span<uint8_t> codes,
                       CodecPath path, std::vector<VectorFailure>* failures = nullptr) const;
 
