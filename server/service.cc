@@ -403,11 +403,9 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
       ++pending_;
     }
     env_.pool->SubmitReserved([this, seq, w = *std::move(work)](absl::Status pool_status) mutable {
-      absl::StatusOr<Result> r = pool_status;
-      if (pool_status.ok()) {
-        r = cancelled_.load() ? absl::StatusOr<Result>(absl::CancelledError("stream cancelled"))
-                              : std::move(w)();
-      }
+      absl::StatusOr<Result> r = !pool_status.ok() ? absl::StatusOr<Result>(pool_status)
+                                 : cancelled_.load() ? absl::StatusOr<Result>(absl::CancelledError("stream cancelled"))
+                                                     : std::move(w)();
       Complete([this, seq, &r] {
         if (r.ok()) {
           ready_.emplace(seq, *std::move(r));
@@ -505,10 +503,9 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
 
   void ScheduleFinal() {
     env_.pool->SubmitReserved([this](absl::Status pool_status) {
-      absl::StatusOr<Resp> r = pool_status;
-      if (pool_status.ok()) {
-        r = cancelled_.load() ? absl::StatusOr<Resp>(absl::CancelledError("stream cancelled")) : MakeFinal();
-      }
+      absl::StatusOr<Resp> r = !pool_status.ok() ? absl::StatusOr<Resp>(pool_status)
+                               : cancelled_.load() ? absl::StatusOr<Resp>(absl::CancelledError("stream cancelled"))
+                                                   : MakeFinal();
       Complete([this, &r] {
         if (r.ok()) {
           final_ = *std::move(r);
