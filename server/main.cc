@@ -149,8 +149,7 @@ void DrainOnSignal(const sigset_t* signals, grpc::Server* server, KvCompressionS
                    int drain_seconds) {
   int sig = 0;
   if (sigwait(signals, &sig) != 0) sig = SIGTERM;  // cannot happen with a valid set
-  Log(absl::StrCat("received ", sig == SIGINT ? "SIGINT" : "SIGTERM", ", draining for up to ",
-                   drain_seconds, " s"));
+  Log(absl::StrCat("received ", sig == SIGINT ? "SIGINT" : "SIGTERM", ", draining"));
   // NOT_SERVING first, so health probes see the drain; Shutdown() of the health service also
   // freezes the status (later SetServingStatus calls are ignored).
   if (auto* health = server->GetHealthCheckService(); health != nullptr) {
@@ -158,6 +157,8 @@ void DrainOnSignal(const sigset_t* signals, grpc::Server* server, KvCompressionS
     health->Shutdown();
   }
   service->StartDrain();
+  Log(absl::StrCat("draining: health NOT_SERVING, new calls refused; running calls have ",
+                   drain_seconds, " s to finish"));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(drain_seconds));
 }
 

@@ -165,29 +165,30 @@ TEST(OpsServerTest, AdminTokenGuardsRegisterProfile) {
   std::optional<int> port = p.WaitForPort();
   ASSERT_TRUE(port.has_value()) << p.Log();
   EXPECT_THAT(p.Log(), HasSubstr("admin token required"));
-  auto stub = fibquant::v1::KvCompressionService::NewStub(PlainChannel(*port));
-
-  fibquant::v1::RegisterProfileRequest req;
-  req.set_spec_json(kSmallSpec);
-  auto call = [&](const char* authorization, fibquant::v1::RegisterProfileResponse* resp) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    if (authorization != nullptr) ctx.AddMetadata("authorization", authorization);
-    return stub->RegisterProfile(&ctx, req, resp);
-  };
-  fibquant::v1::RegisterProfileResponse resp;
-  EXPECT_EQ(call(nullptr, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
-  EXPECT_EQ(call("Bearer wrong-token-000000000000", &resp).error_code(),
-            grpc::StatusCode::PERMISSION_DENIED);
-  const std::string bearer = std::string("Bearer ") + kToken;
-  grpc::Status ok = call(bearer.c_str(), &resp);
-  ASSERT_TRUE(ok.ok()) << ok.error_code() << " " << ok.error_message();
-  EXPECT_EQ(resp.profile().profile_id(), "ops-test-small");
-  EXPECT_EQ(resp.profile().digest().rfind("sha256:", 0), 0u) << resp.profile().digest();
-
+  // Scoped: the channel is closed before SIGTERM. (A channel that made synchronous calls and stays
+  // open keeps the server's drain waiting until --drain-seconds; that is correct but slow.)
   {
-    // Read-only methods stay open. (Scoped: a live ClientContext keeps its finished call referenced,
-    // which would hold the server's drain until --drain-seconds.)
+    auto stub = fibquant::v1::KvCompressionService::NewStub(PlainChannel(*port));
+
+    fibquant::v1::RegisterProfileRequest req;
+    req.set_spec_json(kSmallSpec);
+    auto call = [&](const char* authorization, fibquant::v1::RegisterProfileResponse* resp) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      if (authorization != nullptr) ctx.AddMetadata("authorization", authorization);
+      return stub->RegisterProfile(&ctx, req, resp);
+    };
+    fibquant::v1::RegisterProfileResponse resp;
+    EXPECT_EQ(call(nullptr, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    EXPECT_EQ(call("Bearer wrong-token-000000000000", &resp).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+    const std::string bearer = std::string("Bearer ") + kToken;
+    grpc::Status ok = call(bearer.c_str(), &resp);
+    ASSERT_TRUE(ok.ok()) << ok.error_code() << " " << ok.error_message();
+    EXPECT_EQ(resp.profile().profile_id(), "ops-test-small");
+    EXPECT_EQ(resp.profile().digest().rfind("sha256:", 0), 0u) << resp.profile().digest();
+
+    // Read-only methods stay open.
     grpc::ClientContext ctx;
     fibquant::v1::GetServerInfoResponse info;
     EXPECT_TRUE(stub->GetServerInfo(&ctx, {}, &info).ok());
@@ -212,6 +213,89 @@ TEST(OpsServerTest, SigtermDrainsAndExitsZero) {
   EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
   EXPECT_THAT(p.Log(), HasSubstr("received SIGTERM, draining"));
   EXPECT_THAT(p.Log(), HasSubstr("stopped"));
+}
+
+// A page of 16 real K vectors: tokens [16*index, 16*index+16) of layer 0, head 0 of
+// tests/data/L0_k.f32 (float32 [64 tokens, 4 heads, 64 dims]), token-major.
+fibquant::v1::CompressPagesRequest KeyPage(int index) {
+  const std::string all = testing::ReadWholeFile(std::string(FQ_TEST_DATA_DIR) + "/L0_k.f32");
+  constexpr size_t kRow = 64 * sizeof(float), kHeads = 4, kTokens = 16;
+  fibquant::v1::CompressPagesRequest req;
+  auto* page = req.mutable_page();
+  page->mutable_coordinates()->set_token_start(static_cast<uint32_t>(index * kTokens));
+  page->mutable_coordinates()->set_token_count(kTokens);
+  page->set_client_sequence(static_cast<uint64_t>(index));
+  for (size_t t = 0; t < kTokens; ++t) {
+    const size_t token = static_cast<size_t>(index) * kTokens + t;
+    page->mutable_data()->append(all.substr(token * kHeads * kRow, kRow));
+  }
+  return req;
+}
+
+TEST(OpsServerTest, DrainLetsARunningStreamFinishAndRefusesNewCalls) {
+  TempDir dir;
+  ServerProcess p;
+  p.Start(BaseFlags(dir), dir.path());
+  std::optional<int> port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+  {
+    auto stub = fibquant::v1::KvCompressionService::NewStub(PlainChannel(*port));
+    std::string digest;
+    {
+      grpc::ClientContext ctx;
+      fibquant::v1::RegisterProfileRequest req;
+      req.set_spec_json(kSmallSpec);
+      fibquant::v1::RegisterProfileResponse resp;
+      grpc::Status s = stub->RegisterProfile(&ctx, req, &resp);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+      digest = resp.profile().digest();
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    auto stream = stub->CompressPages(&ctx);
+    fibquant::v1::CompressPagesRequest header;
+    header.mutable_header()->set_profile_digest(digest);
+    header.mutable_header()->set_input_dtype(fibquant::v1::DTYPE_F32);
+    ASSERT_TRUE(stream->Write(header));
+    fibquant::v1::CompressPagesResponse resp;
+    ASSERT_TRUE(stream->Write(KeyPage(0)));
+    ASSERT_TRUE(stream->Read(&resp));
+    ASSERT_TRUE(resp.has_page());
+
+    // The stream is running; drain starts.
+    p.Signal(SIGTERM);
+    const auto deadline = std::chrono::steady_clock::now() + testing::kStartTimeout;
+    while (p.Log().find("draining: health NOT_SERVING") == std::string::npos &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ASSERT_THAT(p.Log(), HasSubstr("draining: health NOT_SERVING"));
+
+    // A new client is not served. Depending on how far grpc::Server::Shutdown has got, health
+    // answers NOT_SERVING (before Shutdown), gRPC cancels the new call (CANCELLED, Shutdown
+    // started), or the listener is gone (UNAVAILABLE). SERVING or any other code is a failure.
+    auto fresh = testing::CheckHealth(PlainChannel(*port), kService);
+    if (fresh.status.ok()) {
+      EXPECT_EQ(fresh.serving_status, 2);  // NOT_SERVING
+    } else {
+      EXPECT_THAT(fresh.status.error_code(),
+                  ::testing::AnyOf(grpc::StatusCode::CANCELLED, grpc::StatusCode::UNAVAILABLE))
+          << fresh.status.error_message();
+    }
+
+    // The running stream still completes: one more page, half-close, receipt, OK.
+    ASSERT_TRUE(stream->Write(KeyPage(1)));
+    ASSERT_TRUE(stream->Read(&resp));
+    EXPECT_TRUE(resp.has_page());
+    ASSERT_TRUE(stream->WritesDone());
+    ASSERT_TRUE(stream->Read(&resp));
+    ASSERT_TRUE(resp.has_receipt());
+    EXPECT_EQ(resp.receipt().pages(), 2u);
+    EXPECT_FALSE(stream->Read(&resp));
+    grpc::Status finish = stream->Finish();
+    EXPECT_TRUE(finish.ok()) << finish.error_code() << " " << finish.error_message();
+  }
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
 }
 
 TEST(OpsServerTest, SigintAlsoExitsZero) {
