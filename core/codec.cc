@@ -3,7 +3,7 @@
 // Both paths validate and encode the norm the same way (f64, left-to-right sum of squares), so the
 // norm bytes never depend on the path; they differ in how the block indices are chosen (f64 exact
 // vs f32 exact with SIMD) and how decode is evaluated (f64 vs f32). The fast path works on tiles
-// of kTile vectors in thread-local scratch that only ever grows, so steady-state calls allocate
+// of up to kTile vectors in thread-local scratch that only ever grows, so steady-state calls allocate
 // nothing.
 #include "core/codec.h"
 
@@ -31,6 +31,13 @@ struct Quantizer::SearchIndex {
 namespace {
 
 constexpr size_t kTile = 256;
+// Tiles shrink for large d so one f32 tile stays within 256 KiB (L2-resident).
+constexpr size_t kTileFloats = 65536;
+
+size_t TileFor(CodecPath path, uint32_t d) {
+  if (path != CodecPath::kFast) return 1;
+  return std::clamp<size_t>(kTileFloats / d, 1, kTile);
+}
 
 struct Scratch {
   std::vector<float> x;      // tile input as f32
@@ -163,7 +170,7 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
   const float* cw = codebook_.codewords().data();
   const Isa isa = codec_internal::ActiveIsa();
   Scratch& s = ThreadScratch();
-  const size_t tile = path == CodecPath::kFast ? kTile : 1;
+  const size_t tile = TileFor(path, d);
   Grow(s.x, tile * d);
   Grow(s.y, tile * d);
   Grow(s.idx, tile * blocks);
@@ -247,7 +254,7 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
   const float* cw = codebook_.codewords().data();
   const Isa isa = codec_internal::ActiveIsa();
   Scratch& s = ThreadScratch();
-  const size_t tile = path == CodecPath::kFast ? kTile : 1;
+  const size_t tile = TileFor(path, d);
   Grow(s.y, tile * d);
   Grow(s.z, tile * d);
   Grow(s.idx, tile * blocks);
@@ -313,6 +320,8 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
   }
   return absl::OkStatus();
 }
+
+bool Quantizer::uses_pruned_search() const { return search_->table.prune(); }
 
 absl::Status Quantizer::DecodeF32(absl::Span<const uint8_t> codes, size_t n, float* out,
                                   CodecPath path) const {

@@ -60,6 +60,10 @@ class Quantizer {
   absl::Status Decode(absl::Span<const uint8_t> codes, size_t n, DType dtype, absl::Span<uint8_t> out,
                       CodecPath path) const;
 
+  // Whether the fast path's nearest-codeword search uses norm pruning for this codebook (chosen by
+  // a cost model at Create; a speed choice only, the indices are the same either way).
+  bool uses_pruned_search() const;
+
   // Decodes to f32 (convenience for metrics).
   absl::Status DecodeF32(absl::Span<const uint8_t> codes, size_t n, float* out, CodecPath path) const;
 
