@@ -426,9 +426,15 @@ function checkProfileSpec(text, where, fileKey) {
   if (sh.role === 'value' && sh.rope_state !== 'not_applicable') fail(where, 'values take rope_state not_applicable');
   if (sh.role === 'key' && sh.rope_state === 'not_applicable') fail(where, 'keys are pre_rope or post_rope');
   if (sh.attention_kind === 'gqa' && sh.query_heads % sh.kv_heads !== 0) fail(where, 'query_heads % kv_heads != 0');
-  if (spec.axis_policy !== 'raw') {
+  if (spec.axis_policy === 'raw') {
+    if ('fibquant' in spec || 'fib_profile' in spec) fail(where, 'axis_policy raw takes no fibquant parameters');
+  } else if ('fibquant' in spec && 'fib_profile' in spec) {
+    fail(where, 'give either fibquant or fib_profile, not both');
+  } else if ('fib_profile' in spec) {
+    if (!isObj(spec.fib_profile)) fail(where, 'fib_profile must be an object');
+  } else {
     const fq = spec.fibquant;
-    if (!isObj(fq)) return fail(where, 'fibquant parameters required (or use fib_profile)');
+    if (!isObj(fq)) return fail(where, 'fibquant parameters required (or a full fib_profile)');
     keys(fq, FIBQUANT_FIELDS, ['block_dim', 'codebook_size', 'seed'], `${where} fibquant`);
     const channel = spec.axis_policy === 'per_channel' ||
       (spec.axis_policy === 'role_aware_kivi_style' && sh.role === 'key');
