@@ -3,6 +3,7 @@
 // plus the reference path for one configuration as a baseline. Counters: items_per_second
 // (vectors/s), bytes_per_second (f16 input bytes), and the round trip's rel_mse
 // (mean ||x - x^||^2/||x||^2), mse (mean squared element error) and cosine.
+// Search/...: the nearest-codeword kernel alone (blocks/s).
 // Data: USE-Lite keys from FQ_SHARED_DATA_DIR if present, else the tests/data fixture (repeated),
 // else Gaussian vectors.
 #include <cmath>
@@ -17,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "benchmark/benchmark.h"
 #include "core/codec.h"
+#include "core/codec_kernels.h"
 #include "core/half.h"
 #include "core/rng.h"
 
@@ -164,7 +166,70 @@ void BM_Decode(benchmark::State& state, uint32_t d, uint32_t k, uint32_t n, std:
   state.SetLabel(data.source);
 }
 
+// The nearest-codeword search alone on real rotated blocks (d=128), brute force vs norm pruning and
+// AVX2 vs scalar: blocks/s and groups of 8 codewords visited per block. Codebooks use a light
+// training (1 restart x 5 iterations, 8 N samples): search speed barely depends on it.
+void BM_Search(benchmark::State& state, uint32_t k, uint32_t n, bool prune,
+               codec_internal::Isa isa) {
+  const uint32_t d = 128;
+  static std::map<std::pair<uint32_t, uint32_t>, std::shared_ptr<const Quantizer>> cache;
+  auto& q = cache[{k, n}];
+  if (!q) {
+    auto profile = Profile::PaperDefault(d, k, n, 20260512, kRotationHadamard);
+    if (!profile.ok()) return state.SkipWithError("profile");
+    profile->lloyd_restarts = 1;
+    profile->lloyd_iterations = 5;
+    profile->training_samples = 8 * n;
+    auto cb = Codebook::Build(*profile, 0);
+    if (!cb.ok()) return state.SkipWithError("codebook");
+    auto qq = Quantizer::Create(*std::move(cb));
+    if (!qq.ok()) return state.SkipWithError("quantizer");
+    q = *qq;
+  }
+  const Data& data = GetData(d);
+  const size_t vectors = 1024;
+  std::vector<float> u(vectors * d), y(vectors * d);
+  for (size_t v = 0; v < vectors; ++v) {
+    double s = 0;
+    for (uint32_t i = 0; i < d; ++i) s += static_cast<double>(data.f32[v * d + i]) * data.f32[v * d + i];
+    for (uint32_t i = 0; i < d; ++i) u[v * d + i] = static_cast<float>(data.f32[v * d + i] / std::sqrt(s));
+  }
+  q->rotation().ApplyBatch(u.data(), y.data(), vectors);
+  const size_t blocks = vectors * (d / k);
+  const auto& cw = q->codebook().codewords();
+  const auto table = codec_internal::SearchTable::Build(cw.data(), n, k, prune);
+  std::vector<uint32_t> out(blocks);
+  codec_internal::SearchTable::ResetGroupsVisitedOnThisThread();
+  for (auto _ : state) {
+    table.Nearest(y.data(), blocks, out.data(), isa);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * blocks));
+  state.counters["groups_per_block"] =
+      static_cast<double>(codec_internal::SearchTable::GroupsVisitedOnThisThread()) /
+      static_cast<double>(state.iterations() * blocks);
+  state.counters["groups"] = table.group_count();
+  state.counters["cost_model_prunes"] = codec_internal::SearchTable::PruningPays(cw.data(), n, k);
+}
+
 void RegisterAll() {
+  using codec_internal::Isa;
+  struct SearchCase {
+    uint32_t k, n;
+  };
+  for (SearchCase c : {SearchCase{2, 256}, SearchCase{2, 1024}, SearchCase{4, 256},
+                       SearchCase{4, 4096}, SearchCase{8, 256}, SearchCase{8, 4096}}) {
+    for (bool prune : {false, true}) {
+      const std::string name =
+          absl::StrCat("Search/avx2/k", c.k, "/N", c.n, prune ? "/pruned" : "/brute");
+      benchmark::RegisterBenchmark(name.c_str(), BM_Search, c.k, c.n, prune, Isa::kAvx2)
+          ->Unit(benchmark::kMicrosecond);
+    }
+  }
+  benchmark::RegisterBenchmark("Search/scalar/k4/N256/brute", BM_Search, 4u, 256u, false,
+                               Isa::kScalar)
+      ->Unit(benchmark::kMicrosecond);
+
   struct Kn {
     uint32_t k, n;
   };
