@@ -128,6 +128,14 @@ digest="$(json 'const r=JSON.parse(require("fs").readFileSync(process.argv[1]));
 [[ "$digest" =~ ^sha256:[0-9a-f]{64}$ ]] || fail "bad digest '$digest'"
 echo "profile $digest"
 
+step "RegisterProfile in structured form"
+bcurl -H "authorization: Bearer $token" -d '{"structured": {"profileId": "e2e-structured",
+    "fibquant": {"blockDim": 2, "codebookSize": 16, "seed": "8"},
+    "shape": {"role": "key", "layers": 1, "kvHeads": 1, "tokens": 64, "headDim": 64},
+    "pageGeometry": {"tokensPerPage": 16}}}' "$url/$svc/RegisterProfile" >"$work/structured.json" ||
+  fail "structured RegisterProfile failed: $(cat "$work/structured.json")"
+grep -q '"profileId": "e2e-structured"' "$work/structured.json" || fail "structured register: $(cat "$work/structured.json")"
+
 step "CompressPages: 2 pages of 16 real K vectors (layer 0, head 0 of tests/data/L0_k.f32)"
 # L0_k.f32 is float32 [64 tokens, 4 heads, 64 dims]; a page is token-major [16 tokens, 64 dims].
 node -e '
@@ -172,15 +180,26 @@ step "DecompressPages of the 2 frames"
 { echo '{"header": {"outputDtype": "DTYPE_F32"}}'; cat "$work/frames.jsonl"; } >"$work/decompress.jsonl"
 bcurl -d @- "$url/$svc/DecompressPages" <"$work/decompress.jsonl" >"$work/decompressed.out" 2>&1 ||
   fail "DecompressPages failed: $(cat "$work/decompressed.out")"
-decoded="$(grep -c '"data":' "$work/decompressed.out" || true)"
-[[ "$decoded" == 2 ]] || fail "expected 2 decoded pages, got: $(cat "$work/decompressed.out")"
+# Two pages of 16 x 64 f32 values each come back.
+sizes="$(json 'const t=require("fs").readFileSync(process.argv[1],"utf8");
+console.log([...t.matchAll(/"data": "([^"]*)"/g)].map(m => Buffer.from(m[1], "base64").length).join(" "))' \
+  "$work/decompressed.out")"
+[[ "$sizes" == "4096 4096" ]] || fail "expected 2 decoded pages of 4096 bytes, got '$sizes': $(cat "$work/decompressed.out")"
 
-step "GetReceipt, ListProfiles, GetServerInfo"
+step "GetReceipt, ListReceipts, GetProfile, ListProfiles, GetCodebook, GetServerInfo"
 bcurl -d "{\"receiptId\":\"$receipt_id\"}" "$url/$svc/GetReceipt" | grep -q "\"receiptId\": \"$receipt_id\"" ||
   fail "GetReceipt did not return $receipt_id"
+bcurl -d '{}' "$url/$svc/ListReceipts" | grep -q "\"receiptId\": \"$receipt_id\"" ||
+  fail "ListReceipts misses $receipt_id"
+bcurl -d "{\"digest\":\"$digest\"}" "$url/$svc/GetProfile" | grep -q '"profileId": "e2e-keys-d64"' ||
+  fail "GetProfile did not return e2e-keys-d64"
 bcurl -d '{}' "$url/$svc/ListProfiles" | grep -q "\"digest\": \"$digest\"" || fail "ListProfiles misses $digest"
+bcurl -d "{\"digest\":\"$digest\"}" "$url/$svc/GetCodebook" >"$work/codebook.json"
+codewords="$(json 'const r=JSON.parse(require("fs").readFileSync(process.argv[1]));console.log(r.codewords.length)' \
+  "$work/codebook.json")"
+[[ "$codewords" == 32 ]] || fail "GetCodebook: expected 16 x 2 codeword values, got $codewords"
 info="$(bcurl -d '{}' "$url/$svc/GetServerInfo")"
-grep -q '"registeredProfiles": 1' <<<"$info" || fail "GetServerInfo: $info"
+grep -q '"registeredProfiles": 2' <<<"$info" || fail "GetServerInfo: $info"
 
 step "scrape /metrics"
 metrics="$(timeout 30 curl -fsS "http://127.0.0.1:$mport/metrics")"
@@ -193,12 +212,12 @@ expect_metric() {  # exact series line prefix, minimum value
 }
 expect_metric 'fibquant_rpc_handled_total{code="UNAUTHENTICATED",method="RegisterProfile"}' 1
 expect_metric 'fibquant_rpc_handled_total{code="PERMISSION_DENIED",method="RegisterProfile"}' 1
-expect_metric 'fibquant_rpc_handled_total{code="OK",method="RegisterProfile"}' 1
+expect_metric 'fibquant_rpc_handled_total{code="OK",method="RegisterProfile"}' 2
 expect_metric 'fibquant_pages_total{op="compress"}' 2
 expect_metric 'fibquant_pages_total{op="decompress"}' 2
 expect_metric 'fibquant_payload_bytes_total{direction="raw_in"}' 8192
 expect_metric 'fibquant_vectors_total{kind="compressed"}' 1
-expect_metric 'fibquant_registry_profiles' 1
+expect_metric 'fibquant_registry_profiles' 2
 expect_metric 'fibquant_streams_started_total' 2
 
 step "promtool check metrics"
