@@ -84,11 +84,34 @@ void BlockDistBase(const double* x, const double* blk, uint32_t k_runtime, doubl
   for (int q = 0; q < 4; ++q) _mm_storeu_pd(out + 2 * q, acc[q]);
 }
 
+// Minimum of v[0..len), len a positive multiple of kLanes, no NaNs (min is exact: no rounding).
+__attribute__((target("avx2"))) double MinAvx2(const double* v, uint32_t len) {
+  __m256d m0 = _mm256_loadu_pd(v);
+  __m256d m1 = _mm256_loadu_pd(v + 4);
+  for (uint32_t q = kLanes; q < len; q += kLanes) {
+    m0 = _mm256_min_pd(m0, _mm256_loadu_pd(v + q));
+    m1 = _mm256_min_pd(m1, _mm256_loadu_pd(v + q + 4));
+  }
+  double t[4];
+  _mm256_storeu_pd(t, _mm256_min_pd(m0, m1));
+  return std::min(std::min(t[0], t[1]), std::min(t[2], t[3]));
+}
+
+double MinBase(const double* v, uint32_t len) {
+  __m128d m[4] = {_mm_loadu_pd(v), _mm_loadu_pd(v + 2), _mm_loadu_pd(v + 4), _mm_loadu_pd(v + 6)};
+  for (uint32_t q = kLanes; q < len; q += kLanes) {
+    for (int r = 0; r < 4; ++r) m[r] = _mm_min_pd(m[r], _mm_loadu_pd(v + q + 2 * r));
+  }
+  double t[2];
+  _mm_storeu_pd(t, _mm_min_pd(_mm_min_pd(m[0], m[1]), _mm_min_pd(m[2], m[3])));
+  return std::min(t[0], t[1]);
+}
+
 const bool kCpuHasAvx2 = __builtin_cpu_supports("avx2");
 std::atomic<bool> g_use_avx2{kCpuHasAvx2};
 
 // Yinyang grouping: about kGroupSize codewords per group, at most kMaxGroups groups.
-constexpr uint32_t kGroupSize = 16;
+constexpr uint32_t kGroupSize = 64;
 constexpr uint32_t kMaxGroups = 256;
 
 // Codewords sorted by Euclidean norm, in blocks of kLanes. The search visits blocks in order of
@@ -331,6 +354,11 @@ class Assigner {
     for (uint32_t t = 0; t < n; ++t) ++sizes[group_of_[t]];
     for (uint32_t j = 0; j < g; ++j) block_start_[j + 1] = block_start_[j] + (sizes[j] + kLanes - 1) / kLanes;
     slot_.assign(static_cast<size_t>(block_start_[g]) * kLanes, kNoIndex);
+    group_size_ = sizes;
+    max_group_blocks_ = 0;
+    for (uint32_t j = 0; j < g; ++j) {
+      max_group_blocks_ = std::max(max_group_blocks_, block_start_[j + 1] - block_start_[j]);
+    }
     std::vector<uint32_t> fill(g, 0);
     for (uint32_t t = 0; t < n; ++t) {
       const uint32_t j = group_of_[t];
@@ -380,7 +408,7 @@ class Assigner {
       std::vector<uint8_t> eval(g);
       std::vector<double> gmin(g), gsecond(g);
       std::vector<uint32_t> gmin_idx(g);
-      double dist[kLanes];
+      std::vector<double> buf(static_cast<size_t>(max_group_blocks_) * kLanes);
       for (size_t i = chunk * kLloydChunk; i < end; ++i) {
         const double* x = samples_ + i * k;
         float* lower = &lower_[i * g];
@@ -410,31 +438,30 @@ class Assigner {
         }
         for (uint32_t j = 0; j < g; ++j) {
           if (!eval[j]) continue;
-          double m1 = kInf, m2 = kInf;
-          uint32_t m1_idx = kNoIndex;
-          for (uint32_t b = block_start_[j]; b < block_start_[j + 1]; ++b) {
+          // All member distances of the group, then branch-free minima. Members are stored in
+          // ascending codeword order, so the first position of the minimum is the lowest index.
+          const uint32_t b0 = block_start_[j], b1 = block_start_[j + 1];
+          const bool avx2 = g_use_avx2.load(std::memory_order_relaxed);
+          for (uint32_t b = b0; b < b1; ++b) {
             const double* blk = &soa_[static_cast<size_t>(b) * k * kLanes];
-            if (g_use_avx2.load(std::memory_order_relaxed)) {
-              BlockDistAvx2<K>(x, blk, k, dist);
+            double* out = &buf[static_cast<size_t>(b - b0) * kLanes];
+            if (avx2) {
+              BlockDistAvx2<K>(x, blk, k, out);
             } else {
-              BlockDistBase<K>(x, blk, k, dist);
-            }
-#ifdef FQ_LLOYD_STATS
-            g_dist.fetch_add(kLanes, std::memory_order_relaxed);
-#endif
-            for (uint32_t l = 0; l < kLanes; ++l) {
-              const uint32_t t = slot_[static_cast<size_t>(b) * kLanes + l];
-              if (t == kNoIndex) break;
-              const double d = dist[l];
-              if (d < m1 || (d == m1 && t < m1_idx)) {
-                m2 = m1;
-                m1 = d;
-                m1_idx = t;
-              } else if (d < m2) {
-                m2 = d;
-              }
+              BlockDistBase<K>(x, blk, k, out);
             }
           }
+#ifdef FQ_LLOYD_STATS
+          g_dist.fetch_add((b1 - b0) * kLanes, std::memory_order_relaxed);
+#endif
+          const uint32_t len = (b1 - b0) * kLanes;
+          for (uint32_t q = group_size_[j]; q < len; ++q) buf[q] = kInf;
+          const double m1 = avx2 ? MinAvx2(buf.data(), len) : MinBase(buf.data(), len);
+          uint32_t p1 = 0;
+          while (buf[p1] != m1) ++p1;
+          buf[p1] = kInf;
+          const double m2 = avx2 ? MinAvx2(buf.data(), len) : MinBase(buf.data(), len);
+          const uint32_t m1_idx = slot_[static_cast<size_t>(b0) * kLanes + p1];
           gmin[j] = m1;
           gsecond[j] = m2;
           gmin_idx[j] = m1_idx;
@@ -479,6 +506,8 @@ class Assigner {
   std::vector<uint32_t> group_of_;
   std::vector<uint32_t> block_start_;  // G + 1 block offsets
   std::vector<uint32_t> slot_;         // codeword index per block lane (kNoIndex = padding)
+  std::vector<uint32_t> group_size_;
+  uint32_t max_group_blocks_ = 0;
   std::vector<double> soa_;
   std::vector<double> prev_;
   bool have_prev_ = false;
