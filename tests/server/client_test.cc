@@ -8,9 +8,12 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <future>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -20,6 +23,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/metrics.h"
+#include "server/security.h"
 #include "server/service.h"
 
 namespace fibquant::client {
@@ -33,15 +37,17 @@ using ::testing::HasSubstr;
 // The real service behind a gRPC server in this process. `listen` empty: in-process channel only.
 class RealServer {
  public:
-  explicit RealServer(const std::string& listen = "") {
+  explicit RealServer(const std::string& listen = "",
+                      std::shared_ptr<grpc::ServerCredentials> creds = nullptr) {
     server::ServiceOptions options;  // data_dir empty: registry in memory (lost on restart)
     options.worker_threads = 2;
     auto service = server::KvCompressionServiceImpl::Create(options, &metrics_);
     EXPECT_TRUE(service.ok()) << service.status();
     service_ = *std::move(service);
     grpc::ServerBuilder builder;
-    if (!listen.empty())
-      builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port_);
+    if (!listen.empty()) {
+      builder.AddListeningPort(listen, creds ? creds : grpc::InsecureServerCredentials(), &port_);
+    }
     builder.RegisterService(service_.get());
     builder.SetMaxReceiveMessageSize(64 << 20);
     builder.SetMaxSendMessageSize(64 << 20);
@@ -265,6 +271,75 @@ TEST(ClientRealServer, SurvivesServerRestartThatLosesProfiles) {
   EXPECT_EQ(compressed->pages.size(), pages.size());
   EXPECT_EQ(compressed->receipt.profile_digest(), info->digest());
   EXPECT_GE(retries.load(), 1) << "the call never saw the server down";
+}
+
+// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with the
+// openssl command-line tool (package openssl, installed by scripts/install-deps).
+class TestPki {
+ public:
+  TestPki() {
+    char tmpl[] = "/tmp/fq-client-tls-XXXXXX";
+    const char* made = mkdtemp(tmpl);
+    if (made == nullptr) return;
+    dir_ = made;
+    const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    std::ofstream(dir_ / "san.ext") << "subjectAltName=DNS:localhost,IP:127.0.0.1\n";
+    const std::string script =
+        "cd " + dir_.string() + " && openssl req -x509" + ec +
+        " -keyout ca.key -out ca.crt -days 1 -subj /CN=fq-test-ca && openssl req" + ec +
+        " -keyout server.key -out server.csr -subj /CN=localhost && openssl x509 -req" +
+        " -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1" +
+        " -extfile san.ext && openssl req" + ec +
+        " -keyout client.key -out client.csr -subj /CN=fq-test-client && openssl x509 -req" +
+        " -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 1" +
+        " >/dev/null 2>&1";
+    ok_ = std::system(script.c_str()) == 0;
+  }
+  ~TestPki() {
+    std::error_code ec;
+    if (!dir_.empty()) std::filesystem::remove_all(dir_, ec);
+  }
+  bool ok() const { return ok_; }
+  std::string Path(const char* name) const { return (dir_ / name).string(); }
+  std::string Read(const char* name) const {
+    std::ifstream in(dir_ / name);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+
+ private:
+  std::filesystem::path dir_;
+  bool ok_ = false;
+};
+
+// MakeTlsChannel against the server's own credentials code (server/security.h) in mTLS mode.
+TEST(ClientRealServer, MutualTlsChannel) {
+  TestPki pki;
+  ASSERT_TRUE(pki.ok()) << "openssl could not make the test certificates";
+  auto creds = server::MakeServerCredentials(
+      server::TlsFlags{pki.Path("server.crt"), pki.Path("server.key"), pki.Path("ca.crt")});
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  RealServer srv("127.0.0.1:0", *creds);
+  ASSERT_GT(srv.port(), 0);
+  const std::string target = "localhost:" + std::to_string(srv.port());
+
+  TlsChannelConfig tls;
+  tls.root_certs_pem = pki.Read("ca.crt");
+  tls.client_cert_chain_pem = pki.Read("client.crt");
+  tls.client_key_pem = pki.Read("client.key");
+  KvClient client(MakeTlsChannel(target, tls), FastRetries());
+  auto info = client.GetServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  auto profile = client.RegisterProfile(KeySpec());
+  ASSERT_TRUE(profile.ok()) << profile.status();
+
+  // Without a client certificate the handshake fails: UNAVAILABLE after the configured attempts.
+  TlsChannelConfig no_cert;
+  no_cert.root_certs_pem = tls.root_certs_pem;
+  ClientOptions twice = FastRetries();
+  twice.max_attempts = 2;
+  twice.unary_timeout = std::chrono::seconds(10);
+  auto refused = KvClient(MakeTlsChannel(target, no_cert), twice).GetServerInfo();
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
 }
 
 // --- the scripted fake ------------------------------------------------------------------------
