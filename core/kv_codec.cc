@@ -320,11 +320,13 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
   const bool enforce = opt.enforce_budget && budget.has_any_metric();
   if (opt.compute_metrics || enforce) {
     const size_t nq = in.queries.size() / D;
+    FQ_ASSIGN_OR_RETURN(const KvQualityEvaluator evaluator,
+                        KvQualityEvaluator::Create(shape.role, x.data(), T, D, nq ? in.queries.data() : nullptr, nq,
+                                                   in.keys.empty() ? nullptr : in.keys.data(), opt.top_k));
+    std::vector<float> xh;
     auto measure = [&]() -> absl::StatusOr<KvQualityMetrics> {
-      std::vector<float> xh;
       page_view(&xh);
-      return EvaluateQuality(shape.role, x.data(), xh.data(), T, D, nq ? in.queries.data() : nullptr, nq,
-                             in.keys.empty() ? nullptr : in.keys.data(), opt.top_k);
+      return evaluator.Evaluate(xh.data());
     };
     FQ_ASSIGN_OR_RETURN(KvQualityMetrics m, measure());
     CheckBudget(budget, m, &out.budget_checks);

@@ -76,14 +76,6 @@ std::vector<uint32_t> TopK(const double* v, size_t n, size_t k) {
   return idx;
 }
 
-absl::Status CheckCommon(const float* x, const float* y, size_t tokens, size_t dim) {
-  if (tokens == 0 || dim == 0) return absl::InvalidArgumentError("quality: tokens and dim must be >= 1");
-  if (x == nullptr || y == nullptr) return absl::InvalidArgumentError("quality: original and reconstruction are required");
-  FQ_RETURN_IF_ERROR(CheckFinite(x, tokens * dim, "original"));
-  FQ_RETURN_IF_ERROR(CheckFinite(y, tokens * dim, "reconstruction"));
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 std::string_view KvQuerySourceName(KvQuerySource v) {
@@ -96,105 +88,145 @@ std::string_view KvQuerySourceName(KvQuerySource v) {
   return "unknown";
 }
 
+absl::StatusOr<KvQualityEvaluator> KvQualityEvaluator::Create(KvRole role, const float* original, size_t tokens,
+                                                             size_t dim, const float* queries, size_t n_queries,
+                                                             const float* keys, uint32_t top_k) {
+  if (tokens == 0 || dim == 0) return absl::InvalidArgumentError("quality: tokens and dim must be >= 1");
+  if (original == nullptr) return absl::InvalidArgumentError("quality: the original page is required");
+  FQ_RETURN_IF_ERROR(CheckFinite(original, tokens * dim, "original"));
+  KvQualityEvaluator e;
+  e.role_ = role;
+  e.original_ = original;
+  e.tokens_ = tokens;
+  e.dim_ = dim;
+  e.inv_sqrt_d_ = 1.0 / std::sqrt(static_cast<double>(dim));
+  const float* q = queries;
+  const float* kk = original;
+  size_t nq = n_queries;
+  const bool caller = nq > 0 && q != nullptr && (role == KvRole::kKey || keys != nullptr);
+  if (caller) {
+    FQ_RETURN_IF_ERROR(CheckFinite(q, nq * dim, "queries"));
+    if (role == KvRole::kValue) {
+      FQ_RETURN_IF_ERROR(CheckFinite(keys, tokens * dim, "keys"));
+      kk = keys;
+    }
+    e.source_ = KvQuerySource::kCaller;
+  } else {
+    q = original;
+    nq = std::min<size_t>(tokens, kMaxProxyQueries);
+    e.source_ = role == KvRole::kKey ? KvQuerySource::kProxySelfKeys : KvQuerySource::kProxySelfValues;
+  }
+  e.queries_ = q;
+  e.nq_ = nq;
+  e.probs_.resize(nq * tokens);
+  if (role == KvRole::kKey) {
+    e.k_ = std::clamp<size_t>(top_k, 1, tokens);
+    e.logits_.resize(nq * tokens);
+    e.topk_.resize(nq);
+  } else {
+    e.agg_.assign(nq * dim, 0.0);
+  }
+  for (size_t i = 0; i < nq; ++i) {
+    double* l = role == KvRole::kKey ? &e.logits_[i * tokens] : nullptr;
+    std::vector<double> tmp;
+    if (l == nullptr) {
+      tmp.resize(tokens);
+      l = tmp.data();
+    }
+    Logits(q + i * dim, kk, tokens, dim, e.inv_sqrt_d_, l);
+    double* p = &e.probs_[i * tokens];
+    FQ_RETURN_IF_ERROR(Softmax(l, tokens, p));
+    if (role == KvRole::kKey) {
+      e.topk_[i] = TopK(l, tokens, e.k_);
+    } else {
+      double* o = &e.agg_[i * dim];
+      for (size_t t = 0; t < tokens; ++t) {
+        const float* v = original + t * dim;
+        for (size_t c = 0; c < dim; ++c) o[c] += p[t] * static_cast<double>(v[c]);
+      }
+    }
+  }
+  return e;
+}
+
+absl::StatusOr<KvQualityMetrics> KvQualityEvaluator::Evaluate(const float* recon) const {
+  if (recon == nullptr) return absl::InvalidArgumentError("quality: the reconstruction is required");
+  FQ_RETURN_IF_ERROR(CheckFinite(recon, tokens_ * dim_, "reconstruction"));
+  const size_t T = tokens_, D = dim_;
+  KvQualityMetrics m;
+  m.tokens = T;
+  m.queries = static_cast<uint32_t>(nq_);
+  m.query_source = source_;
+  Reconstruction(original_, recon, T * D, &m);
+  const double n = static_cast<double>(nq_);
+  if (role_ == KvRole::kKey) {
+    std::vector<double> lh(T), ph(T);
+    double logit_mse = 0, tv = 0, kl = 0, dis = 0;
+    for (size_t i = 0; i < nq_; ++i) {
+      const double* l = &logits_[i * T];
+      const double* p = &probs_[i * T];
+      Logits(queries_ + i * D, recon, T, D, inv_sqrt_d_, lh.data());
+      FQ_RETURN_IF_ERROR(Softmax(lh.data(), T, ph.data()));
+      double se = 0, a = 0, kk = 0;
+      for (size_t t = 0; t < T; ++t) {
+        se += (l[t] - lh[t]) * (l[t] - lh[t]);
+        a += std::fabs(p[t] - ph[t]);
+        const double pc = std::max(p[t], kKlFloor), hc = std::max(ph[t], kKlFloor);
+        kk += pc * PortableLog(pc / hc);
+      }
+      logit_mse += se / static_cast<double>(T);
+      tv += 0.5 * a;
+      kl += kk;
+      const std::vector<uint32_t>& ta = topk_[i];
+      const std::vector<uint32_t> tb = TopK(lh.data(), T, k_);
+      size_t inter = 0;
+      for (size_t x = 0, y = 0; x < k_ && y < k_;) {
+        if (ta[x] == tb[y]) {
+          ++inter, ++x, ++y;
+        } else if (ta[x] < tb[y]) {
+          ++x;
+        } else {
+          ++y;
+        }
+      }
+      dis += 1.0 - static_cast<double>(inter) / static_cast<double>(k_);
+    }
+    m.key_logit_mse = logit_mse / n;
+    m.attention_tv = tv / n;
+    m.attention_kl = kl / n;
+    m.topk_disagreement = dis / n;
+    return m;
+  }
+  std::vector<double> oh(D);
+  double se = 0;
+  for (size_t i = 0; i < nq_; ++i) {
+    const double* p = &probs_[i * T];
+    const double* o = &agg_[i * D];
+    std::fill(oh.begin(), oh.end(), 0.0);
+    for (size_t t = 0; t < T; ++t) {
+      const float* vh = recon + t * D;
+      for (size_t c = 0; c < D; ++c) oh[c] += p[t] * static_cast<double>(vh[c]);
+    }
+    for (size_t c = 0; c < D; ++c) se += (o[c] - oh[c]) * (o[c] - oh[c]);
+  }
+  m.value_aggregation_mse = se / (n * static_cast<double>(D));
+  return m;
+}
+
 absl::StatusOr<KvQualityMetrics> EvaluateKeyQuality(const float* keys, const float* keys_hat, size_t tokens,
                                                     size_t dim, const float* queries, size_t n_queries,
                                                     uint32_t top_k) {
-  FQ_RETURN_IF_ERROR(CheckCommon(keys, keys_hat, tokens, dim));
-  KvQualityMetrics m;
-  m.tokens = tokens;
-  Reconstruction(keys, keys_hat, tokens * dim, &m);
-  const float* q = queries;
-  size_t nq = n_queries;
-  if (nq > 0 && q != nullptr) {
-    FQ_RETURN_IF_ERROR(CheckFinite(q, nq * dim, "queries"));
-    m.query_source = KvQuerySource::kCaller;
-  } else {
-    q = keys;
-    nq = std::min<size_t>(tokens, kMaxProxyQueries);
-    m.query_source = KvQuerySource::kProxySelfKeys;
-  }
-  m.queries = static_cast<uint32_t>(nq);
-  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(dim));
-  const size_t k = std::clamp<size_t>(top_k, 1, tokens);
-  std::vector<double> l(tokens), lh(tokens), p(tokens), ph(tokens);
-  double logit_mse = 0, tv = 0, kl = 0, dis = 0;
-  for (size_t i = 0; i < nq; ++i) {
-    Logits(q + i * dim, keys, tokens, dim, inv_sqrt_d, l.data());
-    Logits(q + i * dim, keys_hat, tokens, dim, inv_sqrt_d, lh.data());
-    FQ_RETURN_IF_ERROR(Softmax(l.data(), tokens, p.data()));
-    FQ_RETURN_IF_ERROR(Softmax(lh.data(), tokens, ph.data()));
-    double se = 0, a = 0, kk = 0;
-    for (size_t t = 0; t < tokens; ++t) {
-      se += (l[t] - lh[t]) * (l[t] - lh[t]);
-      a += std::fabs(p[t] - ph[t]);
-      const double pc = std::max(p[t], kKlFloor), hc = std::max(ph[t], kKlFloor);
-      kk += pc * PortableLog(pc / hc);
-    }
-    logit_mse += se / static_cast<double>(tokens);
-    tv += 0.5 * a;
-    kl += kk;
-    const std::vector<uint32_t> ta = TopK(l.data(), tokens, k), tb = TopK(lh.data(), tokens, k);
-    size_t inter = 0;
-    for (size_t x = 0, y = 0; x < k && y < k;) {
-      if (ta[x] == tb[y]) {
-        ++inter, ++x, ++y;
-      } else if (ta[x] < tb[y]) {
-        ++x;
-      } else {
-        ++y;
-      }
-    }
-    dis += 1.0 - static_cast<double>(inter) / static_cast<double>(k);
-  }
-  const double n = static_cast<double>(nq);
-  m.key_logit_mse = logit_mse / n;
-  m.attention_tv = tv / n;
-  m.attention_kl = kl / n;
-  m.topk_disagreement = dis / n;
-  return m;
+  FQ_ASSIGN_OR_RETURN(KvQualityEvaluator e,
+                      KvQualityEvaluator::Create(KvRole::kKey, keys, tokens, dim, queries, n_queries, nullptr, top_k));
+  return e.Evaluate(keys_hat);
 }
 
 absl::StatusOr<KvQualityMetrics> EvaluateValueQuality(const float* values, const float* values_hat, size_t tokens,
                                                       size_t dim, const float* queries, size_t n_queries,
                                                       const float* keys) {
-  FQ_RETURN_IF_ERROR(CheckCommon(values, values_hat, tokens, dim));
-  KvQualityMetrics m;
-  m.tokens = tokens;
-  Reconstruction(values, values_hat, tokens * dim, &m);
-  const float* q = queries;
-  const float* kk = keys;
-  size_t nq = n_queries;
-  if (nq > 0 && q != nullptr && kk != nullptr) {
-    FQ_RETURN_IF_ERROR(CheckFinite(q, nq * dim, "queries"));
-    FQ_RETURN_IF_ERROR(CheckFinite(kk, tokens * dim, "keys"));
-    m.query_source = KvQuerySource::kCaller;
-  } else {
-    q = values;
-    kk = values;
-    nq = std::min<size_t>(tokens, kMaxProxyQueries);
-    m.query_source = KvQuerySource::kProxySelfValues;
-  }
-  m.queries = static_cast<uint32_t>(nq);
-  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(dim));
-  std::vector<double> l(tokens), p(tokens), o(dim), oh(dim);
-  double se = 0;
-  for (size_t i = 0; i < nq; ++i) {
-    Logits(q + i * dim, kk, tokens, dim, inv_sqrt_d, l.data());
-    FQ_RETURN_IF_ERROR(Softmax(l.data(), tokens, p.data()));
-    std::fill(o.begin(), o.end(), 0.0);
-    std::fill(oh.begin(), oh.end(), 0.0);
-    for (size_t t = 0; t < tokens; ++t) {
-      const float* v = values + t * dim;
-      const float* vh = values_hat + t * dim;
-      for (size_t c = 0; c < dim; ++c) {
-        o[c] += p[t] * static_cast<double>(v[c]);
-        oh[c] += p[t] * static_cast<double>(vh[c]);
-      }
-    }
-    for (size_t c = 0; c < dim; ++c) se += (o[c] - oh[c]) * (o[c] - oh[c]);
-  }
-  m.value_aggregation_mse = se / (static_cast<double>(nq) * static_cast<double>(dim));
-  return m;
+  FQ_ASSIGN_OR_RETURN(KvQualityEvaluator e, KvQualityEvaluator::Create(KvRole::kValue, values, tokens, dim, queries,
+                                                                       n_queries, keys, kDefaultTopK));
+  return e.Evaluate(values_hat);
 }
 
 absl::StatusOr<KvQualityMetrics> EvaluateQuality(KvRole role, const float* original, const float* reconstructed,

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/kv_shape.h"
@@ -66,6 +67,31 @@ struct KvQualityMetrics {
                                                                size_t dim, const float* queries,
                                                                size_t n_queries, const float* keys,
                                                                uint32_t top_k = kDefaultTopK);
+
+// The original side of a page's metrics computed once (queries, original logits, attention,
+// top-k sets, value aggregations), so many reconstructions of the same page can be measured cheaply
+// (the quality-budget fallback search measures several). Evaluate() gives bit-identical results to
+// the free functions above. Thread safety: immutable after Create; Evaluate is const.
+class KvQualityEvaluator {
+ public:
+  [[nodiscard]] static absl::StatusOr<KvQualityEvaluator> Create(KvRole role, const float* original, size_t tokens,
+                                                                 size_t dim, const float* queries, size_t n_queries,
+                                                                 const float* keys, uint32_t top_k = kDefaultTopK);
+  [[nodiscard]] absl::StatusOr<KvQualityMetrics> Evaluate(const float* reconstructed) const;
+
+ private:
+  KvQualityEvaluator() = default;
+  KvRole role_ = KvRole::kKey;
+  const float* original_ = nullptr;
+  const float* queries_ = nullptr;  // key pages: the queries (caller or proxy)
+  size_t tokens_ = 0, dim_ = 0, nq_ = 0, k_ = 0;
+  KvQuerySource source_ = KvQuerySource::kNone;
+  double inv_sqrt_d_ = 0;
+  std::vector<double> logits_;              // key: [nq, T]
+  std::vector<double> probs_;               // key and value: [nq, T]
+  std::vector<std::vector<uint32_t>> topk_;  // key: per query, sorted indices
+  std::vector<double> agg_;                 // value: [nq, dim]
+};
 
 // Token-weighted means and maxima of page metrics. A metric is present in the result iff it was
 // present in every added page. query_source is the common source, or kCaller if mixed with caller.
