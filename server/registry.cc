@@ -30,8 +30,9 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-constexpr uint64_t kMaxRegistryFileBytes = 512ull << 20;  // a codebook of 2^20 x 256 f32 is 1 GiB hex;
-                                                          // profiles that large are refused by cost
+// Reads of registry files are bounded so a damaged or planted file cannot exhaust memory; real
+// files are far smaller (the codebook of N = 65536, k = 8 is 4 MiB of hex).
+constexpr uint64_t kMaxRegistryFileBytes = 512ull << 20;
 
 int64_t NowUnixSeconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(
@@ -506,18 +507,14 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::GetReceipt(const std::string& id
   return absl::NotFoundError(absl::StrCat("receipt ", id, " is not stored (unknown, or dropped by retention)"));
 }
 
-std::vector<fibquant::v1::Receipt> Registry::ListReceipts(const std::string& profile_digest, size_t offset,
+std::vector<fibquant::v1::Receipt> Registry::ListReceipts(const std::string& profile_digest, uint64_t before_seq,
                                                          size_t limit, bool* more) const {
   std::vector<fibquant::v1::Receipt> out;
   *more = false;
   absl::MutexLock lock(&mu_);
-  size_t skipped = 0;
   for (auto it = receipts_.rbegin(); it != receipts_.rend(); ++it) {
     if (!profile_digest.empty() && it->profile_digest() != profile_digest) continue;
-    if (skipped < offset) {
-      ++skipped;
-      continue;
-    }
+    if (ReceiptSeq(it->receipt_id()) >= before_seq) continue;
     if (out.size() == limit) {
       *more = true;
       break;

@@ -79,8 +79,9 @@ class Registry {
   // receipts (the oldest are dropped, files too). Returns the stored receipt.
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> AddReceipt(fibquant::v1::Receipt receipt);
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> GetReceipt(const std::string& id) const;
-  // Newest first; `offset` receipts skipped; optionally filtered by profile digest.
-  std::vector<fibquant::v1::Receipt> ListReceipts(const std::string& profile_digest, size_t offset,
+  // Newest first, only receipts whose sequence number (the digits of "rcpt-<seq>") is below
+  // `before_seq`, optionally only those of one profile digest.
+  std::vector<fibquant::v1::Receipt> ListReceipts(const std::string& profile_digest, uint64_t before_seq,
                                                  size_t limit, bool* more) const;
   size_t receipt_count() const;
 

@@ -398,6 +398,7 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
     {
       absl::MutexLock lock(&mu_);
       reading_ = false;
+      if (finished_) return;  // the stream already failed: drop the page, read no more
       ++next_seq_;
       ++inflight_;
       ++pending_;
@@ -1200,15 +1201,20 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListReceipts(grpc::CallbackS
   auto* reactor = ctx->DefaultReactor();
   const auto start = Clock::now();
   absl::Status s = [&]() -> absl::Status {
-    uint64_t offset = 0;
-    if (!req->page_token().empty() && !absl::SimpleAtoi(req->page_token(), &offset)) {
-      return absl::InvalidArgumentError("page_token is not a token returned by ListReceipts");
+    // The token is the id of the last receipt returned: ids only grow, so pages stay stable while
+    // new receipts arrive.
+    uint64_t before = std::numeric_limits<uint64_t>::max();
+    if (!req->page_token().empty()) {
+      const std::string& t = req->page_token();
+      if (t.rfind("rcpt-", 0) != 0 || !absl::SimpleAtoi(t.substr(5), &before)) {
+        return absl::InvalidArgumentError("page_token is not a token returned by ListReceipts");
+      }
     }
     uint32_t n = req->page_size() == 0 ? kDefaultListPageSize : std::min(req->page_size(), kMaxListPageSize);
     bool more = false;
-    auto receipts = registry_->ListReceipts(req->profile_digest(), offset, n, &more);
+    auto receipts = registry_->ListReceipts(req->profile_digest(), before, n, &more);
+    if (more && !receipts.empty()) resp->set_next_page_token(receipts.back().receipt_id());
     for (auto& r : receipts) *resp->add_receipts() = std::move(r);
-    if (more) resp->set_next_page_token(absl::StrCat(offset + receipts.size()));
     return absl::OkStatus();
   }();
   RecordRpc("ListReceipts", s.code(), start);

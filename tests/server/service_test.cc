@@ -150,12 +150,14 @@ class ServiceTest : public ::testing::Test {
     return out;
   }
 
-  StreamResult<v1::DecompressPagesResponse> Decompress(v1::DType dtype, const std::vector<std::string>& frames) {
+  StreamResult<v1::DecompressPagesResponse> Decompress(v1::DType dtype, const std::vector<std::string>& frames,
+                                                       const std::string& only_profile = "") {
     grpc::ClientContext ctx;
     auto stream = stub_->DecompressPages(&ctx);
     std::thread writer([&] {
       v1::DecompressPagesRequest r;
       r.mutable_header()->set_output_dtype(dtype);
+      r.mutable_header()->set_profile_digest(only_profile);
       if (!stream->Write(r)) return;
       for (size_t i = 0; i < frames.size(); ++i) {
         v1::DecompressPagesRequest q;
@@ -665,6 +667,67 @@ TEST_F(ServiceTest, ReceiptRetentionDropsOldest) {
   size_t files = 0;
   for (auto& e : fs::directory_iterator(fs::path(data_dir_) / "receipts")) files += e.path().extension() == ".json";
   EXPECT_EQ(files, 2u);
+}
+
+TEST_F(ServiceTest, ReceiptsPaginateNewestFirst) {
+  StartServer();
+  const std::string a = Register(SpecJson("a")).profile().digest();
+  const std::string b = Register(SpecJson("b", 32)).profile().digest();
+  const std::vector<float> page(16 * kDim, 0.25f);
+  std::vector<std::string> ids;
+  for (const std::string& d : {a, b, a}) {
+    v1::CompressStreamHeader header;
+    header.set_profile_digest(d);
+    header.set_input_dtype(v1::DTYPE_F32);
+    ids.push_back(Compress(header, {MakePage(0, 0, 0, 16, page, 0)}).responses.back().receipt().receipt_id());
+  }
+  std::vector<std::string> listed;
+  std::string token;
+  do {
+    grpc::ClientContext ctx;
+    v1::ListReceiptsRequest req;
+    req.set_page_size(2);
+    req.set_page_token(token);
+    v1::ListReceiptsResponse resp;
+    ASSERT_TRUE(stub_->ListReceipts(&ctx, req, &resp).ok());
+    for (const auto& r : resp.receipts()) listed.push_back(r.receipt_id());
+    token = resp.next_page_token();
+  } while (!token.empty() && listed.size() < 10);
+  EXPECT_EQ(listed, (std::vector<std::string>{ids[2], ids[1], ids[0]}));
+  grpc::ClientContext ctx;
+  v1::ListReceiptsRequest req;
+  req.set_profile_digest(a);
+  v1::ListReceiptsResponse resp;
+  ASSERT_TRUE(stub_->ListReceipts(&ctx, req, &resp).ok());
+  ASSERT_EQ(resp.receipts_size(), 2);
+  EXPECT_EQ(resp.receipts(0).receipt_id(), ids[2]);
+}
+
+TEST_F(ServiceTest, DecompressRejectsFramesOfUnknownOrOtherProfiles) {
+  StartServer();
+  const std::string a = Register(SpecJson("a")).profile().digest();
+  const std::string b = Register(SpecJson("b", 32)).profile().digest();
+  const std::vector<float> page(16 * kDim, 0.25f);
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(a);
+  header.set_input_dtype(v1::DTYPE_F32);
+  auto c = Compress(header, {MakePage(0, 1, 16, 16, page, 0)});
+  ASSERT_TRUE(c.status.ok());
+  const std::string frame = c.responses[0].page().frame();
+  auto other = Decompress(v1::DTYPE_F32, {frame}, b);
+  EXPECT_EQ(other.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(other.status.error_message().find("page 0"), std::string::npos);
+  auto unknown_header = Decompress(v1::DTYPE_F32, {frame}, "sha256:" + std::string(64, 'e'));
+  EXPECT_EQ(unknown_header.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  auto no_dtype = Decompress(v1::DTYPE_UNSPECIFIED, {frame});
+  EXPECT_EQ(no_dtype.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // A server that does not know the profile answers NOT_FOUND naming the page.
+  StopServer();
+  fs::remove_all(fs::path(data_dir_) / "profiles");
+  StartServer();
+  auto gone = Decompress(v1::DTYPE_F32, {frame});
+  EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(gone.status.error_message().find("page 0"), std::string::npos);
 }
 
 TEST_F(ServiceTest, CorruptedRegistryFileIsQuarantinedAndServerStarts) {
