@@ -198,13 +198,6 @@ function buildTypeTable() {
   const table = new Map();  // global interface alias -> Map(field -> type text)
   const roots = [path.join(modulesDir, 'kubernetes-models'),
     path.join(modulesDir, '@kubernetes-models', 'apimachinery')];
-  const walk = (d) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) walk(p);
-      else if (e.name.endsWith('.d.ts') && e.name !== 'index.d.ts') parseDts(p);
-    }
-  };
   const parseDts = (file) => {
     const src = fs.readFileSync(file, 'utf8').replace(/\/\*[\s\S]*?\*\//g, '');
     const local = new Map();
@@ -243,6 +236,13 @@ function buildTypeTable() {
         const am = /^\s*(\w+) as (\w+)\s*$/.exec(part);
         if (am && local.has(am[1])) table.set(am[2], local.get(am[1]));
       }
+    }
+  };
+  const walk = (d) => {
+    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.name.endsWith('.d.ts') && e.name !== 'index.d.ts') parseDts(p);
     }
   };
   for (const r of roots) walk(r);
