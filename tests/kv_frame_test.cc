@@ -169,6 +169,20 @@ TEST(KvFrameCorrupt, CodedCount) {
   EXPECT_NE(ParseStatus(f).message().find("counts"), std::string::npos);
 }
 
+// Each raw count on its own: one more vector than the bitmap and sections hold.
+void ExpectCountRejected(size_t off) {
+  std::string f = Frame();
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t{static_cast<uint8_t>(f[off + i])} << (8 * i);
+  PutU32(&f, off, v + 1);
+  Reseal(&f);
+  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss) << "offset " << off;
+}
+TEST(KvFrameCorrupt, RawProtectedCount) { ExpectCountRejected(80); }
+TEST(KvFrameCorrupt, RawPolicyCount) { ExpectCountRejected(84); }
+TEST(KvFrameCorrupt, RawEncodeFallbackCount) { ExpectCountRejected(88); }
+TEST(KvFrameCorrupt, RawQualityFallbackCount) { ExpectCountRejected(92); }
+
 TEST(KvFrameCorrupt, RawCountsMoved) {
   // Totals still add up but the reasons shift: sizes agree, so only the content checks remain.
   std::string f = Frame();
