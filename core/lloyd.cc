@@ -16,11 +16,6 @@ namespace fibquant {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-#ifdef FQ_LLOYD_STATS
-}  // namespace
-std::atomic<uint64_t> g_full{0}, g_dist{0}, g_pass{0};
-namespace {
-#endif
 constexpr uint32_t kNoIndex = std::numeric_limits<uint32_t>::max();
 // Cells per ParallelFor chunk in the per-cell statistics (fixed; results do not depend on it).
 constexpr size_t kCellChunk = 256;
@@ -107,7 +102,11 @@ double MinBase(const double* v, uint32_t len) {
   return std::min(t[0], t[1]);
 }
 
-const bool kCpuHasAvx2 = __builtin_cpu_supports("avx2");
+bool DetectAvx2() {
+  __builtin_cpu_init();  // static initialisers may run before libgcc's own CPU probe
+  return __builtin_cpu_supports("avx2");
+}
+const bool kCpuHasAvx2 = DetectAvx2();
 std::atomic<bool> g_use_avx2{kCpuHasAvx2};
 
 // Yinyang grouping: about kGroupSize codewords per group, at most kMaxGroups groups.
@@ -222,9 +221,6 @@ SearchResult FullSearch(const SearchIndex& ix, const double* x, double nx) {
     } else {
       BlockDistBase<K>(x, blk, k, dist);
     }
-#ifdef FQ_LLOYD_STATS
-    g_dist.fetch_add(kLanes, std::memory_order_relaxed);
-#endif
     const uint32_t first = b * kLanes;
     const uint32_t lanes = std::min(kLanes, ix.n - first);
     for (uint32_t l = 0; l < lanes; ++l) {
@@ -451,9 +447,6 @@ class Assigner {
               BlockDistBase<K>(x, blk, k, out);
             }
           }
-#ifdef FQ_LLOYD_STATS
-          g_dist.fetch_add((b1 - b0) * kLanes, std::memory_order_relaxed);
-#endif
           const uint32_t len = (b1 - b0) * kLanes;
           for (uint32_t q = group_size_[j]; q < len; ++q) buf[q] = kInf;
           const double m1 = avx2 ? MinAvx2(buf.data(), len) : MinBase(buf.data(), len);
@@ -470,9 +463,6 @@ class Assigner {
             best_idx = m1_idx;
           }
         }
-#ifdef FQ_LLOYD_STATS
-        g_full.fetch_add(1, std::memory_order_relaxed);
-#endif
         index[i] = best_idx;
         distance[i] = best;
         for (uint32_t j = 0; j < g; ++j) {
@@ -490,9 +480,6 @@ class Assigner {
     });
     prev_ = c;
     have_prev_ = true;
-#ifdef FQ_LLOYD_STATS
-    g_pass.fetch_add(m_, std::memory_order_relaxed);
-#endif
   }
 
   const double* samples_;

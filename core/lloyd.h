@@ -4,10 +4,13 @@
 // Semantics are those of the sequential reference: nearest = smallest f64 squared distance
 // sum_i (x_i - c_i)^2 (left to right), lowest index on ties; per-cell sums, distortions and far
 // points accumulated in sample order. The implementation is parallel (ParallelFor over fixed
-// 4096-sample chunks and fixed cell ranges) and pruned (norm-sorted search, Hamerly/Elkan bounds
-// with conservative floating-point margins), but every chosen index and every distance is
-// bit-identical to the brute-force scan, so results do not depend on the thread count.
-// Owner: codebook module. Thread safety: pure functions (they spawn their own workers).
+// 4096-sample chunks and fixed cell ranges), vectorised (8 codewords per AVX2/SSE2 kernel call,
+// lane-wise the same operations as the scalar distance) and pruned (Yinyang group bounds across
+// Lloyd passes, norm-sorted blocks for one-shot searches, with conservative floating-point
+// margins), but every chosen index and every distance is bit-identical to the brute-force scan, so
+// results do not depend on the thread count or the CPU.
+// Owner: codebook module. Thread safety: the functions may be called concurrently (each spawns its
+// own workers); SetLloydAvx2ForTesting is for single-threaded tests only.
 #ifndef FIBQUANT_CORE_LLOYD_H_
 #define FIBQUANT_CORE_LLOYD_H_
 
