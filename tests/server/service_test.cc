@@ -571,6 +571,32 @@ TEST_F(ServiceTest, CancelMidStreamFreesTheStream) {
   EXPECT_TRUE(Compress(header, {MakePage(0, 0, 0, 16, page, 0)}).status.ok());
 }
 
+TEST_F(ServiceTest, ExpiredStreamIsFreed) {
+  StartServer();
+  const std::string digest = Register(SpecJson("expire")).profile().digest();
+  const std::vector<float> page(16 * kDim, 0.25f);
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    auto stream = stub_->CompressPages(&ctx);
+    v1::CompressPagesRequest r;
+    r.mutable_header()->set_profile_digest(digest);
+    r.mutable_header()->set_input_dtype(v1::DTYPE_F32);
+    ASSERT_TRUE(stream->Write(r));
+    v1::CompressPagesRequest q;
+    *q.mutable_page() = MakePage(0, 0, 0, 16, page, 0);
+    ASSERT_TRUE(stream->Write(q));
+    v1::CompressPagesResponse resp;
+    ASSERT_TRUE(stream->Read(&resp));
+    // The client never half-closes: the deadline ends the stream.
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  for (int i = 0; i < 1000 && svc_->open_streams() != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(svc_->open_streams(), 0u);
+}
+
 TEST_F(ServiceTest, ConcurrentStreamLimitIsResourceExhausted) {
   options_.max_concurrent_streams = 1;
   StartServer();
