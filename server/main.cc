@@ -253,8 +253,9 @@ int Run(int argc, char** argv) {
   const std::string where = listen.starts_with("unix")
                                 ? listen
                                 : absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
-  Log(absl::StrCat("serving ", kServiceName, " on ", where, " (", mode, ", admin token ", admin_auth ? "required" : "not required",
-                   ", ", (*service)->profile_count(), " profiles)"));
+  Log(absl::StrCat("serving ", kServiceName, " on ", where, " (", mode, ", admin token ",
+                   admin_auth ? "required" : "not required", ", ",
+                   (*service)->profile_count(), " profiles)"));
 
   std::thread signal_thread(DrainOnSignal, &signals, server.get(), service->get(),
                             absl::GetFlag(FLAGS_drain_seconds));
