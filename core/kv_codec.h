@@ -111,7 +111,8 @@ class KvCodec {
   [[nodiscard]] absl::StatusOr<DecodedPage> DecodeFrame(absl::Span<const uint8_t> frame, DType out,
                                                         CodecPath path = CodecPath::kFast) const;
   // Decodes vector `index` only (a token [head_dim] on the token axis, a channel [token_count] on
-  // the channel axis) after the same header checks; touches only that vector's code or raw bytes.
+  // the channel axis) after the same frame checks (header, checksum, counts, protection); the
+  // decode itself reads only that vector's code or raw bytes (rank = bitmap popcount).
   // OutOfRange when index >= vector_count.
   [[nodiscard]] absl::StatusOr<std::vector<uint8_t>> DecodeVector(absl::Span<const uint8_t> frame,
                                                                   uint32_t index, DType out,
