@@ -42,19 +42,21 @@ struct Sizes {
   uint64_t bitmap = 0, codes = 0, raw = 0, total = 0;
 };
 
-absl::StatusOr<Sizes> ComputeSizes(const KvFrameHeader& h, const KvFrameLimits& limits) {
+// Building: a header past a limit is ResourceExhausted. Parsing: the frame's real length is already
+// known to be within max_frame_bytes, so a header claiming more than the limits is corrupt (DataLoss).
+absl::StatusOr<Sizes> ComputeSizes(const KvFrameHeader& h, const KvFrameLimits& limits, bool parsing) {
+  auto limit_error = [parsing](std::string msg) {
+    return parsing ? absl::DataLossError(std::move(msg)) : absl::ResourceExhaustedError(std::move(msg));
+  };
   const KvPageCounts& c = h.counts;
   if (c.vector_count > limits.max_vectors) {
-    return absl::ResourceExhaustedError(absl::StrCat("frame vector_count ", c.vector_count,
-                                                     " exceeds the limit ", limits.max_vectors));
+    return limit_error(absl::StrCat("frame vector_count ", c.vector_count, " exceeds the limit ", limits.max_vectors));
   }
   if (h.vector_len > limits.max_vector_len) {
-    return absl::ResourceExhaustedError(absl::StrCat("frame vector_len ", h.vector_len, " exceeds the limit ",
-                                                     limits.max_vector_len));
+    return limit_error(absl::StrCat("frame vector_len ", h.vector_len, " exceeds the limit ", limits.max_vector_len));
   }
   if (h.code_bytes > limits.max_code_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("frame code_bytes ", h.code_bytes, " exceeds the limit ",
-                                                     limits.max_code_bytes));
+    return limit_error(absl::StrCat("frame code_bytes ", h.code_bytes, " exceeds the limit ", limits.max_code_bytes));
   }
   const uint64_t raw_total = uint64_t{c.raw_protected} + c.raw_policy + c.raw_encode_fallback + c.raw_quality_fallback;
   if (uint64_t{c.coded} + raw_total != c.vector_count) {
@@ -66,16 +68,16 @@ absl::StatusOr<Sizes> ComputeSizes(const KvFrameHeader& h, const KvFrameLimits& 
   s.codes = uint64_t{c.coded} * h.code_bytes;  // both u32: fits
   uint64_t raw = 0;
   if (!MulAdd(&raw, raw_total, uint64_t{h.vector_len} * DTypeSize(h.raw_dtype))) {
-    return absl::ResourceExhaustedError("frame raw section size overflows u64");
+    return limit_error("frame raw section size overflows u64");
   }
   s.raw = raw;
   uint64_t total = kKvFrameHeaderBytes + kKvFrameChecksumBytes + s.bitmap;
   if (!MulAdd(&total, 1, s.codes) || !MulAdd(&total, 1, s.raw)) {
-    return absl::ResourceExhaustedError("frame size overflows u64");
+    return limit_error("frame size overflows u64");
   }
   if (total > limits.max_frame_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("frame size ", total, " exceeds the limit ",
-                                                     limits.max_frame_bytes, " bytes"));
+    return limit_error(absl::StrCat("frame size ", total, " implied by the header exceeds the limit ",
+                                    limits.max_frame_bytes, " bytes"));
   }
   s.total = total;
   return s;
@@ -101,13 +103,13 @@ uint32_t KvFrameView::RawRank(uint32_t i) const {
 uint64_t KvFrameChecksum(absl::Span<const uint8_t> bytes) { return XXH3_64bits(bytes.data(), bytes.size()); }
 
 absl::StatusOr<uint64_t> KvFrameSize(const KvFrameHeader& h, const KvFrameLimits& limits) {
-  FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, limits));
+  FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, limits, false));
   return s.total;
 }
 
 absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& h, absl::Span<const uint8_t> bitmap,
                                          absl::Span<const uint8_t> codes, absl::Span<const uint8_t> raw) {
-  FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, KvFrameLimits{}));
+  FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, KvFrameLimits{}, false));
   if (bitmap.size() != s.bitmap || codes.size() != s.codes || raw.size() != s.raw) {
     return absl::InvalidArgumentError(absl::StrCat("BuildKvFrame: section sizes (bitmap ", bitmap.size(), ", codes ",
                                                    codes.size(), ", raw ", raw.size(), ") do not match the header (",
@@ -155,6 +157,16 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
     return absl::DataLossError(absl::StrCat("frame version ", h.version, " is not supported (expected ",
                                             kKvFrameVersion, ")"));
   }
+  // The checksum covers every other field, so it is verified before any of them is interpreted.
+  v.checksum = GetU64(p + f.size() - kKvFrameChecksumBytes);
+  {
+    const uint64_t want = KvFrameChecksum(f.subspan(0, f.size() - kKvFrameChecksumBytes));
+    if (v.checksum != want) {
+      return absl::DataLossError(absl::StrCat("frame checksum mismatch (or truncated frame): stored 0x",
+                                              absl::Hex(v.checksum, absl::kZeroPad16), ", computed 0x",
+                                              absl::Hex(want, absl::kZeroPad16)));
+    }
+  }
   h.flags = GetU16(p + 6);
   if (h.flags & ~kKvFrameKnownFlags) {
     return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set reserved bits"));
@@ -179,19 +191,13 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
   h.counts.raw_policy = GetU32(q + 40);
   h.counts.raw_encode_fallback = GetU32(q + 44);
   h.counts.raw_quality_fallback = GetU32(q + 48);
-  FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, limits));
+  FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, limits, true));
   if (f.size() < s.total) {
     return absl::DataLossError(absl::StrCat("frame truncated: ", f.size(), " bytes, header requires ", s.total));
   }
   if (f.size() > s.total) {
     return absl::DataLossError(absl::StrCat("frame has ", f.size() - s.total, " trailing bytes after the checksum (",
                                             "header requires ", s.total, ")"));
-  }
-  v.checksum = GetU64(p + s.total - kKvFrameChecksumBytes);
-  const uint64_t want = KvFrameChecksum(f.subspan(0, s.total - kKvFrameChecksumBytes));
-  if (v.checksum != want) {
-    return absl::DataLossError(absl::StrCat("frame checksum mismatch: stored 0x", absl::Hex(v.checksum, absl::kZeroPad16),
-                                            ", computed 0x", absl::Hex(want, absl::kZeroPad16)));
   }
   // Axis/count consistency.
   if (h.coords.token_count == 0) return absl::DataLossError("frame token_count is 0");

@@ -68,7 +68,7 @@ struct KvFrameHeader {
   }
 };
 
-// Limits checked before anything is allocated (ResourceExhausted beyond them).
+// Limits checked before anything is allocated from header fields.
 struct KvFrameLimits {
   uint64_t max_frame_bytes = 256ull << 20;
   uint32_t max_vectors = 1u << 20;
@@ -88,7 +88,8 @@ struct KvFrameView {
   uint32_t RawRank(uint32_t i) const;
 };
 
-// Total frame size implied by a header (overflow-checked); ResourceExhausted past the limits.
+// Total frame size implied by a header (overflow-checked); ResourceExhausted past the limits (the
+// encoder side: BuildKvFrame uses it too).
 [[nodiscard]] absl::StatusOr<uint64_t> KvFrameSize(const KvFrameHeader& h, const KvFrameLimits& limits = {});
 
 // Assembles a frame. InvalidArgument when the sections do not match the header's counts.
@@ -98,9 +99,10 @@ struct KvFrameView {
                                                        absl::Span<const uint8_t> raw);
 
 // Parses and verifies a frame (docs/format/kv.md "Decoder checks", in that order): length, magic,
-// version, flags, dtype, axis, reserved bytes, counts vs limits, exact size (truncation / trailing
-// bytes), checksum, axis/count consistency, bitmap popcount and padding bits. DataLoss naming the
-// field for corrupt content, ResourceExhausted for limits.
+// version, checksum, flags, dtype, axis, reserved bytes, header counts vs limits, exact size
+// (truncation / trailing bytes), axis/count consistency, bitmap popcount and padding bits. DataLoss
+// naming the field for corrupt content (including a header claiming more than the limits);
+// ResourceExhausted only when the frame itself is longer than max_frame_bytes.
 [[nodiscard]] absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> frame,
                                                        const KvFrameLimits& limits = {});
 

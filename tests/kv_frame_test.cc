@@ -292,14 +292,21 @@ TEST(KvFrameCorrupt, TokenSpanOverflow) {
 }
 
 TEST(KvFrameLimits, CheckedBeforeAllocation) {
+  // A header claiming more than the limits inside a frame of sane length is corrupt: DataLoss, with
+  // nothing allocated from the claimed counts. Only a frame really longer than max_frame_bytes is a
+  // resource limit.
   std::string f = Frame();
   PutU32(&f, 64, 0xFFFFFFFFu);  // vector_count
   Reseal(&f);
-  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
+  EXPECT_NE(ParseStatus(f).message().find("limit"), std::string::npos);
   f = Frame();
   PutU32(&f, 68, 1u << 20);  // vector_len
   Reseal(&f);
-  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
+  KvFrameHeader big = Header();
+  big.counts.vector_count = (1u << 20) + 1;
+  EXPECT_EQ(KvFrameSize(big).status().code(), StatusCode::kResourceExhausted);
   KvFrameLimits small;
   small.max_frame_bytes = 64;
   EXPECT_EQ(ParseKvFrame(Bytes(Frame()), small).status().code(), StatusCode::kResourceExhausted);
