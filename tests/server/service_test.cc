@@ -175,6 +175,15 @@ class ServiceTest : public ::testing::Test {
     return out;
   }
 
+  // OnDone (which releases a stream) runs after the client already saw the status: wait for it, up
+  // to 10 s (a bound, not a timing assertion).
+  void WaitForNoOpenStreams() {
+    for (int i = 0; i < 1000 && svc_->open_streams() != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_EQ(svc_->open_streams(), 0u);
+  }
+
   // All 16 pages (4 heads x 4 pages of 16 tokens) of the L1 key fixture, head-major.
   std::vector<v1::RawPage> FixturePages(const std::vector<float>& keys) {
     std::vector<v1::RawPage> pages;
@@ -530,6 +539,47 @@ TEST_F(ServiceTest, OutputKeepsInputOrderUnderConcurrentSmallPool) {
   EXPECT_EQ(r.responses.back().receipt().pages(), pages.size());
 }
 
+TEST_F(ServiceTest, ConcurrentStreamsEachKeepTheirOrder) {
+  options_.worker_threads = 2;
+  options_.max_inflight_pages_per_stream = 3;
+  StartServer();
+  const std::string digest = Register(SpecJson("multi", 16, 4, 4)).profile().digest();
+  constexpr int kStreams = 4;
+  std::vector<std::vector<v1::RawPage>> inputs(kStreams);
+  std::vector<StreamResult<v1::CompressPagesResponse>> outputs(kStreams);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int i = 0; i < kStreams; ++i) {
+    for (uint32_t l = 0; l < 4; ++l) {
+      for (uint32_t s = 0; s < kTokens; s += 4) {
+        std::vector<float> data(4 * kDim);
+        for (float& v : data) v = normal(rng);
+        inputs[i].push_back(MakePage(l, static_cast<uint32_t>(i), s, 4, data, inputs[i].size()));
+      }
+    }
+    std::shuffle(inputs[i].begin(), inputs[i].end(), rng);
+  }
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(digest);
+  header.set_input_dtype(v1::DTYPE_F32);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kStreams; ++i) {
+    clients.emplace_back([&, i] { outputs[i] = Compress(header, inputs[i]); });
+  }
+  for (auto& t : clients) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(outputs[i].status.ok()) << outputs[i].status.error_message();
+    ASSERT_EQ(outputs[i].responses.size(), inputs[i].size() + 1);
+    for (size_t j = 0; j < inputs[i].size(); ++j) {
+      EXPECT_EQ(outputs[i].responses[j].page().sequence(), j);
+      EXPECT_EQ(outputs[i].responses[j].page().client_sequence(), inputs[i][j].client_sequence());
+      EXPECT_EQ(outputs[i].responses[j].page().coordinates().kv_head(), static_cast<uint32_t>(i));
+    }
+    EXPECT_EQ(outputs[i].responses.back().receipt().pages(), inputs[i].size());
+  }
+  WaitForNoOpenStreams();
+}
+
 TEST_F(ServiceTest, CancelMidStreamFreesTheStream) {
   options_.max_inflight_pages_per_stream = 2;
   StartServer();
@@ -556,10 +606,7 @@ TEST_F(ServiceTest, CancelMidStreamFreesTheStream) {
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
   // The reactor is freed once OnDone ran and its tasks finished (bounded wait, not a timing check).
-  for (int i = 0; i < 1000 && svc_->open_streams() != 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_EQ(svc_->open_streams(), 0u);
+  WaitForNoOpenStreams();
   // Nothing was stored for the cancelled stream, and the server still serves.
   grpc::ClientContext ctx;
   v1::ListReceiptsResponse resp;
@@ -591,10 +638,7 @@ TEST_F(ServiceTest, ExpiredStreamIsFreed) {
     // The client never half-closes: the deadline ends the stream.
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   }
-  for (int i = 0; i < 1000 && svc_->open_streams() != 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_EQ(svc_->open_streams(), 0u);
+  WaitForNoOpenStreams();
 }
 
 TEST_F(ServiceTest, ConcurrentStreamLimitIsResourceExhausted) {
