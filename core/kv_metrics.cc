@@ -42,14 +42,26 @@ void Reconstruction(const float* x, const float* y, size_t n, KvQualityMetrics* 
   }
 }
 
-// logits[t] = q.k_t / sqrt(d), f64, left-to-right sums.
-void Logits(const float* q, const float* keys, size_t tokens, size_t dim, double inv_sqrt_d, double* out) {
+// Keys transposed to [dim, tokens] f64, so the logit sums below run over tokens in the inner loop
+// (vectorizable) while each logit still accumulates its products in channel order 0..d-1: the same
+// additions in the same order as a plain dot product, hence the same bits.
+void TransposeKeys(const float* keys, size_t tokens, size_t dim, std::vector<double>* kt) {
+  kt->resize(tokens * dim);
   for (size_t t = 0; t < tokens; ++t) {
-    const float* k = keys + t * dim;
-    double s = 0;
-    for (size_t c = 0; c < dim; ++c) s += static_cast<double>(q[c]) * static_cast<double>(k[c]);
-    out[t] = s * inv_sqrt_d;
+    for (size_t c = 0; c < dim; ++c) (*kt)[c * tokens + t] = static_cast<double>(keys[t * dim + c]);
   }
+}
+
+// out[t] = (sum_c q[c] * k_t[c]) / sqrt(d), products exact in f64, sums in channel order.
+void Logits(const float* q, const std::vector<double>& kt, size_t tokens, size_t dim, double inv_sqrt_d,
+            double* out) {
+  std::fill(out, out + tokens, 0.0);
+  for (size_t c = 0; c < dim; ++c) {
+    const double qc = static_cast<double>(q[c]);
+    const double* row = kt.data() + c * tokens;
+    for (size_t t = 0; t < tokens; ++t) out[t] += qc * row[t];
+  }
+  for (size_t t = 0; t < tokens; ++t) out[t] *= inv_sqrt_d;
 }
 
 absl::Status Softmax(const double* logits, size_t n, double* p) {
@@ -126,6 +138,8 @@ absl::StatusOr<KvQualityEvaluator> KvQualityEvaluator::Create(KvRole role, const
   } else {
     e.agg_.assign(nq * dim, 0.0);
   }
+  std::vector<double> kt;
+  TransposeKeys(kk, tokens, dim, &kt);
   for (size_t i = 0; i < nq; ++i) {
     double* l = role == KvRole::kKey ? &e.logits_[i * tokens] : nullptr;
     std::vector<double> tmp;
@@ -133,7 +147,7 @@ absl::StatusOr<KvQualityEvaluator> KvQualityEvaluator::Create(KvRole role, const
       tmp.resize(tokens);
       l = tmp.data();
     }
-    Logits(q + i * dim, kk, tokens, dim, e.inv_sqrt_d_, l);
+    Logits(q + i * dim, kt, tokens, dim, e.inv_sqrt_d_, l);
     double* p = &e.probs_[i * tokens];
     FQ_RETURN_IF_ERROR(Softmax(l, tokens, p));
     if (role == KvRole::kKey) {
@@ -160,12 +174,13 @@ absl::StatusOr<KvQualityMetrics> KvQualityEvaluator::Evaluate(const float* recon
   Reconstruction(original_, recon, T * D, &m);
   const double n = static_cast<double>(nq_);
   if (role_ == KvRole::kKey) {
-    std::vector<double> lh(T), ph(T);
+    std::vector<double> lh(T), ph(T), kt;
+    TransposeKeys(recon, T, D, &kt);
     double logit_mse = 0, tv = 0, kl = 0, dis = 0;
     for (size_t i = 0; i < nq_; ++i) {
       const double* l = &logits_[i * T];
       const double* p = &probs_[i * T];
-      Logits(queries_ + i * D, recon, T, D, inv_sqrt_d_, lh.data());
+      Logits(queries_ + i * D, kt, T, D, inv_sqrt_d_, lh.data());
       FQ_RETURN_IF_ERROR(Softmax(lh.data(), T, ph.data()));
       double se = 0, a = 0, kk = 0;
       for (size_t t = 0; t < T; ++t) {

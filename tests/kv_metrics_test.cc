@@ -1,7 +1,11 @@
 // Quality metrics against hand-computed values on tiny inputs.
 #include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
 #include <vector>
 
+#include "core/digest.h"
 #include "core/kv_metrics.h"
 #include "gtest/gtest.h"
 
@@ -112,6 +116,34 @@ TEST(KvMetrics, AccumulatorWeightsByTokens) {
   EXPECT_DOUBLE_EQ(mx.cosine_similarity, 0.5);  // worst cosine
   EXPECT_DOUBLE_EQ(*mx.attention_tv, 0.3);
   EXPECT_FALSE(mean.value_aggregation_mse.has_value());
+}
+
+// Bit-exactness pin: metrics are digested by receipts, so a refactor of the arithmetic must not move a
+// single bit. Real keys (tests/data/L1_k.f32 as 256 vectors of 128) against a fixed perturbation,
+// proxy and caller queries, every metric printed as a hex float and hashed.
+TEST(KvMetrics, GoldenBitsOnRealKeys) {
+  std::ifstream fk(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32", std::ios::binary);
+  std::ifstream fq(std::string(FQ_TEST_DATA_DIR) + "/L1_q.f32", std::ios::binary);
+  if (!fk || !fq) GTEST_SKIP() << "fixture missing";
+  std::vector<float> k(64 * 4 * 128), q(k.size());
+  fk.read(reinterpret_cast<char*>(k.data()), static_cast<std::streamsize>(k.size() * 4));
+  fq.read(reinterpret_cast<char*>(q.data()), static_cast<std::streamsize>(q.size() * 4));
+  ASSERT_TRUE(fk && fq);
+  std::vector<float> kh = k;
+  for (size_t i = 0; i < kh.size(); ++i) kh[i] += 0.01f * static_cast<float>((i * 7919) % 13) - 0.06f;
+  std::string text;
+  for (int rep = 0; rep < 2; ++rep) {
+    auto m = EvaluateKeyQuality(k.data(), kh.data(), 256, 128, rep ? q.data() : nullptr, rep ? 64 : 0, 8);
+    auto v = EvaluateValueQuality(k.data(), kh.data(), 256, 128, rep ? q.data() : nullptr, rep ? 64 : 0,
+                                  rep ? q.data() : nullptr);
+    ASSERT_TRUE(m.ok() && v.ok());
+    char buf[512];
+    std::snprintf(buf, sizeof buf, "%a %a %a %a %a %a %a\n", m->reconstruction_mse, m->cosine_similarity,
+                  *m->key_logit_mse, *m->attention_tv, *m->attention_kl, *m->topk_disagreement,
+                  *v->value_aggregation_mse);
+    text += buf;
+  }
+  EXPECT_EQ(Sha256Digest(text), "sha256:a9452c97b44d9e041cf4bd2e2a7465e44dbd39892260b1217437bf4fadfbb429") << text;
 }
 
 }  // namespace
