@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <future>
 #include <mutex>
 #include <random>
 #include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "grpcpp/generic/generic_stub.h"
 
 namespace fibquant::client {
 namespace {
@@ -241,6 +243,41 @@ absl::StatusOr<v1::GetServerInfoResponse> KvClient::GetServerInfo() {
   });
   if (!s.ok()) return s;
   return resp;
+}
+
+absl::StatusOr<bool> KvClient::CheckHealth(const std::string& service) {
+  // The health messages are tiny, so they are encoded by hand on a generic stub instead of
+  // generating grpc.health.v1 code: request field 1 (service, string); response field 1 (status,
+  // enum: 1 SERVING, 2 NOT_SERVING; an all-default response is empty).
+  if (service.size() >= 128)
+    return absl::InvalidArgumentError("CheckHealth: service name too long");
+  std::string req;
+  if (!service.empty()) {
+    req.push_back(0x0a);
+    req.push_back(static_cast<char>(service.size()));
+    req += service;
+  }
+  grpc::Slice slice(req);
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, options_.unary_timeout);
+  grpc::GenericStub stub(channel_);
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&done](grpc::Status s) { done.set_value(std::move(s)); });
+  const grpc::Status status = done.get_future().get();
+  if (!status.ok()) return ToAbslStatus(status, "Health/Check");
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return absl::InternalError("Health/Check: unreadable response");
+  std::string bytes;
+  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  const int serving = bytes.size() >= 2 && bytes[0] == 0x08 ? bytes[1] : 0;
+  if (serving != 1 && serving != 2) {
+    return absl::UnknownError(
+        absl::StrCat("Health/Check: status ", serving, " for '", service, "'"));
+  }
+  return serving == 1;
 }
 
 // --- pipelined streams ----------------------------------------------------------------------

@@ -124,6 +124,11 @@ class KvClient {
       std::span<const std::string> frames, fibquant::v1::DType output_dtype,
       const std::string& profile_digest = "");
 
+  // grpc.health.v1.Health/Check for `service` ("" = the server as a whole): true if SERVING,
+  // false if NOT_SERVING; NOT_FOUND for a service the server does not know. One attempt, no
+  // retries (a probe must report what it sees), deadline unary_timeout.
+  [[nodiscard]] absl::StatusOr<bool> CheckHealth(const std::string& service);
+
   // Digests whose specs this client holds (registered through it).
   std::vector<std::string> HeldDigests() const;
 

@@ -44,6 +44,7 @@ class RealServer {
     auto service = server::KvCompressionServiceImpl::Create(options, &metrics_);
     EXPECT_TRUE(service.ok()) << service.status();
     service_ = *std::move(service);
+    grpc::EnableDefaultHealthCheckService(true);  // as server/main.cc does
     grpc::ServerBuilder builder;
     if (!listen.empty()) {
       builder.AddListeningPort(listen, creds ? creds : grpc::InsecureServerCredentials(), &port_);
@@ -65,6 +66,9 @@ class RealServer {
     }
     server_.reset();  // the service must outlive the server
     service_.reset();
+  }
+  void SetServing(bool serving) {
+    server_->GetHealthCheckService()->SetServingStatus("fibquant.v1.KvCompressionService", serving);
   }
   std::shared_ptr<grpc::Channel> InProcessChannel() {
     grpc::ChannelArguments args;
@@ -241,6 +245,24 @@ TEST(ClientRealServer, ErrorsAreAbslStatusesNamingTheMethod) {
   auto r = client.RegisterProfile(bad);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
   EXPECT_TRUE(client.HeldDigests().empty());
+}
+
+TEST(ClientRealServer, CheckHealth) {
+  RealServer srv;
+  KvClient client(srv.InProcessChannel(), FastRetries());
+  srv.SetServing(true);
+  auto serving = client.CheckHealth("fibquant.v1.KvCompressionService");
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+  auto overall = client.CheckHealth("");
+  ASSERT_TRUE(overall.ok()) << overall.status();
+  EXPECT_TRUE(*overall);
+  srv.SetServing(false);
+  serving = client.CheckHealth("fibquant.v1.KvCompressionService");
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_FALSE(*serving);
+  auto unknown = client.CheckHealth("no.such.Service");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound) << unknown.status();
 }
 
 // A server restart that loses the registry (memory-only data dir): while it is down the client's
