@@ -402,6 +402,12 @@ TEST_F(ServiceTest, MalformedAndOversizedRequestsGetExactCodesAndServerKeepsServ
     v1::ListReceiptsResponse resp;
     EXPECT_EQ(stub_->ListReceipts(&ctx, req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
+  {  // a header and no pages: an empty receipt
+    auto r = Compress(header, {});
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+    ASSERT_EQ(r.responses.size(), 1u);
+    EXPECT_EQ(r.responses[0].receipt().pages(), 0u);
+  }
   // Still serving: a good stream works.
   auto ok = Compress(header, {MakePage(0, 0, 0, 16, page, 0)});
   EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
