@@ -459,6 +459,10 @@ function crossChecks(objs, name, flags, entrypoint) {
   const pod = dep.spec.template;
   const podLabels = pod.metadata?.labels ?? {};
   if (!selects(dep.spec.selector?.matchLabels, podLabels)) fail(dw, 'selector does not match pod labels');
+  const hpa = objs.find((o) => o.kind === 'HorizontalPodAutoscaler');
+  if (hpa && hpa.spec.maxReplicas > 1 && dep.spec.replicas !== undefined) {
+    fail(dw, 'spec.replicas is set although the HPA scales it (every apply would reset the count)');
+  }
   const ps = pod.spec;
   const ctr = ps.containers.find((c) => c.name === 'server');
   if (!ctr) return fail(dw, "no container named 'server'");
