@@ -37,6 +37,9 @@ RUN groupadd --system --gid 10001 fibquant \
  && mkdir -p /var/lib/fibquant /etc/fibquant/profiles \
  && chown 10001:10001 /var/lib/fibquant
 COPY --from=build /out/ /usr/local/bin/
+# The project's default profiles (the same as `make run` preloads), so a plain `docker run` has
+# profiles to serve; Kubernetes mounts the fibquant-profiles ConfigMap over this directory.
+COPY server/default-profiles/ /etc/fibquant/profiles/
 USER 10001:10001
 # Registered profiles and trained codebooks persist here (a volume, so the root fs can stay
 # read-only); profile specs in the preload dir are registered at start-up (a ConfigMap in k8s).

@@ -395,7 +395,7 @@ const ENUMS = {
   axis_policy: ['raw', 'per_token', 'per_channel', 'role_aware_kivi_style'],
 };
 
-function checkProfileSpec(text, where, fileKey) {
+function checkProfileSpec(text, where) {
   let spec;
   try {
     spec = JSON.parse(text);
@@ -411,7 +411,6 @@ function checkProfileSpec(text, where, fileKey) {
   const uint = (v) => Number.isInteger(v) && v > 0 && v < 2 ** 32;
   keys(spec, SPEC_FIELDS, SPEC_REQUIRED, where);
   if (typeof spec.profile_id !== 'string' || !spec.profile_id) fail(where, 'profile_id must be a string');
-  else if (`${spec.profile_id}.json` !== fileKey) fail(where, `file name should be ${spec.profile_id}.json`);
   if (!ENUMS.axis_policy.includes(spec.axis_policy)) fail(where, `axis_policy '${spec.axis_policy}' unknown`);
   if (!uint(spec.tokens_per_page)) fail(where, 'tokens_per_page must be a positive integer');
   const sh = spec.shape;
@@ -517,7 +516,27 @@ function crossChecks(objs, name, flags, entrypoint) {
       for (const key of keys) {
         const w = `${name} ConfigMap/${cm.metadata.name} ${key}`;
         if (!key.endsWith('.json')) fail(w, 'profile spec keys must end in .json');
-        checkProfileSpec(cm.data[key], w, key);
+        checkProfileSpec(cm.data[key], w);
+      }
+      // The base ships the project's default profiles (server/default-profiles/, preloaded by
+      // `make run` and the image): the two copies must say the same (as JSON values).
+      const defaults = path.join(repoRoot, 'server', 'default-profiles');
+      if (name === 'deploy/base' && fs.existsSync(defaults)) {
+        const files = fs.readdirSync(defaults).filter((f) => f.endsWith('.json')).sort();
+        const w = `${name} ConfigMap/${cm.metadata.name}`;
+        if (JSON.stringify(files) !== JSON.stringify([...keys].sort())) {
+          fail(w, `keys ${keys.join(', ')} != server/default-profiles files ${files.join(', ')}`);
+        }
+        for (const f of files) {
+          let same = false;
+          try {
+            same = util.isDeepStrictEqual(JSON.parse(fs.readFileSync(path.join(defaults, f), 'utf8')),
+              JSON.parse(cm.data[f] ?? 'null'));
+          } catch {
+            same = false;
+          }
+          if (!same) fail(w, `${f} differs from server/default-profiles/${f} (copy it over)`);
+        }
       }
     }
   }
