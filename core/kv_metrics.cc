@@ -14,6 +14,29 @@ namespace {
 
 constexpr double kKlFloor = 1e-12;
 
+// Softmax exponent, specified in docs/format/kv.md ("Quality metrics"): for x <= 0 (the softmax
+// only exponentiates logit - max), k = floor(x/ln2 + 1/2), r = (x - k*ln2_hi) - k*ln2_lo,
+// e^r by Horner over the binary64 values nearest to 1/n! (n = 13..0), scaled by 2^k. Plain IEEE
+// operations only, so identical on every CPU; multiplications instead of PortableExp's divisions
+// make it ~4x cheaper, and metrics evaluate thousands per page.
+constexpr double kExpCoef[14] = {
+    0x1.0000000000000p+0,  0x1.0000000000000p+0,  0x1.0000000000000p-1,  0x1.5555555555555p-3,
+    0x1.5555555555555p-5,  0x1.1111111111111p-7,  0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-13,
+    0x1.a01a01a01a01ap-16, 0x1.71de3a556c734p-19, 0x1.27e4fb7789f5cp-22, 0x1.ae64567f544e4p-26,
+    0x1.1eed8eff8d898p-29, 0x1.6124613a86d09p-33};
+constexpr double kLn2Hi = 6.93147180369123816490e-01;  // the same split as PortableExp
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+constexpr double kInvLn2 = 1.44269504088896338700e+00;
+
+double SoftmaxExp(double x) {
+  if (x < -745.1332191019412) return 0.0;
+  const double k = std::floor(x * kInvLn2 + 0.5);
+  const double r = (x - k * kLn2Hi) - k * kLn2Lo;
+  double p = kExpCoef[13];
+  for (int n = 12; n >= 0; --n) p = kExpCoef[n] + r * p;
+  return std::ldexp(p, static_cast<int>(k));
+}
+
 absl::Status CheckFinite(const float* x, size_t n, const char* what) {
   for (size_t i = 0; i < n; ++i) {
     if (!std::isfinite(x[i])) {
@@ -64,16 +87,19 @@ void Logits(const float* q, const std::vector<double>& kt, size_t tokens, size_t
   for (size_t t = 0; t < tokens; ++t) out[t] *= inv_sqrt_d;
 }
 
-absl::Status Softmax(const double* logits, size_t n, double* p) {
+// p = softmax(logits). If log_norm is non-null it receives max + ln(sum), so that
+// ln p_i = logits[i] - *log_norm without a logarithm per element.
+absl::Status Softmax(const double* logits, size_t n, double* p, double* log_norm = nullptr) {
   double mx = logits[0];
   for (size_t i = 1; i < n; ++i) mx = std::max(mx, logits[i]);
   double sum = 0;
   for (size_t i = 0; i < n; ++i) {
-    p[i] = PortableExp(logits[i] - mx);
+    p[i] = SoftmaxExp(logits[i] - mx);
     sum += p[i];
   }
   if (!(sum > 0) || !std::isfinite(sum)) return absl::InvalidArgumentError("quality: softmax sum is not positive and finite");
   for (size_t i = 0; i < n; ++i) p[i] /= sum;
+  if (log_norm != nullptr) *log_norm = mx + PortableLog(sum);
   return absl::OkStatus();
 }
 
@@ -134,6 +160,7 @@ absl::StatusOr<KvQualityEvaluator> KvQualityEvaluator::Create(KvRole role, const
   if (role == KvRole::kKey) {
     e.k_ = std::clamp<size_t>(top_k, 1, tokens);
     e.logits_.resize(nq * tokens);
+    e.log_norm_.resize(nq);
     e.topk_.resize(nq);
   } else {
     e.agg_.assign(nq * dim, 0.0);
@@ -149,7 +176,7 @@ absl::StatusOr<KvQualityEvaluator> KvQualityEvaluator::Create(KvRole role, const
     }
     Logits(q + i * dim, kt, tokens, dim, e.inv_sqrt_d_, l);
     double* p = &e.probs_[i * tokens];
-    FQ_RETURN_IF_ERROR(Softmax(l, tokens, p));
+    FQ_RETURN_IF_ERROR(Softmax(l, tokens, p, role == KvRole::kKey ? &e.log_norm_[i] : nullptr));
     if (role == KvRole::kKey) {
       e.topk_[i] = TopK(l, tokens, e.k_);
     } else {
@@ -181,13 +208,20 @@ absl::StatusOr<KvQualityMetrics> KvQualityEvaluator::Evaluate(const float* recon
       const double* l = &logits_[i * T];
       const double* p = &probs_[i * T];
       Logits(queries_ + i * D, kt, T, D, inv_sqrt_d_, lh.data());
-      FQ_RETURN_IF_ERROR(Softmax(lh.data(), T, ph.data()));
+      double log_norm_h = 0;
+      FQ_RETURN_IF_ERROR(Softmax(lh.data(), T, ph.data(), &log_norm_h));
+      const double log_norm = log_norm_[i];
       double se = 0, a = 0, kk = 0;
       for (size_t t = 0; t < T; ++t) {
         se += (l[t] - lh[t]) * (l[t] - lh[t]);
         a += std::fabs(p[t] - ph[t]);
-        const double pc = std::max(p[t], kKlFloor), hc = std::max(ph[t], kKlFloor);
-        kk += pc * PortableLog(pc / hc);
+        if (p[t] >= kKlFloor && ph[t] >= kKlFloor) {
+          // ln(p/p^) from the logits: one logarithm per query instead of one per token.
+          kk += p[t] * ((l[t] - log_norm) - (lh[t] - log_norm_h));
+        } else {
+          const double pc = std::max(p[t], kKlFloor), hc = std::max(ph[t], kKlFloor);
+          kk += pc * PortableLog(pc / hc);
+        }
       }
       logit_mse += se / static_cast<double>(T);
       tv += 0.5 * a;

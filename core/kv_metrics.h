@@ -43,6 +43,7 @@ struct KvQualityMetrics {
   std::optional<double> key_logit_mse;        // mean_t (l_t - l^_t)^2, l = q.k/sqrt(d)
   std::optional<double> attention_tv;         // 1/2 sum_t |p_t - p^_t|
   std::optional<double> attention_kl;         // sum_t p'_t ln(p'_t/p^'_t), both clamped at 1e-12
+                                              // (ln p from the logits when both >= 1e-12)
   std::optional<double> topk_disagreement;    // 1 - |TopK(l) ∩ TopK(l^)| / k'
   // Value pages: mean over queries and dims of (sum_t p_t v_t - sum_t p_t v^_t)^2.
   std::optional<double> value_aggregation_mse;
@@ -88,6 +89,7 @@ class KvQualityEvaluator {
   KvQuerySource source_ = KvQuerySource::kNone;
   double inv_sqrt_d_ = 0;
   std::vector<double> logits_;              // key: [nq, T]
+  std::vector<double> log_norm_;            // key: per query, max + ln(sum of exp) of the softmax
   std::vector<double> probs_;               // key and value: [nq, T]
   std::vector<std::vector<uint32_t>> topk_;  // key: per query, sorted indices
   std::vector<double> agg_;                 // value: [nq, dim]
