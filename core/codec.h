@@ -5,8 +5,9 @@
 // Two paths: kReference (f64 rotation, exact nearest codeword with lowest index on ties; the
 // specification) and kFast (f32, batched rotation, SIMD, pruned exact search; may differ from the
 // reference only on near-ties, which tests measure and bound).
+// Owner: codec module (docs/format/code.md is the normative text).
 // Thread safety: a Quantizer is immutable after Create(); Encode/Decode are const and may run
-// concurrently from many threads.
+// concurrently from many threads (each thread keeps its own scratch buffers).
 #ifndef FIBQUANT_CORE_CODEC_H_
 #define FIBQUANT_CORE_CODEC_H_
 
