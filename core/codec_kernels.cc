@@ -1,9 +1,10 @@
 // Nearest-codeword search and conversion kernels: see codec_kernels.h for the contract.
 //
-// The scalar and AVX2 kernels share one structure (same group order, same pruning decisions, same
-// score arithmetic) and differ only in how the 8 lanes of a group are evaluated, so they return the
-// same indices. The traversal is written out in each kernel because a target("avx2") function can
-// inline plain helpers but not the other way round.
+// Every kernel computes the same f32 score per codeword with the same operations (no FMA) and
+// returns the lexicographic (score, index) minimum, so the choice of kernel (scalar, AVX2 brute
+// force over 4 blocks at a time, AVX2 pruned) never changes an index. Pruned traversals are
+// written out in each kernel because a target("avx2") function can inline plain helpers but not
+// the other way round.
 #include "core/codec_kernels.h"
 
 #include <immintrin.h>
