@@ -188,6 +188,15 @@ int Run(int argc, char** argv) {
   if (absl::Status s = CheckFlagRanges(); !s.ok()) return Fail(s);
 
   const std::string listen = absl::GetFlag(FLAGS_listen);
+  if (absl::Status s = ValidateListenAddress("--listen", listen, /*allow_unix=*/true); !s.ok()) {
+    return Fail(s);
+  }
+  if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
+    if (absl::Status s = ValidateListenAddress("--metrics-listen", ml, /*allow_unix=*/false);
+        !s.ok()) {
+      return Fail(s);
+    }
+  }
   TlsFlags tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
                absl::GetFlag(FLAGS_tls_client_ca)};
   if (absl::Status s = CheckPlaintextAllowed(listen, tls.enabled(),

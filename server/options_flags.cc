@@ -60,4 +60,25 @@ std::string FlagsHelp(std::string_view summary, std::string_view defined_in) {
   return out;
 }
 
+absl::Status ValidateListenAddress(std::string_view flag, const std::string& listen,
+                                   bool allow_unix) {
+  auto bad = [&](std::string_view why) {
+    return absl::InvalidArgumentError(absl::StrCat(std::string(flag), "=", listen, ": ",
+                                                   std::string(why)));
+  };
+  if (listen.starts_with("unix:") || listen.starts_with("unix-abstract:")) {
+    if (!allow_unix) return bad("Unix sockets are not supported here");
+    return absl::OkStatus();
+  }
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0) return bad("expected host:port");
+  if (listen.front() == '[' && listen[colon - 1] != ']') return bad("expected [v6-address]:port");
+  const std::string port = listen.substr(colon + 1);
+  if (port.empty() || port.size() > 5 ||
+      port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535) {
+    return bad("port must be a number in [0, 65535]");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace fibquant::server

@@ -13,6 +13,8 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace fibquant::server {
 
 // Copies argv, turning '-' into '_' in the name part of every `--name[=value]` argument (not in
@@ -25,6 +27,12 @@ bool WantsHelp(const std::vector<std::string>& args);
 // Usage text: `summary`, then every registered flag defined in a source file whose path ends with
 // `defined_in` (e.g. "server/main.cc"), sorted by name, as `--dashed-name=<default>` plus its help.
 std::string FlagsHelp(std::string_view summary, std::string_view defined_in);
+
+// Checks a listen address before anything binds it: `host:port` or `[v6]:port` with a decimal port
+// in [0, 65535] (gRPC would silently wrap 99999 to 34463), or `unix:`/`unix-abstract:` for gRPC.
+// InvalidArgument naming `flag` otherwise.
+absl::Status ValidateListenAddress(std::string_view flag, const std::string& listen,
+                                   bool allow_unix);
 
 }  // namespace fibquant::server
 

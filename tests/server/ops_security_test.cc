@@ -135,5 +135,21 @@ TEST(FlagArgsTest, DashesInNamesBecomeUnderscores) {
   EXPECT_FALSE(WantsHelp(NormalizeFlagArgs(2, plain)));
 }
 
+TEST(FlagArgsTest, ListenAddressesAreCheckedBeforeBinding) {
+  for (const char* ok : {"127.0.0.1:0", "127.0.0.1:65535", "[::1]:50051", "localhost:1",
+                         "0.0.0.0:9464"}) {
+    EXPECT_TRUE(ValidateListenAddress("--listen", ok, false).ok()) << ok;
+  }
+  EXPECT_TRUE(ValidateListenAddress("--listen", "unix:/tmp/fq.sock", true).ok());
+  for (const char* bad : {"127.0.0.1:99999", "127.0.0.1:", "127.0.0.1", ":", "127.0.0.1:-1",
+                          "127.0.0.1:80a", "[::1:50051", "127.0.0.1:000001"}) {
+    absl::Status s = ValidateListenAddress("--listen", bad, true);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("--listen=")) << bad;
+  }
+  EXPECT_EQ(ValidateListenAddress("--metrics-listen", "unix:/tmp/m.sock", false).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace fibquant::server

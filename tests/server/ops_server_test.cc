@@ -106,6 +106,12 @@ TEST(OpsServerTest, RefusesIncompleteTlsAndBadFlags) {
   EXPECT_THAT(r.log, HasSubstr("--admin-token-file"));
 
   args = BaseFlags(dir);
+  args[0] = "--listen=127.0.0.1:99999";  // gRPC itself would wrap this to port 34463
+  r = RunToExit(args, dir);
+  EXPECT_EQ(r.exit_code, 1) << r.log;
+  EXPECT_THAT(r.log, HasSubstr("--listen=127.0.0.1:99999: port must be a number in [0, 65535]"));
+
+  args = BaseFlags(dir);
   args.push_back("--drain-seconds=-1");
   r = RunToExit(args, dir);
   EXPECT_EQ(r.exit_code, 1) << r.log;
