@@ -810,7 +810,23 @@ TEST_F(ServiceTest, CorruptedRegistryFileIsQuarantinedAndServerStarts) {
   StartServer();
   const std::string good = Register(SpecJson("good", 16)).profile().digest();
   const std::string bad = Register(SpecJson("bad", 32)).profile().digest();
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(good);
+  header.set_input_dtype(v1::DTYPE_F32);
+  const std::vector<float> page(16 * kDim, 0.25f);
+  const std::string receipt_id =
+      Compress(header, {MakePage(0, 0, 0, 16, page, 0)}).responses.back().receipt().receipt_id();
   StopServer();
+  {  // Tamper with the receipt body: its checksum no longer matches.
+    const fs::path rfile = fs::path(data_dir_) / "receipts" / (receipt_id + ".json");
+    std::ifstream rin(rfile);
+    nlohmann::json r = nlohmann::json::parse(rin);
+    rin.close();
+    std::string body = r["receipt"];
+    body.replace(body.find("\"pages\""), 7, "\"Pages\"");
+    r["receipt"] = body;
+    std::ofstream(rfile) << r.dump();
+  }
   // Tamper with one codeword of the "bad" profile: the file still parses, the digest must catch it.
   const fs::path file = fs::path(data_dir_) / "profiles" / (bad.substr(7) + ".json");
   ASSERT_TRUE(fs::exists(file));
@@ -836,8 +852,15 @@ TEST_F(ServiceTest, CorruptedRegistryFileIsQuarantinedAndServerStarts) {
     (void)e;
     ++quarantined;
   }
-  EXPECT_EQ(quarantined, 2u);
+  EXPECT_EQ(quarantined, 3u);
   EXPECT_FALSE(fs::exists(file));
+  {
+    grpc::ClientContext rctx;
+    v1::GetReceiptRequest rreq;
+    rreq.set_receipt_id(receipt_id);
+    v1::GetReceiptResponse rresp;
+    EXPECT_EQ(stub_->GetReceipt(&rctx, rreq, &rresp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
   EXPECT_NE(metrics_.Serialize().find("quarantine"), std::string::npos);
   // The good profile serves, and the bad spec can be registered again (rebuilt, same digest).
   grpc::ClientContext ctx2;
