@@ -1,0 +1,317 @@
+#include "client/cli/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "client/cli/tensor_io.h"
+#include "core/kv_profile.h"
+
+namespace fibquant::cli {
+namespace {
+
+namespace v1 = fibquant::v1;
+using Clock = std::chrono::steady_clock;
+
+v1::DType ToProto(DType d) {
+  switch (d) {
+    case DType::kF32: return v1::DTYPE_F32;
+    case DType::kF16: return v1::DTYPE_F16;
+    case DType::kBF16: return v1::DTYPE_BF16;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+struct StreamWork {
+  std::vector<v1::RawPage> pages;
+  std::vector<std::vector<float>> reference;  // f32 view of each page as sent
+  std::vector<std::string> frames;
+  std::vector<double> compress_latency;
+  std::vector<double> decompress_latency;
+  uint64_t frame_bytes = 0;
+  bool compressed = false;
+  uint64_t errors = 0;
+  double max_rel_mse = 0;
+  uint64_t checked = 0;
+  std::string first_error;
+  void Fail(uint64_t pages, const std::string& msg) {
+    errors += pages;
+    if (first_error.empty()) first_error = msg;
+  }
+};
+
+nlohmann::json PhaseJson(uint64_t pages, uint64_t bytes, double seconds, std::vector<double> lat) {
+  nlohmann::json j;
+  j["pages"] = pages;
+  j["seconds"] = seconds;
+  j["pages_per_second"] = seconds > 0 ? static_cast<double>(pages) / seconds : 0.0;
+  j["raw_bytes_per_second"] = seconds > 0 ? static_cast<double>(bytes) / seconds : 0.0;
+  j["latency_ms"] = {{"p50", Percentile(lat, 50) * 1e3},
+                     {"p90", Percentile(lat, 90) * 1e3},
+                     {"p99", Percentile(lat, 99) * 1e3},
+                     {"max", Percentile(lat, 100) * 1e3}};
+  return j;
+}
+
+}  // namespace
+
+double Percentile(std::vector<double> s, double p) {
+  if (s.empty()) return 0;
+  std::sort(s.begin(), s.end());
+  size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(s.size())));
+  if (rank == 0) rank = 1;
+  return s[std::min(rank, s.size()) - 1];
+}
+
+absl::Status ValidateBenchOptions(const BenchOptions& o, const std::string& server) {
+  if (!IsLoopbackTarget(server)) {
+    return absl::InvalidArgumentError(absl::StrCat("bench runs against loopback servers only; --server ",
+                                                   server, " is not 127.0.0.0/8, ::1, localhost or unix:"));
+  }
+  if (o.streams < 1 || o.streams > 64) return absl::InvalidArgumentError("--streams must be in [1, 64]");
+  if (o.pages_per_stream < 1 || o.pages_per_stream > 100000) {
+    return absl::InvalidArgumentError("--pages must be in [1, 100000]");
+  }
+  if (o.page_tokens < 1 || o.page_tokens > kMaxKvTokensPerPage) {
+    return absl::InvalidArgumentError(absl::StrCat("--page-tokens must be in [1, ", kMaxKvTokensPerPage, "]"));
+  }
+  if (o.head_dim < 2 || o.head_dim > kMaxKvHeadDim || o.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--head-dim must be even and in [2, ", kMaxKvHeadDim, "]"));
+  }
+  if (o.window < 1 || o.window > 1024) return absl::InvalidArgumentError("--window must be in [1, 1024]");
+  if (!(o.max_seconds > 0 && o.max_seconds <= 3600)) {
+    return absl::InvalidArgumentError("--max-seconds must be in (0, 3600]");
+  }
+  if (!(o.max_rel_mse > 0 && o.max_rel_mse <= 1)) {
+    return absl::InvalidArgumentError("--max-rel-mse must be in (0, 1]");
+  }
+  if (!o.profile_digest.empty() && !o.spec_path.empty()) {
+    return absl::InvalidArgumentError("give --profile or --spec, not both");
+  }
+  return absl::OkStatus();
+}
+
+std::string BenchSpecJson(const BenchOptions& o) {
+  nlohmann::json j = {
+      {"profile_id", absl::StrCat("fibquant-bench-d", o.head_dim, "-t", o.page_tokens, "-", std::string(DTypeName(o.dtype)))},
+      {"shape",
+       {{"role", "key"}, {"attention_kind", "mha"}, {"batch", 1}, {"layers", 1}, {"kv_heads", 1},
+        {"query_heads", 1}, {"tokens", uint64_t{o.page_tokens} * std::min<uint32_t>(o.pages_per_stream, 256)},
+        {"head_dim", o.head_dim}, {"dtype", std::string(DTypeName(o.dtype))}, {"rope_state", "pre_rope"}}},
+      {"axis_policy", "per_token"},
+      {"tokens_per_page", o.page_tokens},
+      {"fibquant", {{"block_dim", 2}, {"codebook_size", 256}, {"seed", 20260526}}},
+      {"fallback", {{"mode", "keep_raw"}}}};
+  return j.dump();
+}
+
+absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn, const std::string& server) {
+  absl::Status st = ValidateBenchOptions(o, server);
+  if (!st.ok()) return st;
+  const auto t0 = Clock::now();
+  const auto deadline = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.max_seconds));
+  client::KvClient kv(conn.channel, conn.client_options);
+  std::string digest = o.profile_digest;
+  if (digest.empty()) {
+    std::string spec;
+    if (!o.spec_path.empty()) {
+      auto s = ReadFile(o.spec_path, 1 << 20);
+      if (!s.ok()) return absl::Status(s.status().code(), absl::StrCat("--spec: ", s.status().message()));
+      spec = *s;
+    } else {
+      spec = BenchSpecJson(o);
+    }
+    auto info = kv.RegisterProfileJson(spec);
+    if (!info.ok()) return info.status();
+    digest = info->digest();
+  }
+  auto info = kv.GetProfile(digest);
+  if (!info.ok()) return info.status();
+  auto profile = KvCompressionProfile::FromJson(info->profile_json());
+  if (!profile.ok()) {
+    return absl::Status(profile.status().code(),
+                        absl::StrCat("profile ", digest, " from the server: ", profile.status().message()));
+  }
+  const KvTensorShape& shape = profile->shape;
+  const uint32_t tpp = profile->page_geometry.tokens_per_page;
+  const uint32_t per_seq = profile->page_geometry.page_count(shape.tokens);
+  const uint64_t grid = uint64_t{shape.layers} * shape.kv_heads * per_seq;
+  const uint64_t page_bytes = uint64_t{tpp} * shape.head_dim * DTypeSize(shape.dtype);
+  const uint64_t total_bytes = page_bytes * o.pages_per_stream * o.streams;
+  if (total_bytes > (2ull << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("--streams x --pages x page bytes = ", total_bytes,
+                                                   " bytes of generated data, above the 2 GiB bound"));
+  }
+
+  // Generate the data first so it is not part of the measured time.
+  std::vector<StreamWork> work(o.streams);
+  uint64_t raw_bytes = 0;
+  for (uint32_t s = 0; s < o.streams; ++s) {
+    for (uint32_t i = 0; i < o.pages_per_stream; ++i) {
+      const uint64_t g = i % grid;
+      const uint32_t p = static_cast<uint32_t>(g % per_seq);
+      const uint32_t h = static_cast<uint32_t>((g / per_seq) % shape.kv_heads);
+      const uint32_t l = static_cast<uint32_t>(g / (uint64_t{per_seq} * shape.kv_heads));
+      const uint32_t start = p * tpp;
+      const uint32_t count = std::min(tpp, shape.tokens - start);
+      std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull + (uint64_t{s} << 32) + i);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      const size_t n = size_t{count} * shape.head_dim;
+      std::string bytes(n * DTypeSize(shape.dtype), '\0');
+      std::vector<float> ref(n);
+      auto* out = reinterpret_cast<uint8_t*>(bytes.data());
+      for (size_t k = 0; k < n; ++k) {
+        StoreElement(shape.dtype, normal(rng), out, k);
+        ref[k] = LoadElement(shape.dtype, out, k);  // what the server actually sees
+      }
+      v1::RawPage page;
+      auto* c = page.mutable_coordinates();
+      c->set_batch(0);
+      c->set_layer(l);
+      c->set_kv_head(h);
+      c->set_token_start(start);
+      c->set_token_count(count);
+      raw_bytes += bytes.size();
+      page.set_data(std::move(bytes));
+      work[s].pages.push_back(std::move(page));
+      work[s].reference.push_back(std::move(ref));
+    }
+  }
+
+  auto remaining = [&]() {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    return std::max(left, std::chrono::milliseconds(1));
+  };
+
+  // Phase 1: N concurrent compress streams.
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(digest);
+  header.set_input_dtype(ToProto(shape.dtype));
+  header.set_label("fibquant-bench");
+  const auto c0 = Clock::now();
+  {
+    std::vector<std::thread> threads;
+    for (uint32_t s = 0; s < o.streams; ++s) {
+      threads.emplace_back([&, s] {
+        StreamWork& w = work[s];
+        auto r = CompressStream(*conn.stub, header, w.pages, StreamOptions{remaining(), o.window});
+        if (!r.ok()) {
+          w.Fail(w.pages.size(), absl::StrCat("stream ", s, " compress: ", r.status().ToString()));
+          return;
+        }
+        w.compressed = true;
+        w.compress_latency = std::move(r->latency_seconds);
+        for (auto& p : r->pages) {
+          w.frame_bytes += p.frame().size();
+          w.frames.push_back(std::move(*p.mutable_frame()));
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  const double compress_seconds = std::chrono::duration<double>(Clock::now() - c0).count();
+
+  // Phase 2: N concurrent decompress streams, then every page checked against what was sent.
+  v1::DecompressStreamHeader dheader;
+  dheader.set_output_dtype(v1::DTYPE_F32);
+  dheader.set_profile_digest(digest);
+  const auto d0 = Clock::now();
+  {
+    std::vector<std::thread> threads;
+    for (uint32_t s = 0; s < o.streams; ++s) {
+      threads.emplace_back([&, s] {
+        StreamWork& w = work[s];
+        if (!w.compressed) return;
+        auto r = DecompressStream(*conn.stub, dheader, w.frames, StreamOptions{remaining(), o.window});
+        if (!r.ok()) {
+          w.Fail(w.pages.size(), absl::StrCat("stream ", s, " decompress: ", r.status().ToString()));
+          return;
+        }
+        w.decompress_latency = std::move(r->latency_seconds);
+        for (size_t i = 0; i < r->pages.size(); ++i) {
+          const v1::DecodedPage& d = r->pages[i];
+          const v1::PageCoordinates& want = w.pages[i].coordinates();
+          const auto& ref = w.reference[i];
+          const std::string where = absl::StrCat("stream ", s, " page ", i);
+          if (d.coordinates().layer() != want.layer() || d.coordinates().kv_head() != want.kv_head() ||
+              d.coordinates().token_start() != want.token_start() ||
+              d.coordinates().token_count() != want.token_count() || d.profile_digest() != digest) {
+            w.Fail(1, absl::StrCat(where, ": coordinates or profile digest not echoed"));
+            continue;
+          }
+          if (d.data().size() != ref.size() * sizeof(float)) {
+            w.Fail(1, absl::StrCat(where, ": ", d.data().size(), " bytes, expected ", ref.size() * 4));
+            continue;
+          }
+          const auto* y = reinterpret_cast<const uint8_t*>(d.data().data());
+          double num = 0, den = 0;
+          bool finite = true;
+          for (size_t k = 0; k < ref.size(); ++k) {
+            const float v = LoadElement(DType::kF32, y, k);
+            if (!std::isfinite(v)) finite = false;
+            const double diff = static_cast<double>(v) - ref[k];
+            num += diff * diff;
+            den += static_cast<double>(ref[k]) * ref[k];
+          }
+          const double rel = den > 0 ? num / den : num;
+          ++w.checked;
+          w.max_rel_mse = std::max(w.max_rel_mse, rel);
+          if (!finite || !(rel <= o.max_rel_mse)) {
+            w.Fail(1, absl::StrCat(where, ": relative squared error ", rel, " above the bound ", o.max_rel_mse,
+                                   finite ? "" : " (non-finite values)"));
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  const double decompress_seconds = std::chrono::duration<double>(Clock::now() - d0).count();
+
+  uint64_t errors = 0, checked = 0, frame_bytes = 0, c_pages = 0, c_bytes = 0, d_pages = 0, d_bytes = 0;
+  double max_rel = 0;
+  std::string first_error;
+  std::vector<double> c_lat, d_lat;
+  for (uint32_t s = 0; s < o.streams; ++s) {
+    const StreamWork& w = work[s];
+    errors += w.errors;
+    checked += w.checked;
+    frame_bytes += w.frame_bytes;
+    max_rel = std::max(max_rel, w.max_rel_mse);
+    if (first_error.empty()) first_error = w.first_error;
+    c_lat.insert(c_lat.end(), w.compress_latency.begin(), w.compress_latency.end());
+    d_lat.insert(d_lat.end(), w.decompress_latency.begin(), w.decompress_latency.end());
+    if (w.compressed) {
+      c_pages += w.pages.size();
+      for (const auto& p : w.pages) c_bytes += p.data().size();
+    }
+    if (!w.decompress_latency.empty()) {
+      d_pages += w.decompress_latency.size();
+      for (const auto& p : w.pages) d_bytes += p.data().size();
+    }
+  }
+  nlohmann::json j;
+  j["server"] = server;
+  j["profile_digest"] = digest;
+  j["profile_id"] = info->profile_id();
+  j["streams"] = o.streams;
+  j["pages_per_stream"] = o.pages_per_stream;
+  j["page_tokens"] = tpp;
+  j["head_dim"] = shape.head_dim;
+  j["dtype"] = std::string(DTypeName(shape.dtype));
+  j["window"] = o.window;
+  j["raw_bytes"] = raw_bytes;
+  j["frame_bytes"] = frame_bytes;
+  j["compression_ratio"] = frame_bytes > 0 ? static_cast<double>(c_bytes) / static_cast<double>(frame_bytes) : 0.0;
+  j["compress"] = PhaseJson(c_pages, c_bytes, compress_seconds, c_lat);
+  j["decompress"] = PhaseJson(d_pages, d_bytes, decompress_seconds, d_lat);
+  j["round_trip"] = {{"checked_pages", checked}, {"max_rel_mse", max_rel}, {"bound", o.max_rel_mse}};
+  j["errors"] = errors;
+  if (!first_error.empty()) j["first_error"] = first_error;
+  return j;
+}
+
+}  // namespace fibquant::cli

@@ -1,0 +1,265 @@
+// End-to-end tests of the `fibquant` binary against a real fibquant-server started on 127.0.0.1
+// with a free port (tests/server/ops_test_util.h). Inputs are real K vectors (tests/data/L1_k.f32,
+// [64 tokens, 4 heads, 128] f32) written by the test as .npy and .safetensors. Each CLI run is a
+// child process bounded by timeout(1); the test checks exit codes, stdout JSON, the stored
+// container and receipt, and the decoded tensor against the input.
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "client/cli/container.h"
+#include "client/cli/tensor_io.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/server/ops_test_util.h"
+
+namespace fibquant::cli {
+namespace {
+
+using ::fibquant::server::testing::ReadWholeFile;
+using ::fibquant::server::testing::ServerProcess;
+using ::fibquant::server::testing::TempDir;
+using ::fibquant::server::testing::WriteWholeFile;
+using ::testing::HasSubstr;
+
+constexpr char kSpec[] = R"({"profile_id": "cli-e2e-l1-keys",
+ "shape": {"role": "key", "attention_kind": "mha", "batch": 1, "layers": 1, "kv_heads": 4,
+   "query_heads": 4, "tokens": 64, "head_dim": 128, "dtype": "f32", "rope_state": "pre_rope"},
+ "axis_policy": "per_token", "tokens_per_page": 16,
+ "fibquant": {"block_dim": 2, "codebook_size": 256, "seed": 7},
+ "protected": {"first_tokens_raw": 2},
+ "fallback": {"mode": "keep_raw"}})";
+
+struct RunResult {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+class CliE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    server_ = new ServerProcess();
+    server_->Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=2",
+                    "--data-dir=" + (dir_->path() / "data").string()},
+                   dir_->path());
+    auto port = server_->WaitForPort();
+    ASSERT_TRUE(port.has_value()) << server_->Log();
+    address_ = "127.0.0.1:" + std::to_string(*port);
+    WriteWholeFile(dir_->path() / "spec.json", kSpec);
+    RunResult reg = Run({"profile", "register", Path("spec.json")});
+    ASSERT_EQ(reg.code, 0) << reg.err;
+    digest_ = nlohmann::json::parse(reg.out).at("digest").get<std::string>();
+    auto k = ReadRaw(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32", DType::kF32, {64, 4, 128});
+    ASSERT_TRUE(k.ok()) << k.status();
+    keys_ = new Tensor(std::move(*k));
+  }
+  static void TearDownTestSuite() {
+    delete keys_;
+    delete server_;
+    delete dir_;
+  }
+
+  static std::string Path(const std::string& name) { return (dir_->path() / name).string(); }
+
+  // Runs the CLI with --server appended (unless `with_server` is false); bounded by timeout(1).
+  static RunResult Run(std::vector<std::string> args, bool with_server = true) {
+    static int n = 0;
+    const std::string out = Path("run" + std::to_string(n) + ".out");
+    const std::string err = Path("run" + std::to_string(n++) + ".err");
+    std::string cmd = std::string("timeout 300 ") + FQ_CLI_BINARY;
+    if (with_server) args.push_back("--server=" + address_);
+    for (const auto& a : args) cmd += " '" + a + "'";
+    cmd += " >" + out + " 2>" + err;
+    const int st = std::system(cmd.c_str());
+    RunResult r;
+    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    r.out = ReadWholeFile(out);
+    r.err = ReadWholeFile(err);
+    return r;
+  }
+
+  // Relative squared error sum((a-b)^2)/sum(a^2) of two f32 buffers.
+  static double RelErr(const std::string& a, const std::string& b) {
+    EXPECT_EQ(a.size(), b.size());
+    const auto* x = reinterpret_cast<const float*>(a.data());
+    const auto* y = reinterpret_cast<const float*>(b.data());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < std::min(a.size(), b.size()) / 4; ++i) {
+      num += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+      den += double(x[i]) * x[i];
+    }
+    return num / den;
+  }
+
+  static TempDir* dir_;
+  static ServerProcess* server_;
+  static std::string address_;
+  static std::string digest_;
+  static Tensor* keys_;
+};
+
+TempDir* CliE2eTest::dir_ = nullptr;
+ServerProcess* CliE2eTest::server_ = nullptr;
+std::string CliE2eTest::address_;
+std::string CliE2eTest::digest_;
+Tensor* CliE2eTest::keys_ = nullptr;
+
+TEST_F(CliE2eTest, NpyRoundTripStoresAndPrintsTheReceipt) {
+  WriteWholeFile(Path("k.npy"), EncodeNpy(*keys_));
+  RunResult c = Run({"compress", "--profile", digest_, "--in", Path("k.npy"), "--out", Path("k.fqc"),
+                     "--label", "e2e"});
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_THAT(c.err, HasSubstr("compressed 16 pages"));
+  nlohmann::json receipt = nlohmann::json::parse(c.out);
+  EXPECT_EQ(receipt.at("operation"), "compress");
+  EXPECT_EQ(receipt.at("pages"), "16");  // proto3 JSON: 64-bit integers are strings
+  EXPECT_EQ(receipt.at("profileDigest"), digest_);
+  EXPECT_EQ(receipt.at("label"), "e2e");
+  const std::string id = receipt.at("receiptId").get<std::string>();
+
+  // The container holds 16 frames and the same receipt.
+  auto container = DecodeContainer(ReadWholeFile(Path("k.fqc")));
+  ASSERT_TRUE(container.ok()) << container.status();
+  EXPECT_EQ(container->frames.size(), 16u);
+  EXPECT_EQ(nlohmann::json::parse(container->receipt_json).at("receiptDigest"), receipt.at("receiptDigest"));
+  auto meta = nlohmann::json::parse(container->metadata_json);
+  EXPECT_EQ(meta.at("source").at("shape"), nlohmann::json({64, 4, 128}));
+
+  // The server stored it too.
+  RunResult r = Run({"receipt", id});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).at("receiptDigest"), receipt.at("receiptDigest"));
+
+  RunResult d = Run({"decompress", "--in", Path("k.fqc"), "--out", Path("k.out.npy")});
+  ASSERT_EQ(d.code, 0) << d.err;
+  EXPECT_EQ(nlohmann::json::parse(d.out).at("compress_receipt").at("receiptId"), id);
+  auto back = ReadNpy(Path("k.out.npy"), false);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->dtype, DType::kF32);
+  EXPECT_EQ(back->shape, keys_->shape);
+  // 4 wire bits per coordinate on real keys: ~1% relative error (measured 0.0097); 5% is the bound.
+  const double rel = RelErr(keys_->data, back->data);
+  EXPECT_LT(rel, 0.05);
+  EXPECT_GT(rel, 0.0);
+  // The protected first 2 tokens of every head come back bit-exact.
+  // [tokens, heads, head_dim]: tokens 0 and 1 of all 4 heads are the first 2*4*128 floats.
+  const size_t protected_bytes = 2 * 4 * 128 * sizeof(float);
+  EXPECT_EQ(back->data.substr(0, protected_bytes), keys_->data.substr(0, protected_bytes));
+  EXPECT_NE(back->data.substr(protected_bytes, 4096), keys_->data.substr(protected_bytes, 4096));
+}
+
+TEST_F(CliE2eTest, SafetensorsRoundTripToRawBf16) {
+  Tensor other;
+  other.dtype = DType::kF32;
+  other.shape = {2, 2};
+  other.data.assign(16, '\0');
+  WriteWholeFile(Path("kv.safetensors"), EncodeSafetensors({{"other", &other}, {"keys", keys_}}));
+  RunResult ambiguous = Run({"compress", "--profile", digest_, "--in", Path("kv.safetensors"), "--out", Path("x.fqc")});
+  EXPECT_EQ(ambiguous.code, 1);
+  EXPECT_THAT(ambiguous.err, HasSubstr("INVALID_ARGUMENT"));
+  EXPECT_THAT(ambiguous.err, HasSubstr("--tensor"));
+  RunResult c = Run({"compress", "--profile", digest_, "--in", Path("kv.safetensors"), "--tensor", "keys",
+                     "--out", Path("st.fqc"), "--quiet"});
+  ASSERT_EQ(c.code, 0) << c.err;
+  RunResult d = Run({"decompress", "--in", Path("st.fqc"), "--out", Path("st.bf16"), "--dtype", "bf16",
+                     "--format", "raw"});
+  ASSERT_EQ(d.code, 0) << d.err;
+  auto back = ReadRaw(Path("st.bf16"), DType::kBF16, {64, 4, 128});
+  ASSERT_TRUE(back.ok()) << back.status();
+  std::string as_f32(back->element_count() * 4, '\0');
+  ToFloat(DType::kBF16, reinterpret_cast<const uint8_t*>(back->data.data()), back->element_count(),
+          reinterpret_cast<float*>(as_f32.data()));
+  EXPECT_LT(RelErr(keys_->data, as_f32), 0.05);
+}
+
+TEST_F(CliE2eTest, BenchTwoStreamsEightPagesHasNoErrors) {
+  RunResult b = Run({"bench", "--streams", "2", "--pages", "8", "--max-seconds", "120"});
+  ASSERT_EQ(b.code, 0) << b.err;
+  nlohmann::json j = nlohmann::json::parse(b.out);
+  EXPECT_EQ(j.at("errors"), 0);
+  EXPECT_EQ(j.at("round_trip").at("checked_pages"), 16);
+  EXPECT_EQ(j.at("compress").at("pages"), 16);
+  EXPECT_EQ(j.at("decompress").at("pages"), 16);
+  EXPECT_GT(j.at("compress").at("pages_per_second").get<double>(), 0.0);
+  EXPECT_GT(j.at("compress").at("latency_ms").at("p50").get<double>(), 0.0);
+  EXPECT_LE(j.at("compress").at("latency_ms").at("p50").get<double>(),
+            j.at("compress").at("latency_ms").at("p99").get<double>());
+  // Against the registered profile too (its dtype, page size and grid).
+  RunResult p = Run({"bench", "--streams", "2", "--pages", "8", "--profile", digest_});
+  ASSERT_EQ(p.code, 0) << p.err;
+  EXPECT_EQ(nlohmann::json::parse(p.out).at("errors"), 0);
+}
+
+TEST_F(CliE2eTest, EvalVerdictAndExitCodes) {
+  RunResult ok = Run({"eval", "--profile", digest_, "--keys", std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32",
+                      "--queries", std::string(FQ_TEST_DATA_DIR) + "/L1_q.f32", "--raw-dtype", "f32", "--shape",
+                      "64,4,128", "--head", "1"});
+  ASSERT_EQ(ok.code, 0) << ok.err;
+  auto reports = nlohmann::json::parse(ok.out).at("reports");
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_EQ(reports[0].at("metrics").at("querySource"), "caller_queries");
+  RunResult over = Run({"eval", "--candidate", Path("spec.json"), "--max-attention-tv", "1e-9", "--keys",
+                        std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32", "--raw-dtype", "f32", "--shape", "64,4,128"});
+  EXPECT_EQ(over.code, 3) << over.err;
+  EXPECT_THAT(over.err, HasSubstr("OVER BUDGET"));
+}
+
+TEST_F(CliE2eTest, ProfileInfoAndErrors) {
+  RunResult get = Run({"profile", "get", digest_});
+  ASSERT_EQ(get.code, 0) << get.err;
+  EXPECT_EQ(nlohmann::json::parse(get.out).at("profileId"), "cli-e2e-l1-keys");
+  RunResult list = Run({"profile", "list"});
+  ASSERT_EQ(list.code, 0) << list.err;
+  EXPECT_THAT(list.out, HasSubstr(digest_));
+  RunResult info = Run({"info"});
+  ASSERT_EQ(info.code, 0) << info.err;
+  EXPECT_TRUE(nlohmann::json::parse(info.out).contains("limits"));
+
+  // Usage errors: exit 2.
+  EXPECT_EQ(Run({"frobnicate"}).code, 2);
+  EXPECT_EQ(Run({"info", "--no-such-flag"}).code, 2);
+  EXPECT_EQ(Run({"compress", "--in", "x.npy"}).code, 2);
+  EXPECT_EQ(Run({"info", "--deadline", "soon"}).code, 2);
+  RunResult remote = Run({"bench", "--server", "10.1.2.3:50051"}, /*with_server=*/false);
+  EXPECT_EQ(remote.code, 2);
+  EXPECT_THAT(remote.err, HasSubstr("loopback"));
+  EXPECT_EQ(Run({"info", "--tls-cert", "c.pem"}).code, 2);
+
+  // Failures: exit 1 with the status code and the file or digest named.
+  RunResult unknown = Run({"profile", "get", "sha256:" + std::string(64, '0')});
+  EXPECT_EQ(unknown.code, 1);
+  EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND"));
+  RunResult missing = Run({"compress", "--profile", digest_, "--in", Path("absent.npy"), "--out", Path("a.fqc")});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("absent.npy"));
+  auto l0 = ReadRaw(std::string(FQ_TEST_DATA_DIR) + "/L0_k.f32", DType::kF32, {64, 4, 64});
+  ASSERT_TRUE(l0.ok());
+  WriteWholeFile(Path("l0.npy"), EncodeNpy(*l0));
+  RunResult wrong_dim = Run({"compress", "--profile", digest_, "--in", Path("l0.npy"), "--out", Path("l0.fqc")});
+  EXPECT_EQ(wrong_dim.code, 1);
+  EXPECT_THAT(wrong_dim.err, HasSubstr("head_dim 64"));
+
+  // A corrupted container is refused before any RPC.
+  WriteWholeFile(Path("k2.npy"), EncodeNpy(*keys_));
+  ASSERT_EQ(Run({"compress", "--profile", digest_, "--in", Path("k2.npy"), "--out", Path("k2.fqc")}).code, 0);
+  std::string bytes = ReadWholeFile(Path("k2.fqc"));
+  bytes[bytes.size() / 2] ^= 0x01;
+  WriteWholeFile(Path("bad.fqc"), bytes);
+  RunResult bad = Run({"decompress", "--in", Path("bad.fqc"), "--out", Path("bad.npy")});
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_THAT(bad.err, HasSubstr("DATA_LOSS"));
+  EXPECT_THAT(bad.err, HasSubstr("checksum"));
+
+  // No server: the deadline bounds the wait, exit 1.
+  RunResult down = Run({"info", "--server", "127.0.0.1:1", "--deadline", "2s"}, /*with_server=*/false);
+  EXPECT_EQ(down.code, 1);
+}
+
+}  // namespace
+}  // namespace fibquant::cli
