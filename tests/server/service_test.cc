@@ -508,6 +508,36 @@ TEST_F(ServiceTest, CompressDecompressRoundTripOnRealFixture) {
   EXPECT_NE(t.status.error_message().find("page 0"), std::string::npos);
 }
 
+// Prints stream throughput on the real fixture (a figure for the report, not an assertion).
+TEST_F(ServiceTest, ReportsStreamThroughput) {
+  options_.worker_threads = 2;
+  options_.max_inflight_pages_per_stream = 8;
+  StartServer();
+  const std::vector<float> keys = ReadF32(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32");
+  const std::string digest = Register(SpecJson("throughput", 256)).profile().digest();
+  std::vector<v1::RawPage> pages;
+  for (int rep = 0; rep < 40; ++rep) {
+    for (const auto& p : FixturePages(keys)) pages.push_back(p);
+  }
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(digest);
+  header.set_input_dtype(v1::DTYPE_F32);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto c = Compress(header, pages);
+  const double tc = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  std::vector<std::string> frames;
+  for (size_t i = 0; i + 1 < c.responses.size(); ++i) frames.push_back(c.responses[i].page().frame());
+  const auto t1 = std::chrono::steady_clock::now();
+  auto d = Decompress(v1::DTYPE_F32, frames);
+  const double td = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  const double mib = static_cast<double>(pages.size()) * 16 * kDim * sizeof(float) / (1 << 20);
+  std::printf("throughput (2 workers, window 8, in-process, k=4 N=256, 16x128 f32 pages): %zu pages, "
+              "%.1f MiB raw; compress %.0f pages/s %.1f MiB/s; decompress %.0f pages/s %.1f MiB/s\n",
+              pages.size(), mib, pages.size() / tc, mib / tc, pages.size() / td, mib / td);
+}
+
 TEST_F(ServiceTest, OutputKeepsInputOrderUnderConcurrentSmallPool) {
   options_.worker_threads = 2;
   options_.max_inflight_pages_per_stream = 8;
