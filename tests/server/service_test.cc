@@ -925,6 +925,22 @@ TEST_F(ServiceTest, EvaluateQualityStoresNothing) {
                 r.metrics().cosine_similarity(), r.metrics().key_logit_mse(), r.metrics().attention_tv(),
                 r.compression_ratio());
   }
+  // A candidate with a budget it cannot meet is reported as violating it (nothing falls back).
+  {
+    grpc::ClientContext cb;
+    v1::EvaluateQualityRequest breq = req;
+    breq.clear_profile_digests();
+    breq.clear_candidate_spec_jsons();
+    breq.add_candidate_spec_jsons(
+        SpecJson("tight", 16, 16, 1, R"(,"quality_budget":{"max_attention_tv":0.000001,"fallback_on_violation":"keep_raw"})"));
+    v1::EvaluateQualityResponse bresp;
+    grpc::Status bs = stub_->EvaluateQuality(&cb, breq, &bresp);
+    ASSERT_TRUE(bs.ok()) << bs.error_message();
+    ASSERT_EQ(bresp.reports_size(), 1);
+    EXPECT_FALSE(bresp.reports(0).within_budget());
+    ASSERT_EQ(bresp.reports(0).violations_size(), 1);
+    EXPECT_NE(bresp.reports(0).violations(0).find("attention_tv"), std::string::npos);
+  }
   // More codewords, better reconstruction.
   EXPECT_LT(resp.reports(1).metrics().reconstruction_mse(), resp.reports(0).metrics().reconstruction_mse());
   EXPECT_EQ(svc_->profile_count(), 1u);
