@@ -109,9 +109,9 @@ absl::StatusOr<std::vector<double>> SphericalBetaSamples(uint32_t d, uint32_t k,
         absl::StrCat("SphericalBetaSamples: need 1 <= block_dim < ambient_dim; got k=", k,
                      ", d=", d));
   }
-  if (m > (size_t{1} << 31) / k) {
+  if (m > (size_t{1} << 28) / k) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("SphericalBetaSamples: ", m, " samples x k=", k, " exceed 2^31 values"));
+        absl::StrCat("SphericalBetaSamples: ", m, " samples x k=", k, " exceed 2^28 values"));
   }
   std::vector<double> out(m * k);
   Rng rng(seed);

@@ -42,7 +42,7 @@ double BennettGershoBeta(uint32_t d, uint32_t k);
 void SampleSphericalBeta(uint32_t d, uint32_t k, Rng& rng, double* out);
 
 // M consecutive draws from Rng(seed), row-major M x k. InvalidArgument unless 1 <= k < d;
-// ResourceExhausted if M*k exceeds 2^31 values.
+// ResourceExhausted if M*k exceeds 2^28 values (2 GiB).
 [[nodiscard]] absl::StatusOr<std::vector<double>> SphericalBetaSamples(uint32_t d, uint32_t k,
                                                                        size_t m, uint64_t seed);
 
