@@ -21,4 +21,8 @@ if command -v ninja >/dev/null && [ -f "$build/build.ninja" ]; then
     exit 1
   fi
 fi
-echo "core_only_program links no gRPC, protobuf or prometheus-cpp"
+if ! out=$("$prog"); then
+  echo "FAIL: core_only_program could not use the core: $out" >&2
+  exit 1
+fi
+echo "core_only_program links no gRPC, protobuf or prometheus-cpp and runs: $out"
