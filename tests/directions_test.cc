@@ -173,6 +173,9 @@ TEST(Sampler, ScalarAndDeterministic) {
   EXPECT_NEAR(mean / a->size(), 0.0, 0.005);
   EXPECT_NEAR(var / a->size(), 1.0 / 64, 0.001);
   EXPECT_EQ(SphericalBetaSamples(4, 4, 10, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  // 2^21 blocks x k = 256 = 2^29 values exceeds the 2^28-value limit (checked before allocating).
+  EXPECT_EQ(SphericalBetaSamples(512, 256, size_t{1} << 21, 1).status().code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
 // Pins the sampler's exact output: it feeds every codebook digest, so any change must be deliberate.
