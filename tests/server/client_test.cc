@@ -247,6 +247,39 @@ TEST(ClientRealServer, ErrorsAreAbslStatusesNamingTheMethod) {
   EXPECT_TRUE(client.HeldDigests().empty());
 }
 
+// One client shared by several threads (the documented use): every stream keeps its own order.
+TEST(ClientRealServer, ConcurrentStreamsFromOneClient) {
+  RealServer srv;
+  ClientOptions opts = FastRetries();
+  opts.max_pages_in_flight = 4;
+  KvClient client(srv.InProcessChannel(), opts);
+  auto info = client.RegisterProfile(KeySpec());
+  ASSERT_TRUE(info.ok()) << info.status();
+  const std::vector<v1::RawPage> pages = KeyPages(LoadKeys());
+  constexpr int kThreads = 4;
+  std::vector<absl::StatusOr<CompressResult>> results(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      // Each thread sends the pages rotated by t, so a mix-up between streams would show.
+      std::vector<v1::RawPage> mine(pages.begin() + t, pages.end());
+      mine.insert(mine.end(), pages.begin(), pages.begin() + t);
+      results[t] = client.CompressPages(info->digest(), mine);
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_TRUE(results[t].ok()) << "thread " << t << ": " << results[t].status();
+    ASSERT_EQ(results[t]->pages.size(), pages.size());
+    for (size_t i = 0; i < pages.size(); ++i) {
+      const v1::RawPage& want = pages[(i + t) % pages.size()];
+      EXPECT_EQ(results[t]->pages[i].coordinates().SerializeAsString(),
+                want.coordinates().SerializeAsString())
+          << "thread " << t << " page " << i;
+    }
+  }
+}
+
 TEST(ClientRealServer, CheckHealth) {
   RealServer srv;
   KvClient client(srv.InProcessChannel(), FastRetries());
