@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <random>
 #include <thread>
@@ -9,7 +10,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "client/cli/tensor_io.h"
+#include "core/codebook.h"
+#include "core/codec.h"
+#include "core/kv_codec.h"
 #include "core/kv_profile.h"
+#include "core/profile.h"
 
 namespace fibquant::cli {
 namespace {
@@ -37,6 +42,7 @@ struct StreamWork {
   uint64_t errors = 0;
   double max_rel_mse = 0;
   uint64_t checked = 0;
+  uint64_t local_identical = 0;  // pages whose server decode equals the local decode bit for bit
   std::string first_error;
   void Fail(uint64_t pages, const std::string& msg) {
     errors += pages;
@@ -55,6 +61,47 @@ nlohmann::json PhaseJson(uint64_t pages, uint64_t bytes, double seconds, std::ve
                      {"p99", Percentile(lat, 99) * 1e3},
                      {"max", Percentile(lat, 100) * 1e3}};
   return j;
+}
+
+// Rebuilds the profile's codec locally from GetCodebook, without training: the codewords and the
+// build report go through Codebook::FromStored, which recomputes the codebook digest and refuses a
+// mismatch. Only possible when the build repaired no empty Lloyd cells, because the repair events
+// are part of the digest but not on the wire (FailedPrecondition then; the bench falls back to the
+// error bound alone).
+absl::StatusOr<std::shared_ptr<const KvCodec>> LocalCodec(client::KvClient& kv, const std::string& digest,
+                                                          const KvCompressionProfile& profile) {
+  if (profile.axis_policy == KvAxisPolicy::kRaw) return KvCodec::Create(profile, nullptr);
+  auto cb = kv.GetCodebook(digest);
+  if (!cb.ok()) return cb.status();
+  if (cb->build_stats().empty_cells_repaired() != 0) {
+    // The build is deterministic (bit-identical on every x86-64 CPU), so rebuilding it here and
+    // letting KvCodec::Create compare digests with the server's profile verifies it too; bounded
+    // so a bench never trains a large codebook on the client.
+    constexpr uint64_t kMaxLocalBuildCost = 4'000'000'000ull;
+    if (cb->build_stats().cost() > kMaxLocalBuildCost) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the codebook build repaired ", cb->build_stats().empty_cells_repaired(),
+          " empty cells (their events are not served) and its cost ", cb->build_stats().cost(),
+          " is above the local rebuild bound ", kMaxLocalBuildCost));
+    }
+    return KvCodec::Build(profile, 2);
+  }
+  auto fp = Profile::FromJson(cb->fibquant_profile_json());
+  if (!fp.ok()) return fp.status();
+  LloydReport report;
+  report.restarts = fp->lloyd_restarts;
+  report.iterations = fp->lloyd_iterations;
+  report.training_samples = fp->training_samples;
+  report.init_mse = cb->build_stats().init_mse();
+  report.best_mse = cb->build_stats().training_mse();
+  report.best_restart = cb->build_stats().best_restart();
+  report.seed = fp->codebook_seed;
+  std::vector<float> codewords(cb->codewords().begin(), cb->codewords().end());
+  auto codebook = Codebook::FromStored(*fp, std::move(codewords), std::move(report), cb->codebook_digest());
+  if (!codebook.ok()) return codebook.status();
+  auto quantizer = Quantizer::Create(std::move(*codebook));
+  if (!quantizer.ok()) return quantizer.status();
+  return KvCodec::Create(profile, *quantizer);
 }
 
 }  // namespace
@@ -136,6 +183,7 @@ absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn,
     return absl::Status(profile.status().code(),
                         absl::StrCat("profile ", digest, " from the server: ", profile.status().message()));
   }
+  auto local = LocalCodec(kv, digest, *profile);
   const KvTensorShape& shape = profile->shape;
   const uint32_t tpp = profile->page_geometry.tokens_per_page;
   const uint32_t per_seq = profile->page_geometry.page_count(shape.tokens);
@@ -259,6 +307,21 @@ absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn,
           }
           const double rel = den > 0 ? num / den : num;
           ++w.checked;
+          if (local.ok()) {
+            const auto& f = w.frames[i];
+            auto mine = (*local)->DecodeFrame(
+                absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(f.data()), f.size()), DType::kF32);
+            if (!mine.ok()) {
+              w.Fail(1, absl::StrCat(where, ": local decode failed: ", mine.status().ToString()));
+              continue;
+            }
+            if (mine->data.size() != d.data().size() ||
+                std::memcmp(mine->data.data(), d.data().data(), d.data().size()) != 0) {
+              w.Fail(1, absl::StrCat(where, ": server decode differs from the local decode"));
+              continue;
+            }
+            ++w.local_identical;
+          }
           w.max_rel_mse = std::max(w.max_rel_mse, rel);
           if (!finite || !(rel <= o.max_rel_mse)) {
             w.Fail(1, absl::StrCat(where, ": relative squared error ", rel, " above the bound ", o.max_rel_mse,
@@ -271,6 +334,7 @@ absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn,
   }
   const double decompress_seconds = std::chrono::duration<double>(Clock::now() - d0).count();
 
+  uint64_t local_identical = 0;
   uint64_t errors = 0, checked = 0, frame_bytes = 0, c_pages = 0, c_bytes = 0, d_pages = 0, d_bytes = 0;
   double max_rel = 0;
   std::string first_error;
@@ -279,6 +343,7 @@ absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn,
     const StreamWork& w = work[s];
     errors += w.errors;
     checked += w.checked;
+    local_identical += w.local_identical;
     frame_bytes += w.frame_bytes;
     max_rel = std::max(max_rel, w.max_rel_mse);
     if (first_error.empty()) first_error = w.first_error;
@@ -308,7 +373,9 @@ absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn,
   j["compression_ratio"] = frame_bytes > 0 ? static_cast<double>(c_bytes) / static_cast<double>(frame_bytes) : 0.0;
   j["compress"] = PhaseJson(c_pages, c_bytes, compress_seconds, c_lat);
   j["decompress"] = PhaseJson(d_pages, d_bytes, decompress_seconds, d_lat);
-  j["round_trip"] = {{"checked_pages", checked}, {"max_rel_mse", max_rel}, {"bound", o.max_rel_mse}};
+  j["round_trip"] = {{"checked_pages", checked}, {"max_rel_mse", max_rel}, {"bound", o.max_rel_mse},
+                     {"local_decode", local.ok() ? "codebook digest verified" : std::string(local.status().message())},
+                     {"local_decode_identical_pages", local_identical}};
   j["errors"] = errors;
   if (!first_error.empty()) j["first_error"] = first_error;
   return j;

@@ -5,7 +5,12 @@
 // so it includes the client window's queueing), errors, and checks that EVERY page round-trips:
 // coordinates and size echoed, all values finite, and relative squared error
 // sum((x-y)^2)/sum(x^2) <= max_rel_mse (raw-stored vectors come back exactly, coded ones within
-// the quantizer's distortion).
+// the quantizer's distortion); and, when the codec can be rebuilt locally, the server's decode
+// equals the local KvCodec::DecodeFrame of the same frame bit for bit. The local codec comes from
+// GetCodebook through Codebook::FromStored (digest recomputed) or, when the build repaired empty
+// cells (whose events are not served), from a deterministic local rebuild of bounded cost whose
+// digests KvCodec::Create checks against the server's profile. report["round_trip"]["local_decode"]
+// says which check ran.
 //
 // Bounded: streams <= 64, pages per stream <= 100000, generated data <= 2 GiB, every stream's
 // deadline ends at max_seconds after the start. Loopback only: RunBench refuses other targets.

@@ -184,6 +184,9 @@ TEST_F(CliE2eTest, BenchTwoStreamsEightPagesHasNoErrors) {
   nlohmann::json j = nlohmann::json::parse(b.out);
   EXPECT_EQ(j.at("errors"), 0);
   EXPECT_EQ(j.at("round_trip").at("checked_pages"), 16);
+  // The codebook re-verified locally from GetCodebook, and every server decode equal to it.
+  EXPECT_EQ(j.at("round_trip").at("local_decode"), "codebook digest verified");
+  EXPECT_EQ(j.at("round_trip").at("local_decode_identical_pages"), 16);
   EXPECT_EQ(j.at("compress").at("pages"), 16);
   EXPECT_EQ(j.at("decompress").at("pages"), 16);
   EXPECT_GT(j.at("compress").at("pages_per_second").get<double>(), 0.0);
