@@ -116,6 +116,7 @@ TEST_F(CliE2eTest, NpyRoundTripStoresAndPrintsTheReceipt) {
                      "--label", "e2e"});
   ASSERT_EQ(c.code, 0) << c.err;
   EXPECT_THAT(c.err, HasSubstr("compressed 16 pages"));
+  EXPECT_EQ(c.err.find('\r'), std::string::npos) << "progress bar drawn on a non-terminal stderr";
   nlohmann::json receipt = nlohmann::json::parse(c.out);
   EXPECT_EQ(receipt.at("operation"), "compress");
   EXPECT_EQ(receipt.at("pages"), "16");  // proto3 JSON: 64-bit integers are strings
@@ -262,6 +263,70 @@ TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   // No server: the deadline bounds the wait, exit 1.
   RunResult down = Run({"info", "--server", "127.0.0.1:1", "--deadline", "2s"}, /*with_server=*/false);
   EXPECT_EQ(down.code, 1);
+}
+
+// The real binary against a server with mTLS and an admin token: the CLI's --tls-* and
+// --token-file flags, and the server's refusals surfacing as exit 1 with the status code.
+TEST(CliTlsE2eTest, MutualTlsAndAdminToken) {
+  TempDir dir;
+  const auto certs = dir.path() / "certs";
+  const std::string gen = (fibquant::server::testing::SourceRoot() / "scripts" / "gen-test-certs").string();
+  if (std::system((gen + " " + certs.string() + " >/dev/null 2>&1").c_str()) != 0) {
+    GTEST_SKIP() << "scripts/gen-test-certs failed (openssl missing?)";
+  }
+  WriteWholeFile(dir.path() / "token", "cli-e2e-token-0123456789abcdef\n");
+  WriteWholeFile(dir.path() / "wrong-token", "not-the-token\n");
+  WriteWholeFile(dir.path() / "spec.json", kSpec);
+  ServerProcess server;
+  server.Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=2",
+                "--data-dir=" + (dir.path() / "data").string(), "--tls-cert=" + (certs / "server.crt").string(),
+                "--tls-key=" + (certs / "server.key").string(), "--tls-client-ca=" + (certs / "ca.crt").string(),
+                "--admin-token-file=" + (dir.path() / "token").string()},
+               dir.path());
+  auto port = server.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << server.Log();
+  const std::string addr = "--server=127.0.0.1:" + std::to_string(*port);
+  const std::string ca = "--tls-ca=" + (certs / "ca.crt").string();
+  const std::string cert = "--tls-cert=" + (certs / "client.crt").string();
+  const std::string key = "--tls-key=" + (certs / "client.key").string();
+  auto run = [&](const std::vector<std::string>& args) {
+    const std::string out = (dir.path() / "out").string(), err = (dir.path() / "err").string();
+    std::string cmd = std::string("timeout 120 ") + FQ_CLI_BINARY;
+    for (const auto& a : args) cmd += " '" + a + "'";
+    cmd += " >" + out + " 2>" + err;
+    const int st = std::system(cmd.c_str());
+    return RunResult{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ReadWholeFile(out), ReadWholeFile(err)};
+  };
+  RunResult info = run({"info", addr, ca, cert, key});
+  ASSERT_EQ(info.code, 0) << info.err;
+  EXPECT_TRUE(nlohmann::json::parse(info.out).contains("version"));
+  // Plaintext against a TLS server, and TLS without the client certificate: exit 1.
+  EXPECT_EQ(run({"info", addr, "--deadline=3s"}).code, 1);
+  EXPECT_EQ(run({"info", addr, ca, "--deadline=3s"}).code, 1);
+  RunResult no_token = run({"profile", "register", (dir.path() / "spec.json").string(), addr, ca, cert, key});
+  EXPECT_EQ(no_token.code, 1);
+  EXPECT_THAT(no_token.err, HasSubstr("UNAUTHENTICATED"));
+  RunResult wrong = run({"profile", "register", (dir.path() / "spec.json").string(), addr, ca, cert, key,
+                         "--token-file=" + (dir.path() / "wrong-token").string()});
+  EXPECT_EQ(wrong.code, 1);
+  EXPECT_THAT(wrong.err, HasSubstr("PERMISSION_DENIED"));
+  RunResult ok = run({"profile", "register", (dir.path() / "spec.json").string(), addr, ca, cert, key,
+                      "--token-file=" + (dir.path() / "token").string()});
+  ASSERT_EQ(ok.code, 0) << ok.err;
+  const std::string digest = nlohmann::json::parse(ok.out).at("digest").get<std::string>();
+  auto k = ReadRaw(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32", DType::kF32, {64, 4, 128});
+  ASSERT_TRUE(k.ok());
+  WriteWholeFile(dir.path() / "k.npy", EncodeNpy(*k));
+  RunResult c = run({"compress", "--profile", digest, "--in", (dir.path() / "k.npy").string(), "--out",
+                     (dir.path() / "k.fqc").string(), addr, ca, cert, key});
+  ASSERT_EQ(c.code, 0) << c.err;
+  RunResult d = run({"decompress", "--in", (dir.path() / "k.fqc").string(), "--out",
+                     (dir.path() / "k.out.npy").string(), addr, ca, cert, key});
+  ASSERT_EQ(d.code, 0) << d.err;
+  // A missing TLS file is named.
+  RunResult missing = run({"info", addr, "--tls-ca=" + (dir.path() / "nope.pem").string()});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("--tls-ca"));
 }
 
 }  // namespace
