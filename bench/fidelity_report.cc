@@ -312,6 +312,7 @@ int Run(int argc, char** argv) {
       return 2;
     }
   }
+  SetFaissThreads(1);  // deterministic training, and no OpenMP spinning on a shared machine
   std::vector<Dataset> sets;
   for (int layer : {0, 1}) {
     Dataset ds = LoadUseLite(layer);
