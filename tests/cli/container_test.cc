@@ -3,6 +3,7 @@
 // check of that very field is what fires (plus one test where only the checksum catches it).
 #include "client/cli/container.h"
 
+#include <random>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -180,6 +181,25 @@ TEST_F(ContainerTest, TruncationAndLimits) {
   Container too_big = Sample();
   too_big.metadata_json = std::string((1u << 20) + 1, ' ');
   EXPECT_EQ(EncodeContainer(too_big).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Random corruption: every mutated container is either refused with one of the documented codes
+// or (when the edit hit nothing checked, which the checksum makes impossible) decoded.
+TEST_F(ContainerTest, RandomCorruptionNeverCrashes) {
+  std::mt19937_64 rng(20261126);
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::string s = bytes_;
+    const int edits = 1 + static_cast<int>(rng() % 4);
+    for (int e = 0; e < edits; ++e) s[rng() % s.size()] = static_cast<char>(rng());
+    if (trial % 3 == 0) s = Reseal(s);  // so the structural checks, not the checksum, must catch it
+    if (trial % 7 == 0) s.resize(rng() % s.size());
+    auto r = DecodeContainer(s);
+    if (r.ok()) continue;
+    const absl::StatusCode c = r.status().code();
+    EXPECT_TRUE(c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kResourceExhausted ||
+                c == absl::StatusCode::kUnimplemented)
+        << r.status();
+  }
 }
 
 }  // namespace

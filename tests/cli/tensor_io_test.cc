@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -274,6 +275,35 @@ TEST(KvPagesTest, LayoutsAndPageGridRoundTrip) {
   Tensor t = F32Tensor({16, 9});
   auto l = LayoutOf(t.shape, "t");
   EXPECT_EQ(CheckLayoutFitsProfile(*l, shape, 16, "t").code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Random corruption of real .npy and .safetensors files: never a crash, only documented codes.
+TEST_F(TensorIoTest, RandomCorruptionGivesDocumentedCodes) {
+  Tensor t = F32Tensor({16, 2, 8});
+  const std::string npy = EncodeNpy(t);
+  const std::string st = EncodeSafetensors({{"t", &t}});
+  std::mt19937_64 rng(7);
+  auto allowed = [](absl::StatusCode c) {
+    return c == absl::StatusCode::kOk || c == absl::StatusCode::kInvalidArgument ||
+           c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kResourceExhausted ||
+           c == absl::StatusCode::kNotFound;
+  };
+  for (int trial = 0; trial < 1500; ++trial) {
+    std::string a = npy, b = st;
+    // Mostly the headers: that is where the parsing happens.
+    for (int e = 0; e < 3; ++e) {
+      a[rng() % std::min<size_t>(a.size(), 140)] = static_cast<char>(rng());
+      b[rng() % std::min<size_t>(b.size(), 120)] = static_cast<char>(rng());
+    }
+    if (trial % 5 == 0) a.resize(rng() % a.size());
+    if (trial % 5 == 1) b.resize(rng() % b.size());
+    auto ra = ParseNpy(a, "r.npy", trial % 2 == 0);
+    EXPECT_TRUE(allowed(ra.status().code())) << ra.status();
+    if (trial % 10 == 0) {  // the safetensors reader works on files
+      auto rb = ReadSafetensors(Write("r.safetensors", b), "");
+      EXPECT_TRUE(allowed(rb.status().code())) << rb.status();
+    }
+  }
 }
 
 }  // namespace
