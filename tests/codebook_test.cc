@@ -114,6 +114,25 @@ TEST(Codebook, ThreadCountInvariant) {
   EXPECT_EQ(c->build_stats().threads, 3);
 }
 
+TEST(Codebook, RotationAlgorithmIsBoundIntoTheDigest) {
+  absl::StatusOr<Profile> haar = Profile::PaperDefault(16, 4, 16, 9);
+  absl::StatusOr<Profile> had = Profile::PaperDefault(16, 4, 16, 9, kRotationHadamard);
+  ASSERT_TRUE(haar.ok() && had.ok()) << had.status();
+  absl::StatusOr<Codebook> a = Codebook::Build(*haar, 2);
+  absl::StatusOr<Codebook> b = Codebook::Build(*had, 2);
+  ASSERT_TRUE(a.ok() && b.ok()) << b.status();
+  // Training does not depend on the vector rotation, only the digests do.
+  EXPECT_EQ(a->codewords(), b->codewords());
+  EXPECT_NE(a->rotation_digest(), b->rotation_digest());
+  EXPECT_NE(a->digest(), b->digest());
+  absl::StatusOr<Codebook> back = Codebook::FromJson(b->ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->digest(), b->digest());
+  // A Haar codebook presented with the Hadamard profile does not verify.
+  EXPECT_EQ(Codebook::FromStored(*had, a->codewords(), a->report(), a->digest()).status().code(),
+            absl::StatusCode::kDataLoss);
+}
+
 TEST(Codebook, FailClosedRejectsEmptyCells) {
   // d=64 k=8 N=16 with 480 samples (seed 1) needs one empty-cell repair.
   absl::StatusOr<Profile> p = Profile::PaperDefault(64, 8, 16, 1);
