@@ -108,10 +108,13 @@ bool DetectAvx2() {
 }
 const bool kCpuHasAvx2 = DetectAvx2();
 std::atomic<bool> g_use_avx2{kCpuHasAvx2};
+std::atomic<bool> g_force_plain{false};
 
 // Yinyang grouping: about kGroupSize codewords per group, at most kMaxGroups groups.
 constexpr uint32_t kGroupSize = 64;
 constexpr uint32_t kMaxGroups = 256;
+// Above this many codewords per group (bounds memory-capped), assignment uses the plain search.
+constexpr uint32_t kMaxPlainGroupSize = 1024;
 
 // Codewords sorted by Euclidean norm, in blocks of kLanes. The search visits blocks in order of
 // their norm gap to ||x|| and prunes with the reverse triangle inequality
@@ -303,12 +306,22 @@ class Assigner {
     // G groups of about kGroupSize codewords; per-sample bounds capped at 2^25 floats (128 MB).
     groups_ = std::max<uint32_t>(1, std::min<uint32_t>(kMaxGroups, n / kGroupSize));
     while (groups_ > 1 && static_cast<uint64_t>(groups_) * m > (uint64_t{1} << 25)) groups_ /= 2;
-    lower_.resize(static_cast<size_t>(groups_) * m);
+    // Groups too large to prune well (bounds memory-capped for a huge N * M): the stateless
+    // norm-sorted search instead (for small k it narrows to a few codewords per sample).
+    plain_ = (n + groups_ - 1) / groups_ > kMaxPlainGroupSize ||
+             g_force_plain.load(std::memory_order_relaxed);
+    if (!plain_) lower_.resize(static_cast<size_t>(groups_) * m);
   }
 
   // `regroup`: the codewords changed arbitrarily (a new restart): re-cluster and search fully.
   void Assign(const std::vector<double>& c, bool regroup, std::vector<uint32_t>& index,
               std::vector<double>& distance) {
+    if (plain_) {
+      index.resize(m_);
+      distance.resize(m_);
+      SearchAllDispatch(samples_, m_, c, k_, threads_, index.data(), distance.data());
+      return;
+    }
     switch (k_) {
       case 1: return AssignK<1>(c, regroup, index, distance);
       case 2: return AssignK<2>(c, regroup, index, distance);
@@ -488,6 +501,7 @@ class Assigner {
   uint32_t n_;
   int threads_;
   uint32_t groups_ = 1;
+  bool plain_ = false;
   double sample_scale_ = 0;
   std::vector<float> lower_;  // m x G lower bounds (Euclidean distance)
   std::vector<uint32_t> group_of_;
@@ -562,6 +576,8 @@ bool SetLloydAvx2ForTesting(bool enabled) {
   g_use_avx2.store(enabled && kCpuHasAvx2);
   return before;
 }
+
+bool SetLloydPlainSearchForTesting(bool enabled) { return g_force_plain.exchange(enabled); }
 
 Nearest NearestCodewordBruteForce(const double* x, const double* codewords, uint32_t n,
                                   uint32_t k) {

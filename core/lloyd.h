@@ -53,6 +53,10 @@ double MeanDistortion(const std::vector<double>& samples, const std::vector<doub
 // previous setting.
 bool SetLloydAvx2ForTesting(bool enabled);
 
+// Forces the stateless norm-sorted search in every Lloyd pass (normally used only when the
+// codebook is too large for bounded search). For tests, like the above. Returns the previous setting.
+bool SetLloydPlainSearchForTesting(bool enabled);
+
 struct LloydParams {
   uint32_t block_dim = 0;
   uint32_t restarts = 1;

@@ -196,5 +196,20 @@ TEST(Lloyd, BaselineKernelMatchesAvx2) {
   }
 }
 
+TEST(Lloyd, PlainSearchMatchesBoundedSearch) {
+  for (uint32_t k : {1u, 2u, 8u}) {
+    const std::vector<double> samples = *SphericalBetaSamples(40, k, 6000, 21 + k);
+    const std::vector<double> c0(samples.begin(), samples.begin() + 100 * k);
+    absl::StatusOr<LloydResult> a = RunLloyd(c0, samples, Params(k, 1, 10, 2), nullptr);
+    const bool before = SetLloydPlainSearchForTesting(true);
+    absl::StatusOr<LloydResult> b = RunLloyd(c0, samples, Params(k, 1, 10, 2), nullptr);
+    SetLloydPlainSearchForTesting(before);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(std::memcmp(a->codewords.data(), b->codewords.data(), a->codewords.size() * 8), 0)
+        << "k=" << k;
+    EXPECT_EQ(a->report, b->report);
+  }
+}
+
 }  // namespace
 }  // namespace fibquant
