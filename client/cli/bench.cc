@@ -338,6 +338,13 @@ absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& o, Connection& conn,
   uint64_t errors = 0, checked = 0, frame_bytes = 0, c_pages = 0, c_bytes = 0, d_pages = 0, d_bytes = 0;
   double max_rel = 0;
   std::string first_error;
+  // FailedPrecondition means "cannot be checked locally" (reported, not an error); anything else
+  // (GetCodebook failed, the codebook's digest or the rebuilt codec disagrees with the server's
+  // profile) is a failed check.
+  if (!local.ok() && local.status().code() != absl::StatusCode::kFailedPrecondition) {
+    ++errors;
+    first_error = absl::StrCat("local codec for ", digest, ": ", local.status().ToString());
+  }
   std::vector<double> c_lat, d_lat;
   for (uint32_t s = 0; s < o.streams; ++s) {
     const StreamWork& w = work[s];

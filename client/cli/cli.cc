@@ -55,6 +55,8 @@ constexpr const char* kUsage =
     "  eval (--profile DIGEST | --candidate SPEC.json)... --keys FILE [--values FILE]\n"
     "       [--queries FILE] [--layer L] [--head H] [--top-k K] [--max-logit-mse X]\n"
     "       [--max-attention-tv X] [--max-topk-disagreement X] [--max-value-aggregation-mse X]\n"
+    "       [--keys-tensor|--values-tensor|--queries-tensor NAME] [--format, --raw-dtype, --shape,\n"
+    "       --npy-bf16 as for compress]\n"
     "  info                           server version, formats and limits\n"
     "  bench [--streams N] [--pages M] [--page-tokens T] [--head-dim D] [--dtype f32|f16|bf16]\n"
     "        [--profile DIGEST | --spec FILE] [--window W] [--max-seconds S] [--max-rel-mse X]\n"
@@ -137,7 +139,8 @@ std::variant<Args, UsageError> ParseArgs(std::span<const std::string> in, FlagSp
 // ---- output helpers
 
 int Usage(std::ostream& err, const std::string& command, const std::string& message) {
-  err << "fibquant " << command << ": " << message << "\n(run `fibquant --help` for usage)\n";
+  err << "fibquant" << (command.empty() ? "" : " ") << command << ": " << message
+      << "\n(run `fibquant --help` for usage)\n";
   return kExitUsage;
 }
 

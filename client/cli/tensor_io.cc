@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -567,8 +568,15 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, uint64_t max_bytes
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes) {
   const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
   {
+    errno = 0;
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot create ", tmp));
+    if (!out) {
+      const int e = errno;
+      const std::string msg = absl::StrCat(path, ": cannot create ", tmp, ": ", std::strerror(e));
+      if (e == ENOENT || e == ENOTDIR) return absl::NotFoundError(msg);
+      if (e == EACCES || e == EPERM || e == EROFS) return absl::PermissionDeniedError(msg);
+      return absl::InternalError(msg);
+    }
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     out.flush();
     if (!out) {

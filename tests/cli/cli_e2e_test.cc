@@ -242,6 +242,12 @@ TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   RunResult missing = Run({"compress", "--profile", digest_, "--in", Path("absent.npy"), "--out", Path("a.fqc")});
   EXPECT_EQ(missing.code, 1);
   EXPECT_THAT(missing.err, HasSubstr("absent.npy"));
+  WriteWholeFile(Path("k3.npy"), EncodeNpy(*keys_));
+  RunResult no_dir = Run({"compress", "--profile", digest_, "--in", Path("k3.npy"), "--out",
+                          Path("no-such-dir/k3.fqc")});
+  EXPECT_EQ(no_dir.code, 1);
+  EXPECT_THAT(no_dir.err, HasSubstr("NOT_FOUND"));
+  EXPECT_THAT(no_dir.err, HasSubstr("no-such-dir/k3.fqc"));
   auto l0 = ReadRaw(std::string(FQ_TEST_DATA_DIR) + "/L0_k.f32", DType::kF32, {64, 4, 64});
   ASSERT_TRUE(l0.ok());
   WriteWholeFile(Path("l0.npy"), EncodeNpy(*l0));
