@@ -19,44 +19,33 @@ void WorkerPool::Observe(int64_t depth) {
 }
 
 absl::Status WorkerPool::Submit(Task task) {
-  int64_t depth;
-  {
-    absl::MutexLock lock(&mu_);
-    if (stopping_) return absl::UnavailableError("worker pool is shutting down");
-    if (queue_.size() >= capacity_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "server busy: worker queue holds ", queue_.size(), " tasks (worker_queue_capacity ",
-          capacity_, "); retry later"));
-    }
-    queue_.push_back(std::move(task));
-    depth = static_cast<int64_t>(queue_.size());
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("worker pool is shutting down");
+  if (queue_.size() >= capacity_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "server busy: worker queue holds ", queue_.size(), " tasks (worker_queue_capacity ",
+        capacity_, "); retry later"));
   }
-  Observe(depth);
+  queue_.push_back(std::move(task));
+  Observe(static_cast<int64_t>(queue_.size()));
   return absl::OkStatus();
 }
 
 void WorkerPool::SubmitReserved(Task task) {
-  int64_t depth;
   {
     absl::MutexLock lock(&mu_);
     if (!stopping_) {
       queue_.push_back(std::move(task));
-      depth = static_cast<int64_t>(queue_.size());
-    } else {
-      depth = -1;
+      Observe(static_cast<int64_t>(queue_.size()));
+      return;
     }
   }
-  if (depth < 0) {
-    std::move(task)(absl::CancelledError("worker pool is shutting down"));
-    return;
-  }
-  Observe(depth);
+  std::move(task)(absl::CancelledError("worker pool is shutting down"));
 }
 
 void WorkerPool::WorkerLoop() {
   for (;;) {
     Task task;
-    int64_t depth;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
@@ -68,9 +57,8 @@ void WorkerPool::WorkerLoop() {
       if (stopping_) return;       // Shutdown() cancels what is left
       task = std::move(queue_.front());
       queue_.pop_front();
-      depth = static_cast<int64_t>(queue_.size());
+      Observe(static_cast<int64_t>(queue_.size()));
     }
-    Observe(depth);
     std::move(task)(absl::OkStatus());
   }
 }
@@ -89,8 +77,8 @@ void WorkerPool::Shutdown() {
   {
     absl::MutexLock lock(&mu_);
     left.swap(queue_);
+    Observe(0);
   }
-  if (!left.empty()) Observe(0);
   for (auto& task : left) std::move(task)(absl::CancelledError("worker pool is shutting down"));
 }
 

@@ -30,7 +30,10 @@ class WorkerPool {
  public:
   // The task's argument is OK when it runs normally, Cancelled when the pool is shutting down.
   using Task = absl::AnyInvocable<void(absl::Status) &&>;
-  // Called (outside the pool's lock) with the queue depth after every change, e.g. for a gauge.
+  // Called with the queue depth after every change, e.g. for a gauge. It runs under the pool's
+  // lock, so the last value reported is always the current depth (reported outside the lock, a
+  // late "1" could overwrite the "0" of the pop that followed it); it must be cheap and must not
+  // call back into the pool.
   using DepthObserver = std::function<void(int64_t)>;
 
   // `threads` >= 1, `capacity` >= 1 (the caller validates).
@@ -57,7 +60,7 @@ class WorkerPool {
 
  private:
   void WorkerLoop();
-  void Observe(int64_t depth);
+  void Observe(int64_t depth) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const size_t capacity_;
   const int thread_count_;

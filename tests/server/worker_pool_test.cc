@@ -2,6 +2,7 @@
 #include "server/worker_pool.h"
 
 #include <atomic>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -26,6 +27,26 @@ TEST(WorkerPoolTest, RunsEveryTaskExactlyOnce) {
     }
   }  // the destructor lets running tasks finish and runs the queued ones with Cancelled
   EXPECT_EQ(ok.load() + cancelled.load(), 500);
+}
+
+TEST(WorkerPoolTest, DepthObserverEndsAtTheRealDepth) {
+  std::atomic<int64_t> last{-1};
+  std::atomic<int> done{0};
+  {
+    WorkerPool pool(2, 10000, [&last](int64_t d) { last.store(d); });
+    std::vector<std::thread> producers;
+    for (int p = 0; p < 4; ++p) {
+      producers.emplace_back([&] {
+        for (int i = 0; i < 500; ++i) {
+          pool.SubmitReserved([&done](absl::Status) { done.fetch_add(1); });
+        }
+      });
+    }
+    for (auto& t : producers) t.join();
+    while (done.load() < 2000) std::this_thread::yield();
+    EXPECT_EQ(pool.queue_depth(), 0u);
+    EXPECT_EQ(last.load(), 0);  // reported under the lock: no stale value can land last
+  }
 }
 
 TEST(WorkerPoolTest, FifoOnOneThread) {
