@@ -58,6 +58,8 @@ constexpr const char* kUsage =
     "       [--keys-tensor|--values-tensor|--queries-tensor NAME] [--format, --raw-dtype, --shape,\n"
     "       --npy-bf16 as for compress]\n"
     "  info                           server version, formats and limits\n"
+    "  health [SERVICE]               grpc.health.v1 check (default fibquant.v1.KvCompressionService);\n"
+    "                                 exit 0 only when SERVING\n"
     "  bench [--streams N] [--pages M] [--page-tokens T] [--head-dim D] [--dtype f32|f16|bf16]\n"
     "        [--profile DIGEST | --spec FILE] [--window W] [--max-seconds S] [--max-rel-mse X]\n"
     "        [--seed S]                loopback load generator with round-trip checks\n"
@@ -575,6 +577,22 @@ int CmdReceipt(Env& env) {
   return kExitOk;
 }
 
+// grpc.health.v1 over the same channel options as every other command (TLS, mTLS), so it can
+// serve as an exec probe where the kubelet's plaintext gRPC probe cannot.
+int CmdHealth(Env& env) {
+  if (env.args.positionals.size() > 1) return Usage(env.err, env.command, "takes at most one service name");
+  const std::string service =
+      env.args.positionals.empty() ? "fibquant.v1.KvCompressionService" : env.args.positionals[0];
+  Connection conn;
+  if (int rc = Connected(env, &conn)) return rc;
+  client::KvClient kv(conn.channel, conn.client_options);
+  auto serving = kv.CheckHealth(service);
+  if (!serving.ok()) return Failure(env.err, env.command, serving.status());
+  nlohmann::json j = {{"service", service}, {"status", *serving ? "SERVING" : "NOT_SERVING"}};
+  env.out << j.dump() << "\n";
+  return *serving ? kExitOk : kExitFailure;
+}
+
 int CmdInfo(Env& env) {
   if (!env.args.positionals.empty()) return Usage(env.err, env.command, "takes no arguments");
   Connection conn;
@@ -768,6 +786,7 @@ std::map<std::string, Command> Commands() {
       {"decompress", {CmdDecompress, {{"in", "out", "dtype", "format", "window"}, {}, {}}}},
       {"receipt", {CmdReceipt, {}}},
       {"info", {CmdInfo, {}}},
+      {"health", {CmdHealth, {}}},
       {"eval", {CmdEval, eval}},
       {"bench",
        {CmdBench,

@@ -1,10 +1,10 @@
 // The `fibquant` command line: argument parsing and every command (profile register/get/list,
-// compress, decompress, receipt, eval, info, bench). main.cc only forwards argv here, so the whole
-// CLI is one library function tests can call.
+// compress, decompress, receipt, eval, info, health, bench). main.cc only forwards argv here, so
+// the whole CLI is one library function tests can call.
 //
 // Exit codes: 0 success; 1 failure (RPC error, bad input file, failed round-trip check); 2 usage
 // error (unknown command or flag, missing or malformed flag value); 3 `eval` ran but a report is
-// over its quality budget. Results are printed to stdout (JSON), messages and the progress bar to
+// over its quality budget. `health` exits 1 when the service is not SERVING. Results are printed to stdout (JSON), messages and the progress bar to
 // stderr ("fibquant <command>: error: <CODE>: <message>").
 //
 // Ownership: the CLI engineer. Thread safety: RunCli is reentrant (no global state besides the

@@ -223,6 +223,12 @@ TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   EXPECT_THAT(list.out, HasSubstr(digest_));
   RunResult info = Run({"info"});
   ASSERT_EQ(info.code, 0) << info.err;
+  RunResult health = Run({"health"});
+  ASSERT_EQ(health.code, 0) << health.err;
+  EXPECT_EQ(nlohmann::json::parse(health.out).at("status"), "SERVING");
+  RunResult unknown_service = Run({"health", "no.such.Service"});
+  EXPECT_EQ(unknown_service.code, 1);
+  EXPECT_THAT(unknown_service.err, HasSubstr("NOT_FOUND"));
   EXPECT_TRUE(nlohmann::json::parse(info.out).contains("limits"));
 
   // Usage errors: exit 2.
@@ -303,6 +309,9 @@ TEST(CliTlsE2eTest, MutualTlsAndAdminToken) {
     const int st = std::system(cmd.c_str());
     return RunResult{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ReadWholeFile(out), ReadWholeFile(err)};
   };
+  RunResult health = run({"health", addr, ca, cert, key});
+  ASSERT_EQ(health.code, 0) << health.err;
+  EXPECT_THAT(health.out, HasSubstr("\"SERVING\""));
   RunResult info = run({"info", addr, ca, cert, key});
   ASSERT_EQ(info.code, 0) << info.err;
   EXPECT_TRUE(nlohmann::json::parse(info.out).contains("version"));
