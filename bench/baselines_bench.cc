@@ -242,7 +242,7 @@ void Register() {
       "fib:128:4:256:haar", "fib:128:4:256:hadamard", "fib:128:2:16:haar", "fib:128:2:16:hadamard",
       "fib:128:1:4:haar", "fib:128:1:4:hadamard", "pq:128:32:8", "pq:128:64:4",
       "fib:128:8:256:haar", "fib:128:8:256:hadamard", "pq:128:16:8",
-      "fib:128:2:256:hadamard", "fib:128:1:16:hadamard", "absmax:128:4", "sq:128:4bit", "pq:128:64:8",
+      "fib:128:2:256:haar", "fib:128:2:256:hadamard", "fib:128:1:16:hadamard", "absmax:128:4", "sq:128:4bit", "pq:128:64:8",
       "absmax:128:8", "sq:128:8bit", "bf16:128", "f16:128"};
   for (const std::string& id : ids) {
     if ((id.rfind("pq:", 0) == 0 || id.rfind("sq:", 0) == 0) && !HaveFaiss()) continue;
