@@ -480,8 +480,16 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt
   if (receipt.recorded_unix_seconds() == 0) receipt.set_recorded_unix_seconds(NowUnixSeconds());
   fs::path dir = fs::path(options_.data_dir) / "receipts";
   if (!options_.data_dir.empty()) {
-    FQ_RETURN_IF_ERROR(WriteFileAtomically((dir / absl::StrCat(receipt.receipt_id(), ".json")).string(),
-                                           SerializeReceipt(receipt, seq)));
+    // A receipt that cannot be written (full or read-only disk) is kept in memory and marked, not
+    // turned into a failed stream: the client already holds every frame of it.
+    receipt.set_persisted(true);
+    absl::Status w = WriteFileAtomically((dir / absl::StrCat(receipt.receipt_id(), ".json")).string(),
+                                         SerializeReceipt(receipt, seq));
+    if (!w.ok()) {
+      receipt.set_persisted(false);
+      std::fprintf(stderr, "fibquant registry: receipt %s kept in memory only: %s\n", receipt.receipt_id().c_str(),
+                   std::string(w.message()).c_str());
+    }
   }
   std::vector<std::string> drop;
   {

@@ -75,8 +75,9 @@ class Registry {
   std::vector<std::shared_ptr<const ProfileEntry>> List(const std::string& after, size_t limit) const;
   size_t size() const;
 
-  // Assigns receipt_id and recorded time if empty, persists, and keeps at most receipt_retention
-  // receipts (the oldest are dropped, files too). Returns the stored receipt.
+  // Assigns receipt_id and recorded time if empty, persists (a write failure is logged and leaves
+  // persisted = false: the receipt is then kept in memory only), and keeps at most
+  // receipt_retention receipts (the oldest are dropped, files too). Returns the stored receipt.
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> AddReceipt(fibquant::v1::Receipt receipt);
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> GetReceipt(const std::string& id) const;
   // Newest first, only receipts whose sequence number (the digits of "rcpt-<seq>") is below

@@ -454,6 +454,7 @@ TEST_F(ServiceTest, CompressDecompressRoundTripOnRealFixture) {
   EXPECT_GT(receipt.compression_ratio(), 4.0);  // 2 bits/coord plus norms and frame headers
   EXPECT_EQ(receipt.label(), "round-trip");
   EXPECT_EQ(receipt.receipt_digest().rfind("sha256:", 0), 0u);
+  EXPECT_TRUE(receipt.persisted());
   std::printf("L1_k: %zu pages, %llu -> %llu bytes, ratio %.2f\n", pages.size(),
               static_cast<unsigned long long>(receipt.input_bytes()),
               static_cast<unsigned long long>(receipt.output_bytes()), receipt.compression_ratio());
@@ -773,6 +774,28 @@ TEST_F(ServiceTest, ReceiptRetentionDropsOldest) {
   size_t files = 0;
   for (auto& e : fs::directory_iterator(fs::path(data_dir_) / "receipts")) files += e.path().extension() == ".json";
   EXPECT_EQ(files, 2u);
+}
+
+TEST_F(ServiceTest, UnwritableReceiptIsKeptInMemoryAndTheStreamSucceeds) {
+  StartServer();
+  const std::string digest = Register(SpecJson("disk")).profile().digest();
+  // Replace receipts/ by a plain file: every receipt write now fails, even for root.
+  fs::remove_all(fs::path(data_dir_) / "receipts");
+  std::ofstream(fs::path(data_dir_) / "receipts") << "not a directory";
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(digest);
+  header.set_input_dtype(v1::DTYPE_F32);
+  const std::vector<float> page(16 * kDim, 0.25f);
+  auto r = Compress(header, {MakePage(0, 0, 0, 16, page, 0)});
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  const v1::Receipt receipt = r.responses.back().receipt();
+  EXPECT_FALSE(receipt.persisted());
+  grpc::ClientContext ctx;
+  v1::GetReceiptRequest req;
+  req.set_receipt_id(receipt.receipt_id());
+  v1::GetReceiptResponse resp;
+  ASSERT_TRUE(stub_->GetReceipt(&ctx, req, &resp).ok());
+  EXPECT_EQ(resp.receipt().receipt_digest(), receipt.receipt_digest());
 }
 
 TEST_F(ServiceTest, ReceiptsPaginateNewestFirst) {
