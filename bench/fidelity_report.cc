@@ -281,6 +281,12 @@ std::vector<Spec> Specs(uint32_t /*d*/, bool quick) {
                                                          {4, 4096}, {2, 64}, {2, 256}, {2, 1024}};
   for (auto [k, n] : fib) s.push_back({"fib", k, n, 0, ""});
   for (uint32_t n : {2u, 4u, 8u, 16u, 32u}) s.push_back({"fib", 1, n, 0, ""});  // scalar Lloyd-Max
+  // The structured rotation at a few shapes (same codebooks up to the rotation's digest).
+  if (!quick) {
+    for (auto [k, n] : std::vector<std::pair<uint32_t, uint32_t>>{{8, 256}, {4, 256}, {1, 4}, {2, 256}, {1, 16}}) {
+      s.push_back({"fib", k, n, 0, "hadamard"});
+    }
+  }
   s.push_back({"abs", 0, 0, 4, ""});
   s.push_back({"abs", 0, 0, 8, ""});
   s.push_back({"f16", 0, 0, 16, "bf16"});
@@ -338,6 +344,7 @@ int Run(int argc, char** argv) {
       if (s.kind == "fib") {
         FibOptions opt;
         opt.cache_dir = cache;
+        if (!s.type.empty()) opt.rotation = s.type;
         // Training: far more than the paper's 30 N samples (reference-distortion.md: 30 N
         // overfits): max(30 N, 2^15) spherical-Beta blocks; N >= 4096 uses 30 N and 1 restart.
         opt.training_samples = std::max<uint32_t>(30 * s.n, 1u << 15);
