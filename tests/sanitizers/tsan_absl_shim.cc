@@ -10,6 +10,12 @@
 // what an Abseil built with -fsanitize=thread does internally. gRPC's own absl::Mutex calls go
 // through the same exported symbols, so its locks become visible too.
 //
+// Built WITHOUT -fsanitize=thread and LD_PRELOADed: the TSan entry points are weak, so in a process
+// without the TSan runtime (ctest itself, shell tools) every wrapper just calls the real function.
+//
+// Nesting: a wrapped call may re-enter another exported entry point (CondVar::WaitWithDeadline
+// re-acquires its mutex through Mutex::Lock); only the outermost call is annotated.
+//
 // Waits that release and re-acquire the mutex (Await*, LockWhen*, CondVar::Wait*) are annotated as
 // unlock + lock around the call; memory accesses inside the real call (the Condition functions
 // absl evaluates) are ignored, since TSan cannot see the lock held there.
@@ -29,17 +35,54 @@ void AnnotateIgnoreReadsEnd(const char* file, int line);
 void AnnotateIgnoreWritesBegin(const char* file, int line);
 void AnnotateIgnoreWritesEnd(const char* file, int line);
 }
+#pragma weak AnnotateIgnoreReadsBegin
+#pragma weak AnnotateIgnoreReadsEnd
+#pragma weak AnnotateIgnoreWritesBegin
+#pragma weak AnnotateIgnoreWritesEnd
+#pragma weak __tsan_mutex_destroy
+#pragma weak __tsan_mutex_pre_lock
+#pragma weak __tsan_mutex_post_lock
+#pragma weak __tsan_mutex_pre_unlock
+#pragma weak __tsan_mutex_post_unlock
 
 namespace {
 
+// True when the process runs with the TSan runtime.
+bool Tsan() {
+  static const bool on = &__tsan_mutex_pre_lock != nullptr;
+  return on;
+}
+
+void PreLock(void* m, unsigned f) {
+  if (Tsan()) __tsan_mutex_pre_lock(m, f);
+}
+void PostLock(void* m, unsigned f) {
+  if (Tsan()) __tsan_mutex_post_lock(m, f, 0);
+}
+void PreUnlock(void* m, unsigned f) {
+  if (Tsan()) __tsan_mutex_pre_unlock(m, f);
+}
+void PostUnlock(void* m, unsigned f) {
+  if (Tsan()) __tsan_mutex_post_unlock(m, f);
+}
 void IgnoreBegin() {
+  if (!Tsan()) return;
   AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
   AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
 }
 void IgnoreEnd() {
+  if (!Tsan()) return;
   AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
   AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
 }
+
+thread_local int t_depth = 0;
+struct Nested {
+  Nested() { ++t_depth; }
+  ~Nested() { --t_depth; }
+  Nested(const Nested&) = delete;
+  Nested& operator=(const Nested&) = delete;
+};
 
 template <typename Fn>
 Fn Real(const char* name) {
@@ -51,21 +94,23 @@ Fn Real(const char* name) {
   return reinterpret_cast<Fn>(p);
 }
 
-#define FQ_REAL(type, mangled)                  \
-  static const auto real = Real<type>(mangled);
+// Resolves the real function; inside another wrapper's real call, calls it without annotation.
+#define FQ_REAL(type, mangled, ...)                \
+  static const auto real = Real<type>(mangled);  \
+  if (t_depth > 0) return real(__VA_ARGS__);      \
+  const Nested nested_guard;
 
-void Locked(void* m, unsigned flags) { __tsan_mutex_post_lock(m, flags, 0); }
 
 // Unlock + (real wait, accesses ignored) + lock.
 template <typename Call>
 auto AnnotatedWait(void* m, unsigned flags, Call call) {
-  __tsan_mutex_pre_unlock(m, flags);
-  __tsan_mutex_post_unlock(m, flags);
+  PreUnlock(m, flags);
+  PostUnlock(m, flags);
   IgnoreBegin();
   auto r = call();
   IgnoreEnd();
-  __tsan_mutex_pre_lock(m, flags);
-  Locked(m, flags);
+  PreLock(m, flags);
+  PostLock(m, flags);
   return r;
 }
 
@@ -75,8 +120,8 @@ bool AnnotatedLockWhen(void* m, unsigned flags, Call call) {
   IgnoreBegin();
   const bool r = call();
   IgnoreEnd();
-  __tsan_mutex_pre_lock(m, flags);
-  Locked(m, flags);
+  PreLock(m, flags);
+  PostLock(m, flags);
   return r;
 }
 
@@ -88,120 +133,120 @@ namespace absl {
 ABSL_NAMESPACE_BEGIN
 
 Mutex::~Mutex() {
-  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35MutexD2Ev");
-  __tsan_mutex_destroy(this, 0);
+  static const auto real = Real<void (*)(Mutex*)>("_ZN4absl7debian35MutexD2Ev");
+  if (Tsan()) __tsan_mutex_destroy(this, 0);
   real(this);
 }
 
 void Mutex::Lock() {
-  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex4LockEv");
-  __tsan_mutex_pre_lock(this, 0);
+  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex4LockEv", this);
+  PreLock(this, 0);
   real(this);
-  Locked(this, 0);
+  PostLock(this, 0);
 }
 
 void Mutex::Unlock() {
-  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex6UnlockEv");
-  __tsan_mutex_pre_unlock(this, 0);
+  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex6UnlockEv", this);
+  PreUnlock(this, 0);
   real(this);
-  __tsan_mutex_post_unlock(this, 0);
+  PostUnlock(this, 0);
 }
 
 bool Mutex::TryLock() {
-  FQ_REAL(bool (*)(Mutex*), "_ZN4absl7debian35Mutex7TryLockEv");
-  __tsan_mutex_pre_lock(this, __tsan_mutex_try_lock);
+  FQ_REAL(bool (*)(Mutex*), "_ZN4absl7debian35Mutex7TryLockEv", this);
+  PreLock(this, __tsan_mutex_try_lock);
   const bool ok = real(this);
-  __tsan_mutex_post_lock(this, __tsan_mutex_try_lock | (ok ? 0 : __tsan_mutex_try_lock_failed), 0);
+  PostLock(this, __tsan_mutex_try_lock | (ok ? 0 : __tsan_mutex_try_lock_failed));
   return ok;
 }
 
 void Mutex::ReaderLock() {
-  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex10ReaderLockEv");
-  __tsan_mutex_pre_lock(this, kRead);
+  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex10ReaderLockEv", this);
+  PreLock(this, kRead);
   real(this);
-  Locked(this, kRead);
+  PostLock(this, kRead);
 }
 
 void Mutex::ReaderUnlock() {
-  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex12ReaderUnlockEv");
-  __tsan_mutex_pre_unlock(this, kRead);
+  FQ_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex12ReaderUnlockEv", this);
+  PreUnlock(this, kRead);
   real(this);
-  __tsan_mutex_post_unlock(this, kRead);
+  PostUnlock(this, kRead);
 }
 
 bool Mutex::ReaderTryLock() {
-  FQ_REAL(bool (*)(Mutex*), "_ZN4absl7debian35Mutex13ReaderTryLockEv");
-  __tsan_mutex_pre_lock(this, kRead | __tsan_mutex_try_lock);
+  FQ_REAL(bool (*)(Mutex*), "_ZN4absl7debian35Mutex13ReaderTryLockEv", this);
+  PreLock(this, kRead | __tsan_mutex_try_lock);
   const bool ok = real(this);
-  __tsan_mutex_post_lock(this, kRead | __tsan_mutex_try_lock | (ok ? 0 : __tsan_mutex_try_lock_failed), 0);
+  PostLock(this, kRead | __tsan_mutex_try_lock | (ok ? 0 : __tsan_mutex_try_lock_failed));
   return ok;
 }
 
 void Mutex::Await(const Condition& cond) {
-  FQ_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE");
+  FQ_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE", this, cond);
   AnnotatedWait(this, 0, [&] { real(this, cond); return true; });
 }
 
 bool Mutex::AwaitWithTimeout(const Condition& cond, absl::Duration timeout) {
   FQ_REAL(bool (*)(Mutex*, const Condition&, absl::Duration),
-          "_ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+          "_ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE", this, cond, timeout);
   return AnnotatedWait(this, 0, [&] { return real(this, cond, timeout); });
 }
 
 bool Mutex::AwaitWithDeadline(const Condition& cond, absl::Time deadline) {
   FQ_REAL(bool (*)(Mutex*, const Condition&, absl::Time),
-          "_ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+          "_ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE", this, cond, deadline);
   return AnnotatedWait(this, 0, [&] { return real(this, cond, deadline); });
 }
 
 void Mutex::LockWhen(const Condition& cond) {
-  FQ_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE");
+  FQ_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE", this, cond);
   AnnotatedLockWhen(this, 0, [&] { real(this, cond); return true; });
 }
 
 void Mutex::ReaderLockWhen(const Condition& cond) {
-  FQ_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE");
+  FQ_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE", this, cond);
   AnnotatedLockWhen(this, kRead, [&] { real(this, cond); return true; });
 }
 
 bool Mutex::LockWhenWithTimeout(const Condition& cond, absl::Duration timeout) {
   FQ_REAL(bool (*)(Mutex*, const Condition&, absl::Duration),
-          "_ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+          "_ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE", this, cond, timeout);
   return AnnotatedLockWhen(this, 0, [&] { return real(this, cond, timeout); });
 }
 
 bool Mutex::LockWhenWithDeadline(const Condition& cond, absl::Time deadline) {
   FQ_REAL(bool (*)(Mutex*, const Condition&, absl::Time),
-          "_ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+          "_ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE", this, cond, deadline);
   return AnnotatedLockWhen(this, 0, [&] { return real(this, cond, deadline); });
 }
 
 bool Mutex::ReaderLockWhenWithTimeout(const Condition& cond, absl::Duration timeout) {
   FQ_REAL(bool (*)(Mutex*, const Condition&, absl::Duration),
-          "_ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+          "_ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE", this, cond, timeout);
   return AnnotatedLockWhen(this, kRead, [&] { return real(this, cond, timeout); });
 }
 
 bool Mutex::ReaderLockWhenWithDeadline(const Condition& cond, absl::Time deadline) {
   FQ_REAL(bool (*)(Mutex*, const Condition&, absl::Time),
-          "_ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+          "_ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE", this, cond, deadline);
   return AnnotatedLockWhen(this, kRead, [&] { return real(this, cond, deadline); });
 }
 
 void CondVar::Wait(Mutex* mu) {
-  FQ_REAL(void (*)(CondVar*, Mutex*), "_ZN4absl7debian37CondVar4WaitEPNS0_5MutexE");
+  FQ_REAL(void (*)(CondVar*, Mutex*), "_ZN4absl7debian37CondVar4WaitEPNS0_5MutexE", this, mu);
   AnnotatedWait(mu, 0, [&] { real(this, mu); return true; });
 }
 
 bool CondVar::WaitWithTimeout(Mutex* mu, absl::Duration timeout) {
   FQ_REAL(bool (*)(CondVar*, Mutex*, absl::Duration),
-          "_ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE");
+          "_ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE", this, mu, timeout);
   return AnnotatedWait(mu, 0, [&] { return real(this, mu, timeout); });
 }
 
 bool CondVar::WaitWithDeadline(Mutex* mu, absl::Time deadline) {
   FQ_REAL(bool (*)(CondVar*, Mutex*, absl::Time),
-          "_ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
+          "_ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE", this, mu, deadline);
   return AnnotatedWait(mu, 0, [&] { return real(this, mu, deadline); });
 }
 
