@@ -146,8 +146,11 @@ void ChownTree(const fs::path& root) {
 }
 
 std::vector<std::string> ServerArgs(const fs::path& data) {
+  // Up to kKillIterations x 40 registrations can be acknowledged when the machine is quiet, far
+  // above the default --max-profiles (256): the limit is raised so the test measures kill -9
+  // durability, not the profile cap, whatever the timing.
   return {"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=2", "--build-threads=1",
-          "--data-dir=" + data.string(), "--drain-seconds=5"};
+          "--data-dir=" + data.string(), "--drain-seconds=5", "--max-profiles=100000"};
 }
 
 std::unique_ptr<v1::KvCompressionService::Stub> Connect(int port) {
