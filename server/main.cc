@@ -28,6 +28,8 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -204,8 +206,18 @@ int Run(int argc, char** argv) {
       !s.ok()) {
     return Fail(s);
   }
-  auto creds = MakeServerCredentials(tls);
+  CertificateInfo cert_info;
+  auto creds = MakeServerCredentials(tls, &cert_info);
   if (!creds.ok()) return Fail(creds.status());
+  if (tls.enabled()) {
+    Log(absl::StrCat("tls certificate ", cert_info.Describe()));
+    // Warn while there is time to rotate: the server does not reload certificates, so an expiry
+    // while it runs fails every new handshake until a restart with a renewed certificate.
+    if (const absl::Duration left = cert_info.not_after - absl::Now(); left < absl::Hours(24 * 14)) {
+      Log(absl::StrCat("warning: the tls certificate expires in ", absl::FormatDuration(absl::Trunc(left, absl::Minutes(1))),
+                       "; renew it and restart the server before then"));
+    }
+  }
 
   std::unique_ptr<AdminTokenAuth> admin_auth;
   if (const std::string path = absl::GetFlag(FLAGS_admin_token_file); !path.empty()) {

@@ -2,17 +2,25 @@
 
 #include <arpa/inet.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/bio.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <ctime>
 
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string_view>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "grpcpp/security/server_credentials.h"
 
 namespace fibquant::server {
@@ -36,7 +44,72 @@ bool LooksLikePem(const std::string& text, std::string_view kind) {
   return text.find("-----BEGIN ") != std::string::npos && text.find(kind) != std::string::npos;
 }
 
+struct X509Deleter {
+  void operator()(X509* x) const { X509_free(x); }
+};
+struct PkeyDeleter {
+  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
+};
+struct BioDeleter {
+  void operator()(BIO* b) const { BIO_free(b); }
+};
+using X509Ptr = std::unique_ptr<X509, X509Deleter>;
+
+// OpenSSL would prompt on the terminal for the passphrase of an encrypted key; gRPC cannot use
+// encrypted keys anyway, so refuse without prompting.
+int NoPassphrase(char*, int, int, void*) { return -1; }
+
+std::unique_ptr<BIO, BioDeleter> MemBio(const std::string& pem) {
+  return std::unique_ptr<BIO, BioDeleter>(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+}
+
+// Every certificate in a PEM bundle, in order (empty when none parses).
+std::vector<X509Ptr> ParseCertificates(const std::string& pem) {
+  std::vector<X509Ptr> certs;
+  auto bio = MemBio(pem);
+  while (bio != nullptr) {
+    X509* x = PEM_read_bio_X509(bio.get(), nullptr, NoPassphrase, nullptr);
+    if (x == nullptr) break;
+    certs.emplace_back(x);
+  }
+  ERR_clear_error();  // the loop ends on an expected "no start line"
+  return certs;
+}
+
+absl::Time AsnTimeToAbsl(const ASN1_TIME* t) {
+  std::tm tm{};
+  if (t == nullptr || ASN1_TIME_to_tm(t, &tm) != 1) return absl::InfinitePast();
+  return absl::FromTimeT(timegm(&tm));
+}
+
+CertificateInfo Inspect(const X509* cert) {
+  CertificateInfo info;
+  if (auto bio = std::unique_ptr<BIO, BioDeleter>(BIO_new(BIO_s_mem())); bio != nullptr) {
+    X509_NAME_print_ex(bio.get(), X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
+    char* data = nullptr;
+    const long n = BIO_get_mem_data(bio.get(), &data);
+    if (n > 0) info.subject.assign(data, static_cast<size_t>(n));
+  }
+  info.not_before = AsnTimeToAbsl(X509_get0_notBefore(cert));
+  info.not_after = AsnTimeToAbsl(X509_get0_notAfter(cert));
+  return info;
+}
+
+std::string Rfc3339(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
+
+// Empty when `info` is valid at `now`, else why not.
+std::string ValidityProblem(const CertificateInfo& info, absl::Time now) {
+  if (now < info.not_before) return absl::StrCat("is not valid before ", Rfc3339(info.not_before));
+  if (now > info.not_after) return absl::StrCat("expired at ", Rfc3339(info.not_after));
+  return "";
+}
+
 }  // namespace
+
+std::string CertificateInfo::Describe() const {
+  return absl::StrCat("subject ", subject.empty() ? "(empty)" : subject, ", valid ",
+                      Rfc3339(not_before), " .. ", Rfc3339(not_after));
+}
 
 absl::StatusOr<std::string> ReadSmallFile(const std::string& flag, const std::string& path,
                                           size_t max_bytes) {
@@ -62,7 +135,7 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& flag, const std::st
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
-    const TlsFlags& tls) {
+    const TlsFlags& tls, CertificateInfo* info, absl::Time now) {
   if (!tls.enabled()) {
     if (!tls.client_ca_file.empty()) {
       return absl::InvalidArgumentError(
@@ -86,6 +159,36 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
         absl::StrCat("--tls-key: '", tls.key_file, "' holds no PEM private key"));
   }
 
+  std::vector<X509Ptr> chain = ParseCertificates(*cert);
+  if (chain.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls-cert: '", tls.cert_file, "' holds no parsable X.509 certificate"));
+  }
+  const CertificateInfo leaf = Inspect(chain.front().get());
+  if (std::string problem = ValidityProblem(leaf, now); !problem.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--tls-cert: certificate '", tls.cert_file, "' (", leaf.subject, ") ", problem,
+        "; clients would refuse every handshake (renew it)"));
+  }
+  {
+    auto bio = MemBio(*key);
+    std::unique_ptr<EVP_PKEY, PkeyDeleter> pkey(
+        bio == nullptr ? nullptr : PEM_read_bio_PrivateKey(bio.get(), nullptr, NoPassphrase, nullptr));
+    ERR_clear_error();
+    if (pkey == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls-key: '", tls.key_file, "' holds no parsable unencrypted private key"));
+    }
+    const bool match = X509_check_private_key(chain.front().get(), pkey.get()) == 1;
+    ERR_clear_error();
+    if (!match) {
+      return absl::InvalidArgumentError(absl::StrCat("--tls-key: '", tls.key_file,
+                                                     "' is not the private key of --tls-cert '",
+                                                     tls.cert_file, "'"));
+    }
+  }
+  if (info != nullptr) *info = leaf;
+
   grpc::SslServerCredentialsOptions options(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
   options.pem_key_cert_pairs.push_back({*key, *cert});
   if (!tls.client_ca_file.empty()) {
@@ -94,6 +197,25 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     if (!LooksLikePem(*ca, "CERTIFICATE-----")) {
       return absl::InvalidArgumentError(
           absl::StrCat("--tls-client-ca: '", tls.client_ca_file, "' holds no PEM certificate"));
+    }
+    std::vector<X509Ptr> cas = ParseCertificates(*ca);
+    if (cas.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls-client-ca: '", tls.client_ca_file, "' holds no parsable X.509 certificate"));
+    }
+    // A bundle may carry an old CA beside its successor during a rotation; only a bundle in which
+    // no CA is valid makes every client handshake fail.
+    std::string first_problem;
+    bool any_valid = false;
+    for (const X509Ptr& c : cas) {
+      std::string problem = ValidityProblem(Inspect(c.get()), now);
+      if (problem.empty()) any_valid = true;
+      else if (first_problem.empty()) first_problem = problem;
+    }
+    if (!any_valid) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--tls-client-ca: no certificate in '", tls.client_ca_file, "' is valid now (the first ",
+          first_problem, "); every client certificate would be refused"));
     }
     options.pem_root_certs = *ca;
     options.client_certificate_request =

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/string_ref.h"
@@ -34,12 +35,29 @@ struct TlsFlags {
                                                         const std::string& path,
                                                         size_t max_bytes = 1 << 20);
 
+// The server certificate as the operator should see it in the startup log.
+struct CertificateInfo {
+  std::string subject;  // RFC 2253 form, e.g. "CN=localhost"
+  absl::Time not_before;
+  absl::Time not_after;
+  // "subject CN=localhost, valid 2026-11-26T16:25:15Z .. 2026-11-28T16:25:15Z"
+  std::string Describe() const;
+};
+
 // Server credentials: insecure when no TLS flag is set; TLS with cert+key; mTLS (client certificate
-// required and verified against the CA) when a client CA is also given. InvalidArgument for an
-// incomplete combination (cert without key, key without cert, client CA without cert) or a file that
-// is not PEM, naming the flag.
+// required and verified against the CA) when a client CA is also given.
+//
+// The files are checked here, at startup, so a misconfigured server fails with a message naming the
+// flag instead of starting and then failing every handshake:
+//  - InvalidArgument: an incomplete combination (cert without key, key without cert, client CA
+//    without cert); a file that holds no parsable PEM certificate / private key; a key that is not
+//    the certificate's key.
+//  - FailedPrecondition: the first certificate of --tls-cert is expired or not yet valid at `now`;
+//    no certificate of --tls-client-ca is valid at `now`.
+//  - NotFound / PermissionDenied / DataLoss from reading the files (ReadSmallFile).
+// On success with TLS, `*info` (when not null) describes the server certificate.
 [[nodiscard]] absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
-    const TlsFlags& tls);
+    const TlsFlags& tls, CertificateInfo* info = nullptr, absl::Time now = absl::Now());
 
 // True when `listen` (a gRPC listen address: "host:port", "[v6]:port", "unix:path",
 // "unix-abstract:name") can only be reached from this machine: 127.0.0.0/8, ::1, "localhost" or a

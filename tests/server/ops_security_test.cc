@@ -2,11 +2,14 @@
 // rule, credential flag combinations, the admin token check, flag-name normalisation.
 #include "server/security.h"
 
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "server/options_flags.h"
 #include "tests/server/ops_test_util.h"
@@ -75,6 +78,101 @@ TEST(CredentialsTest, MissingAndNonPemFilesNameTheFlag) {
   auto not_pem = MakeServerCredentials(TlsFlags{junk.string(), junk.string(), ""});
   EXPECT_EQ(not_pem.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(not_pem.status().message()), HasSubstr("--tls-cert"));
+}
+
+// Throwaway PKI from scripts/gen-test-certs --negative (server/client certs of a test CA, an
+// unrelated CA with its own certs, and already expired certs of the test CA).
+class CertificateChecksTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    const std::string gen = (testing::SourceRoot() / "scripts" / "gen-test-certs").string() +
+                            " --negative '" + dir_->path().string() + "' >/dev/null";
+    ASSERT_EQ(std::system(gen.c_str()), 0);
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+  static std::string File(const char* name) { return (dir_->path() / name).string(); }
+  static testing::TempDir* dir_;
+};
+testing::TempDir* CertificateChecksTest::dir_ = nullptr;
+
+TEST_F(CertificateChecksTest, ValidPairDescribesTheCertificate) {
+  CertificateInfo info;
+  auto creds = MakeServerCredentials(TlsFlags{File("server.crt"), File("server.key"), File("ca.crt")},
+                                     &info);
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  EXPECT_EQ(info.subject, "CN=localhost");
+  EXPECT_LT(info.not_before, absl::Now() + absl::Minutes(1));
+  EXPECT_GT(info.not_after, absl::Now() + absl::Hours(24));
+  EXPECT_THAT(info.Describe(), HasSubstr("subject CN=localhost, valid 20"));
+}
+
+TEST_F(CertificateChecksTest, ExpiredServerCertificateIsFailedPrecondition) {
+  auto creds =
+      MakeServerCredentials(TlsFlags{File("expired-server.crt"), File("expired-server.key"), ""});
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--tls-cert"));
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("expired-server.crt"));
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("expired at 20"));
+}
+
+TEST_F(CertificateChecksTest, NotYetValidServerCertificateIsFailedPrecondition) {
+  // The certificate was issued just now; a clock two days behind sees it as not yet valid.
+  auto creds = MakeServerCredentials(TlsFlags{File("server.crt"), File("server.key"), ""}, nullptr,
+                                     absl::Now() - absl::Hours(48));
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("is not valid before"));
+  // And one a week ahead sees it expired.
+  auto later = MakeServerCredentials(TlsFlags{File("server.crt"), File("server.key"), ""}, nullptr,
+                                     absl::Now() + absl::Hours(24 * 7));
+  EXPECT_EQ(later.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(later.status().message()), HasSubstr("expired at"));
+}
+
+TEST_F(CertificateChecksTest, KeyOfAnotherCertificateIsInvalidArgument) {
+  auto creds = MakeServerCredentials(TlsFlags{File("server.crt"), File("client.key"), ""});
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--tls-key"));
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("is not the private key of --tls-cert"));
+}
+
+TEST_F(CertificateChecksTest, PemMarkersAroundGarbageAreInvalidArgument) {
+  const std::string bad_cert = File("bad.crt");
+  testing::WriteWholeFile(bad_cert, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+  auto cert = MakeServerCredentials(TlsFlags{bad_cert, File("server.key"), ""});
+  EXPECT_EQ(cert.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(cert.status().message()), HasSubstr("--tls-cert"));
+  EXPECT_THAT(std::string(cert.status().message()), HasSubstr("no parsable X.509 certificate"));
+
+  const std::string bad_key = File("bad.key");
+  testing::WriteWholeFile(bad_key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+  auto key = MakeServerCredentials(TlsFlags{File("server.crt"), bad_key, ""});
+  EXPECT_EQ(key.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(key.status().message()), HasSubstr("--tls-key"));
+  EXPECT_THAT(std::string(key.status().message()), HasSubstr("no parsable unencrypted private key"));
+
+  auto ca = MakeServerCredentials(TlsFlags{File("server.crt"), File("server.key"), bad_cert});
+  EXPECT_EQ(ca.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(ca.status().message()), HasSubstr("--tls-client-ca"));
+}
+
+TEST_F(CertificateChecksTest, ClientCaBundleNeedsOneValidCertificate) {
+  // Only expired certificates: every client would be refused.
+  auto expired = MakeServerCredentials(
+      TlsFlags{File("server.crt"), File("server.key"), File("expired-client.crt")});
+  EXPECT_EQ(expired.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(expired.status().message()), HasSubstr("--tls-client-ca"));
+  EXPECT_THAT(std::string(expired.status().message()), HasSubstr("expired at"));
+
+  // An expired certificate beside a valid CA (a rotation in progress) is accepted.
+  const std::string bundle = File("bundle.crt");
+  testing::WriteWholeFile(bundle, testing::ReadWholeFile(File("expired-client.crt")) +
+                                      testing::ReadWholeFile(File("ca.crt")));
+  auto mixed = MakeServerCredentials(TlsFlags{File("server.crt"), File("server.key"), bundle});
+  EXPECT_TRUE(mixed.ok()) << mixed.status();
 }
 
 TEST(AdminTokenTest, RejectsWeakTokens) {
