@@ -138,6 +138,9 @@ class ServerProcess {
 
   std::string Log() const { return ReadWholeFile(log_path_); }
 
+  // The child's process id (-1 before Start); e.g. to read /proc/<pid>/status.
+  pid_t pid() const { return pid_; }
+
  private:
   // True once the child has exited (and records its status).
   bool Poll() {
