@@ -40,7 +40,25 @@ int64_t NowUnixSeconds() {
       .count();
 }
 
-std::string ErrnoText() { return std::string(std::strerror(errno)); }
+
+// A failed file operation as a status whose code tells the client who can fix it: a full disk or
+// quota (RESOURCE_EXHAUSTED) and a read-only or unwritable data dir (FAILED_PRECONDITION) are the
+// operator's to fix, not server bugs; anything else stays INTERNAL.
+absl::Status FileError(int err, std::string message) {
+  absl::StrAppend(&message, ": ", std::strerror(err));
+  switch (err) {
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:
+      return absl::ResourceExhaustedError(message);
+    case EROFS:
+    case EACCES:
+    case EPERM:
+      return absl::FailedPreconditionError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
 
 std::string HexEncode(const void* data, size_t n) {
   static const char* kHex = "0123456789abcdef";
@@ -169,31 +187,35 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& con
   fs::path p(path);
   std::string dir = p.parent_path().string();
   std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", ErrnoText()));
+  // O_NOFOLLOW: a symlink planted at the temp name must not redirect the write.
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) return FileError(errno, absl::StrCat("cannot create ", tmp));
+  // On any failure the temp file goes: a full disk must not keep a half-written file around.
+  auto fail = [&](int err, std::string what) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return FileError(err, std::move(what));
+  };
   size_t off = 0;
   while (off < contents.size()) {
     ssize_t n = ::write(fd, contents.data() + off, contents.size() - off);
     if (n < 0) {
       if (errno == EINTR) continue;
-      std::string err = ErrnoText();
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat("cannot write ", tmp, ": ", err));
+      return fail(errno, absl::StrCat("cannot write ", tmp));
     }
     off += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) {
-    std::string err = ErrnoText();
-    ::close(fd);
+  // tmpfs and some network file systems report ENOSPC only here.
+  if (::fsync(fd) != 0) return fail(errno, absl::StrCat("cannot fsync ", tmp));
+  if (::close(fd) != 0) {
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat("cannot fsync ", tmp, ": ", err));
+    return FileError(err, absl::StrCat("cannot close ", tmp));
   }
-  ::close(fd);
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::string err = ErrnoText();
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat("cannot rename ", tmp, " to ", path, ": ", err));
+    return FileError(err, absl::StrCat("cannot rename ", tmp, " to ", path));
   }
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {  // make the rename durable
@@ -215,8 +237,7 @@ absl::StatusOr<std::unique_ptr<Registry>> Registry::Open(const RegistryOptions& 
       std::error_code ec;
       fs::create_directories(fs::path(options.data_dir) / sub, ec);
       if (ec) {
-        return absl::InternalError(absl::StrCat("cannot create data dir ", options.data_dir, "/", sub, ": ",
-                                                ec.message()));
+        return FileError(ec.value(), absl::StrCat("cannot create data dir ", options.data_dir, "/", sub));
       }
     }
     FQ_RETURN_IF_ERROR(r->Load());

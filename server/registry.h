@@ -114,7 +114,9 @@ class Registry {
 };
 
 // Writes `contents` to `path` atomically (temp file in the same directory, fsync, rename, fsync of
-// the directory). Internal naming the path and errno on failure.
+// the directory); the temp file never survives a failure. The error names the path and errno:
+// ResourceExhausted for a full disk or quota (ENOSPC, EDQUOT, EFBIG), FailedPrecondition for a
+// read-only or unwritable directory (EROFS, EACCES, EPERM), Internal otherwise.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
 
 }  // namespace fibquant::server

@@ -2,8 +2,9 @@
 //  * kill -9 during profile registration, many times at random points (bounded count and time),
 //    then restart on the same data dir: every acknowledged profile is present with its digest,
 //    nothing unrequested or partial is loaded, no temp file survives, nothing is quarantined;
-//  * a read-only data directory: registering a new profile fails with a clear error naming the
-//    path, while compress/decompress of an existing profile keep working.
+//  * a read-only data directory and a full one (a small tmpfs in a private mount namespace):
+//    registering a new profile fails with a clear error naming the path (FAILED_PRECONDITION,
+//    RESOURCE_EXHAUSTED), while compress/decompress of an existing profile keep working.
 // As root (CI containers) the server child drops to nobody so file permissions apply.
 #include <fcntl.h>
 #include <grp.h>
@@ -14,7 +15,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -61,15 +64,19 @@ std::string Spec(const std::string& id, int codebook_size = 6, int samples = 400
 class Child {
  public:
   ~Child() { Kill9(); }
-  void Start(const std::vector<std::string>& args, const fs::path& log) {
+  // A non-empty `launcher` runs first and must end by exec'ing the server (so pid() is the
+  // server's); such a child keeps its privileges (it may need them to set up a namespace).
+  void Start(const std::vector<std::string>& args, const fs::path& log,
+             const std::vector<std::string>& launcher = {}) {
     log_ = log;
-    std::vector<std::string> store{FQ_SERVER_BINARY};
+    std::vector<std::string> store = launcher;
+    store.push_back(FQ_SERVER_BINARY);
     store.insert(store.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : store) argv.push_back(a.data());
     argv.push_back(nullptr);
     const std::string log_s = log.string();
-    const bool drop = geteuid() == 0;
+    const bool drop = geteuid() == 0 && launcher.empty();
     pid_ = fork();
     if (pid_ == 0) {
       int fd = open(log_s.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0666);
@@ -79,7 +86,7 @@ class Child {
         close(fd);
       }
       if (drop && (setgroups(0, nullptr) != 0 || setgid(kNobody) != 0 || setuid(kNobody) != 0)) _exit(126);
-      execv(argv[0], argv.data());
+      execvp(argv[0], argv.data());
       _exit(127);
     }
   }
@@ -123,6 +130,7 @@ class Child {
     return -1;
   }
   std::string Log() const { return ReadWholeFile(log_); }
+  pid_t pid() const { return pid_; }
 
  private:
   pid_t pid_ = -1;
@@ -281,7 +289,7 @@ TEST(FaultKill, KillNineDuringRegistrationLosesNoAcknowledgedProfile) {
 
 // One 16x16 f32 page through CompressPages then DecompressPages; returns the final statuses.
 std::pair<grpc::Status, grpc::Status> RoundTrip(v1::KvCompressionService::Stub* stub, const std::string& digest,
-                                                std::vector<float>* decoded) {
+                                                std::vector<float>* decoded, v1::Receipt* receipt = nullptr) {
   std::vector<float> page(16 * 16);
   for (size_t i = 0; i < page.size(); ++i) page[i] = static_cast<float>((i * 37) % 23) / 7.0f - 1.5f;
   std::string frame;
@@ -300,6 +308,7 @@ std::pair<grpc::Status, grpc::Status> RoundTrip(v1::KvCompressionService::Stub* 
     v1::CompressPagesResponse r;
     while (stream->Read(&r)) {
       if (r.has_page()) frame = r.page().frame();
+      if (r.has_receipt() && receipt != nullptr) *receipt = r.receipt();
     }
     cs = stream->Finish();
   }
@@ -359,7 +368,7 @@ TEST(FaultReadOnly, RegistrationFailsClearlyExistingProfilesKeepWorking) {
   EXPECT_EQ(ListAll(stub.get()).count("fault.ro.existing"), 1u);
   v1::RegisterProfileResponse resp;
   grpc::Status s = Register(stub.get(), Spec("fault.ro.new"), &resp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::INTERNAL) << s.error_message();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   EXPECT_THAT(s.error_message(), HasSubstr((data / "profiles").string()));
   EXPECT_THAT(s.error_message(), HasSubstr("Permission denied"));
   // The failed registration is not visible either.
@@ -374,6 +383,90 @@ TEST(FaultReadOnly, RegistrationFailsClearlyExistingProfilesKeepWorking) {
     if (e.is_directory()) fs::permissions(e.path(), fs::perms(0755));
   }
   fs::permissions(data, fs::perms(0755));
+}
+
+// The launcher that gives the server a private mount namespace with a `size`-byte tmpfs on `dir`:
+// root uses `unshare -m`, anyone else a user namespace too (`unshare -Urm`). Empty when this machine
+// cannot create one (no unshare, or namespaces disabled), which the caller turns into a skip.
+std::vector<std::string> TmpfsLauncher(const fs::path& dir, size_t size) {
+  const std::string unshare_flags = geteuid() == 0 ? "-m" : "-Urm";
+  const std::string probe = "unshare " + unshare_flags + " sh -c 'mount -t tmpfs -o size=64k tmpfs \"$0\"' '" +
+                            dir.string() + "' >/dev/null 2>&1";
+  if (std::system(probe.c_str()) != 0) return {};
+  return {"unshare", unshare_flags, "sh", "-c",
+          absl::StrCat("mount -t tmpfs -o size=", size, ",mode=0755 tmpfs \"$0\" && exec \"$@\""), dir.string()};
+}
+
+TEST(FaultDiskFull, RegistrationFailsClearlyExistingProfilesKeepWorking) {
+  TempDir tmp;
+  const fs::path data = tmp.path() / "data";
+  fs::create_directories(data);
+  // 1 MiB: room for the directories, a few profiles and receipts, then filled on purpose.
+  std::vector<std::string> launcher = TmpfsLauncher(data, 1 << 20);
+  if (launcher.empty()) GTEST_SKIP() << "cannot mount a tmpfs in a private mount namespace here (unshare)";
+  Child server;
+  server.Start(ServerArgs(data), tmp.path() / "full.log", launcher);
+  auto port = server.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << server.Log();
+  // The test sees the server's tmpfs through the server's own root (its mount namespace).
+  const fs::path seen = fs::path("/proc") / std::to_string(server.pid()) / "root" / data.relative_path();
+  auto stub = Connect(*port);
+  v1::RegisterProfileResponse resp;
+  grpc::Status s = Register(stub.get(), Spec("fault.full.existing"), &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const std::string digest = resp.profile().digest();
+  std::vector<float> before;
+  v1::Receipt receipt;
+  auto [cs0, ds0] = RoundTrip(stub.get(), digest, &before, &receipt);
+  ASSERT_TRUE(cs0.ok()) << cs0.error_message();
+  ASSERT_TRUE(ds0.ok()) << ds0.error_message();
+  EXPECT_TRUE(receipt.persisted());
+
+  // Fill the file system to the last byte.
+  {
+    const std::string filler = (seen / "filler").string();
+    int fd = ::open(filler.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ASSERT_GE(fd, 0) << filler << ": " << std::strerror(errno);
+    const std::string block(4096, 'x');
+    int last_errno = 0;
+    for (int i = 0; i < 100000; ++i) {
+      if (::write(fd, block.data(), block.size()) < 0) {
+        last_errno = errno;
+        break;
+      }
+    }
+    // Then the last partial page, byte by byte.
+    while (last_errno == ENOSPC && ::write(fd, "x", 1) == 1) {
+    }
+    ::close(fd);
+    ASSERT_EQ(last_errno, ENOSPC) << "the tmpfs did not fill up";
+  }
+
+  s = Register(stub.get(), Spec("fault.full.new"), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr((data / "profiles").string()));
+  EXPECT_THAT(s.error_message(), HasSubstr("No space left on device"));
+  EXPECT_EQ(ListAll(stub.get()).count("fault.full.new"), 0u) << "a registration that was not stored is listed";
+  for (const auto& e : fs::directory_iterator(seen / "profiles")) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos)
+        << "a failed write left its temp file: " << e.path();
+  }
+
+  // Existing profiles keep working; the receipt that cannot be written is kept in memory, marked.
+  std::vector<float> after;
+  auto [cs, ds] = RoundTrip(stub.get(), digest, &after, &receipt);
+  EXPECT_TRUE(cs.ok()) << cs.error_code() << " " << cs.error_message();
+  EXPECT_TRUE(ds.ok()) << ds.error_code() << " " << ds.error_message();
+  EXPECT_EQ(after, before);
+  EXPECT_FALSE(receipt.persisted());
+
+  // Space freed: registration works again without a restart.
+  fs::remove(seen / "filler");
+  s = Register(stub.get(), Spec("fault.full.new"), &resp);
+  EXPECT_TRUE(s.ok()) << s.error_code() << " " << s.error_message();
+  EXPECT_EQ(ListAll(stub.get()).count("fault.full.new"), 1u);
+  EXPECT_TRUE(fs::exists(seen / "profiles" / (resp.profile().digest().substr(7) + ".json")));
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
 }
 
 }  // namespace
