@@ -7,6 +7,7 @@
 // the other way round.
 #include "core/codec_kernels.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -25,10 +26,15 @@ namespace {
 std::atomic<bool> g_force_scalar{false};
 thread_local uint64_t t_groups_visited = 0;
 
+// F16C comes from CPUID leaf 1 (ECX bit 29) rather than __builtin_cpu_supports("f16c"), which
+// clang accepts only from version 15. __builtin_cpu_supports("avx2") also requires the OS to save
+// the YMM state (OSXSAVE + XGETBV), which the VEX-encoded F16C instructions need as well.
 bool CpuHasAvx2F16c() {
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+    return __builtin_cpu_supports("avx2") && f16c;
   }();
   return has;
 }
