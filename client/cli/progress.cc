@@ -18,7 +18,9 @@ std::string HumanBytes(double bytes) {
     bytes /= 1024.0;
     ++u;
   }
-  return absl::StrFormat(u == 0 ? "%.0f %s" : "%.1f %s", bytes, kUnits[u]);
+  // Two literal formats: absl::StrFormat checks its format string at compile time.
+  if (u == 0) return absl::StrFormat("%.0f %s", bytes, kUnits[u]);
+  return absl::StrFormat("%.1f %s", bytes, kUnits[u]);
 }
 
 Progress::Progress(std::string label, uint64_t total_items, bool enabled, FILE* out)
