@@ -48,6 +48,25 @@ double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// Ends one unary RPC: records `method`'s metrics (status code, seconds since construction) and
+// finishes its reactor with the same status. Copyable, so a worker-pool task can carry it and
+// finish the RPC from the worker.
+class UnaryFinisher {
+ public:
+  UnaryFinisher(Metrics* metrics, grpc::ServerUnaryReactor* reactor, const char* method)
+      : metrics_(metrics), reactor_(reactor), method_(method), start_(Clock::now()) {}
+  void operator()(const absl::Status& s) const {
+    if (metrics_) metrics_->RecordRpc(method_, s.code(), SecondsSince(start_));
+    reactor_->Finish(ToGrpcStatus(s));
+  }
+
+ private:
+  Metrics* metrics_;
+  grpc::ServerUnaryReactor* reactor_;
+  const char* method_;
+  Clock::time_point start_;
+};
+
 int64_t NowUnixSeconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -943,11 +962,6 @@ void KvCompressionServiceImpl::StartDrain() { draining_.store(true); }
 
 size_t KvCompressionServiceImpl::profile_count() const { return registry_->size(); }
 
-void KvCompressionServiceImpl::RecordRpc(const char* method, absl::StatusCode code,
-                                         std::chrono::steady_clock::time_point start) const {
-  if (metrics_) metrics_->RecordRpc(method, code, SecondsSince(start));
-}
-
 absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v1::KvProfileSpec* structured,
                                                                        const std::string* spec_json) const {
   absl::StatusOr<KvCompressionProfile> p =
@@ -1033,11 +1047,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::RegisterProfile(grpc::Callba
                                                                     const v1::RegisterProfileRequest* req,
                                                                     v1::RegisterProfileResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
-  auto finish = [this, reactor, start](const absl::Status& s) {
-    RecordRpc("RegisterProfile", s.code(), start);
-    reactor->Finish(ToGrpcStatus(s));
-  };
+  const UnaryFinisher finish(metrics_, reactor, "RegisterProfile");
   if (options_.authorize_admin) {
     if (absl::Status auth = options_.authorize_admin(*ctx); !auth.ok()) {
       finish(auth);
@@ -1099,14 +1109,13 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetProfile(grpc::CallbackSer
                                                                const v1::GetProfileRequest* req,
                                                                v1::GetProfileResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
+  const UnaryFinisher finish(metrics_, reactor, "GetProfile");
   absl::Status s = [&]() -> absl::Status {
     FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
     FillProfileInfo(*e, resp->mutable_profile());
     return absl::OkStatus();
   }();
-  RecordRpc("GetProfile", s.code(), start);
-  reactor->Finish(ToGrpcStatus(s));
+  finish(s);
   return reactor;
 }
 
@@ -1114,7 +1123,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListProfiles(grpc::CallbackS
                                                                  const v1::ListProfilesRequest* req,
                                                                  v1::ListProfilesResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
+  const UnaryFinisher finish(metrics_, reactor, "ListProfiles");
   absl::Status s = [&]() -> absl::Status {
     if (!req->page_token().empty() && !IsDigestString(req->page_token())) {
       return absl::InvalidArgumentError("page_token is not a token returned by ListProfiles");
@@ -1127,8 +1136,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListProfiles(grpc::CallbackS
     if (more && !entries.empty()) resp->set_next_page_token(entries.back()->digest);
     return absl::OkStatus();
   }();
-  RecordRpc("ListProfiles", s.code(), start);
-  reactor->Finish(ToGrpcStatus(s));
+  finish(s);
   return reactor;
 }
 
@@ -1136,7 +1144,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackSe
                                                                 const v1::GetCodebookRequest* req,
                                                                 v1::GetCodebookResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
+  const UnaryFinisher finish(metrics_, reactor, "GetCodebook");
   absl::Status s = [&]() -> absl::Status {
     FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
     const auto& q = e->codec->quantizer();
@@ -1175,8 +1183,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackSe
     *resp->mutable_build_stats() = info.build_stats();
     return absl::OkStatus();
   }();
-  RecordRpc("GetCodebook", s.code(), start);
-  reactor->Finish(ToGrpcStatus(s));
+  finish(s);
   return reactor;
 }
 
@@ -1184,14 +1191,13 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetReceipt(grpc::CallbackSer
                                                                const v1::GetReceiptRequest* req,
                                                                v1::GetReceiptResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
+  const UnaryFinisher finish(metrics_, reactor, "GetReceipt");
   absl::Status s = [&]() -> absl::Status {
     if (req->receipt_id().empty()) return absl::InvalidArgumentError("receipt_id is required");
     FQ_ASSIGN_OR_RETURN(*resp->mutable_receipt(), registry_->GetReceipt(req->receipt_id()));
     return absl::OkStatus();
   }();
-  RecordRpc("GetReceipt", s.code(), start);
-  reactor->Finish(ToGrpcStatus(s));
+  finish(s);
   return reactor;
 }
 
@@ -1199,7 +1205,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListReceipts(grpc::CallbackS
                                                                  const v1::ListReceiptsRequest* req,
                                                                  v1::ListReceiptsResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
+  const UnaryFinisher finish(metrics_, reactor, "ListReceipts");
   absl::Status s = [&]() -> absl::Status {
     // The token is the id of the last receipt returned: ids only grow, so pages stay stable while
     // new receipts arrive.
@@ -1217,8 +1223,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListReceipts(grpc::CallbackS
     for (auto& r : receipts) *resp->add_receipts() = std::move(r);
     return absl::OkStatus();
   }();
-  RecordRpc("ListReceipts", s.code(), start);
-  reactor->Finish(ToGrpcStatus(s));
+  finish(s);
   return reactor;
 }
 
@@ -1226,11 +1231,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
                                                                     const v1::EvaluateQualityRequest* req,
                                                                     v1::EvaluateQualityResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
-  auto finish = [this, reactor, start](const absl::Status& s) {
-    RecordRpc("EvaluateQuality", s.code(), start);
-    reactor->Finish(ToGrpcStatus(s));
-  };
+  const UnaryFinisher finish(metrics_, reactor, "EvaluateQuality");
   std::vector<std::shared_ptr<const KvCodec>> codecs;
   std::vector<KvCompressionProfile> candidates;
   absl::Status s = [&]() -> absl::Status {
@@ -1303,7 +1304,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetServerInfo(grpc::Callback
                                                                   const v1::GetServerInfoRequest* /*req*/,
                                                                   v1::GetServerInfoResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const auto start = Clock::now();
+  const UnaryFinisher finish(metrics_, reactor, "GetServerInfo");
   resp->set_version(options_.version);
   resp->add_frame_formats(absl::StrCat("FQKV v", kKvFrameVersion));
   resp->add_rotation_algorithms(std::string(kRotationHaarQr));
@@ -1328,8 +1329,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetServerInfo(grpc::Callback
   l->set_max_eval_values(options_.max_eval_values);
   resp->set_registered_profiles(static_cast<uint32_t>(registry_->size()));
   resp->set_stored_receipts(static_cast<uint32_t>(registry_->receipt_count()));
-  RecordRpc("GetServerInfo", absl::StatusCode::kOk, start);
-  reactor->Finish(grpc::Status::OK);
+  finish(absl::OkStatus());
   return reactor;
 }
 

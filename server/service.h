@@ -141,7 +141,6 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
  private:
   KvCompressionServiceImpl(const ServiceOptions& options, Metrics* metrics);
   absl::Status Initialize();
-  void RecordRpc(const char* method, absl::StatusCode code, std::chrono::steady_clock::time_point start) const;
   // Exactly one of the two; the spec is validated and its build cost checked against the limit.
   [[nodiscard]] absl::StatusOr<KvCompressionProfile> ParseSpec(const fibquant::v1::KvProfileSpec* structured,
                                                                const std::string* spec_json) const;
