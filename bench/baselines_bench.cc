@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -21,6 +20,7 @@
 
 #include "benchmark/benchmark.h"
 #include "bench/baselines.h"
+#include "bench/bench_data.h"
 #include "core/kv_codec.h"
 #include "core/rng.h"
 
@@ -28,17 +28,6 @@ namespace fibquant::bench {
 namespace {
 
 constexpr size_t kBatch = 4096;
-
-std::vector<float> ReadF32(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::vector<float> v;
-  if (!f) return v;
-  f.seekg(0, std::ios::end);
-  v.resize(static_cast<size_t>(f.tellg()) / 4);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(v.size() * 4));
-  return v;
-}
 
 struct Data {
   std::string source;
@@ -54,12 +43,9 @@ const Data& GetData(uint32_t d) {
   Data data;
   std::vector<float> raw;
   if (d == 128) {
-    raw = ReadF32(std::string(FQ_SHARED_DATA_DIR) + "/use-lite-qkv/L1_k.f32");
-    data.source = "use-lite L1_k";
-    if (raw.size() < d) {
-      raw = ReadF32(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32");
-      data.source = "tests/data L1_k (repeated)";
-    }
+    UseLiteSource from;
+    raw = ReadUseLiteF32("L1_k.f32", d, &from);
+    data.source = from == UseLiteSource::kShared ? "use-lite L1_k" : "tests/data L1_k (repeated)";
   }
   if (raw.size() < d) {
     Rng rng(7);
@@ -184,8 +170,8 @@ void BM_Decode(benchmark::State& state, std::string id) {
 // (head 0), FibQuant k=4 N=256 (paper-default codebook, Haar), f32 input.
 void BM_PageSize(benchmark::State& state, uint32_t tpp, bool metrics) {
   constexpr uint32_t kD = 128, kH = 4;
-  static std::vector<float> k = ReadF32(std::string(FQ_SHARED_DATA_DIR) + "/use-lite-qkv/L1_k.f32");
-  static std::vector<float> q = ReadF32(std::string(FQ_SHARED_DATA_DIR) + "/use-lite-qkv/L1_q.f32");
+  static std::vector<float> k = ReadF32(UseLiteDir(UseLiteSource::kShared) + "L1_k.f32");
+  static std::vector<float> q = ReadF32(UseLiteDir(UseLiteSource::kShared) + "L1_q.f32");
   const uint32_t tokens = static_cast<uint32_t>(k.size() / (kD * kH));
   if (tokens < tpp) return state.SkipWithError("use-lite data absent or too short");
   static std::map<uint32_t, std::shared_ptr<const KvCodec>> codecs;

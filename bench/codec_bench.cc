@@ -8,7 +8,6 @@
 // else Gaussian vectors.
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -17,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "benchmark/benchmark.h"
+#include "bench/bench_data.h"
 #include "core/codec.h"
 #include "core/codec_kernels.h"
 #include "core/half.h"
@@ -26,17 +26,6 @@ namespace fibquant {
 namespace {
 
 constexpr size_t kBatch = 4096;
-
-std::vector<float> ReadF32(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::vector<float> v;
-  if (!f) return v;
-  f.seekg(0, std::ios::end);
-  v.resize(static_cast<size_t>(f.tellg()) / 4);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(v.size() * 4));
-  return v;
-}
 
 struct Data {
   std::string source;
@@ -50,12 +39,10 @@ const Data& GetData(uint32_t d) {
   if (it != cache.end()) return it->second;
   Data data;
   const char* layer = d == 64 ? "L0_k.f32" : "L1_k.f32";
-  std::vector<float> raw = ReadF32(std::string(FQ_SHARED_DATA_DIR) + "/use-lite-qkv/" + layer);
-  data.source = "use-lite-qkv/" + std::string(layer);
-  if (raw.size() < d) {
-    raw = ReadF32(std::string(FQ_TEST_DATA_DIR) + "/" + layer);
-    data.source = "tests/data/" + std::string(layer) + " (repeated)";
-  }
+  bench::UseLiteSource from;
+  std::vector<float> raw = bench::ReadUseLiteF32(layer, d, &from);
+  data.source = from == bench::UseLiteSource::kShared ? "use-lite-qkv/" + std::string(layer)
+                                                      : "tests/data/" + std::string(layer) + " (repeated)";
   if (raw.size() < d || (d != 64 && d != 128)) {
     Rng rng(7);
     raw.resize(kBatch * d);

@@ -34,6 +34,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/baselines.h"
+#include "bench/bench_data.h"
 #include "core/rng.h"
 
 namespace fibquant::bench {
@@ -53,34 +54,17 @@ struct Dataset {
   size_t train_tokens = 0;     // tokens [0, train_tokens) train; the rest are test chunks
 };
 
-std::vector<float> ReadF32(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::vector<float> v;
-  if (!f) return v;
-  f.seekg(0, std::ios::end);
-  v.resize(static_cast<size_t>(f.tellg()) / 4);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(v.size() * 4));
-  return v;
-}
-
 // Loads layer `layer` of USE-Lite; empty name if unavailable.
 Dataset LoadUseLite(int layer) {
   Dataset ds;
   ds.d = layer == 0 ? 64 : 128;
   ds.heads = 4;
   ds.scale = 1.0 / std::sqrt(static_cast<double>(ds.d));
-  const std::string shared = std::string(FQ_SHARED_DATA_DIR) + "/use-lite-qkv/";
-  std::string pre = "L";
-  pre += std::to_string(layer);
-  pre += "_";
+  const std::string shared = UseLiteDir(UseLiteSource::kShared);
   std::ifstream hj(shared + "header.json");
   if (hj) {
     nlohmann::json h = nlohmann::json::parse(hj, nullptr, false);
-    ds.q = ReadF32(shared + pre + "q.f32");
-    ds.k = ReadF32(shared + pre + "k.f32");
-    ds.v = ReadF32(shared + pre + "v.f32");
-    if (!h.is_discarded() && !ds.q.empty() && ds.q.size() == ds.k.size() && ds.k.size() == ds.v.size()) {
+    if (ReadUseLiteQkv(UseLiteSource::kShared, layer, &ds.q, &ds.k, &ds.v) && !h.is_discarded()) {
       ds.name = "use-lite L";
       ds.name += std::to_string(layer);
       ds.tokens = ds.q.size() / (ds.heads * ds.d);
@@ -93,11 +77,7 @@ Dataset LoadUseLite(int layer) {
     }
   }
   std::fprintf(stderr, "fidelity_report: %s absent; falling back to tests/data (64 tokens)\n", shared.c_str());
-  const std::string fix = std::string(FQ_TEST_DATA_DIR) + "/";
-  ds.q = ReadF32(fix + pre + "q.f32");
-  ds.k = ReadF32(fix + pre + "k.f32");
-  ds.v = ReadF32(fix + pre + "v.f32");
-  if (ds.q.empty() || ds.q.size() != ds.k.size() || ds.k.size() != ds.v.size()) {
+  if (!ReadUseLiteQkv(UseLiteSource::kFixture, layer, &ds.q, &ds.k, &ds.v)) {
     std::fprintf(stderr, "fidelity_report: tests/data layer %d absent too; skipping it\n", layer);
     return Dataset{};
   }

@@ -68,6 +68,41 @@ absl::StatusOr<size_t> CheckedMul(size_t a, size_t b, const char* what) {
   return a * b;
 }
 
+enum class BatchOp { kEncode, kDecode };
+
+// The argument checks of Quantizer::Encode and Decode: known dtype and path, sizes that do not
+// overflow, and `tensor_size` bytes of vectors (Encode's input, Decode's output) and `codes_size`
+// bytes of codes for `n` vectors of `dim` elements and `code_bytes` bytes per code. The two sizes
+// are checked in argument order: Encode's input first, Decode's codes first.
+absl::Status CheckBatchArgs(BatchOp op, DType dtype, CodecPath path, size_t n, uint32_t dim,
+                            size_t code_bytes, size_t tensor_size, size_t codes_size) {
+  if (!ValidDType(dtype)) return absl::InvalidArgumentError("dtype: unknown element type");
+  if (path != CodecPath::kReference && path != CodecPath::kFast) {
+    return absl::InvalidArgumentError("path: unknown codec path");
+  }
+  const bool encode = op == BatchOp::kEncode;
+  const char* tensor_what = encode ? "encode input" : "decode output";
+  const char* codes_what = encode ? "encode codes" : "decode codes";
+  const size_t es = DTypeSize(dtype);
+  FQ_ASSIGN_OR_RETURN(const size_t elems, CheckedMul(n, dim, tensor_what));
+  FQ_ASSIGN_OR_RETURN(const size_t tensor_bytes, CheckedMul(elems, es, tensor_what));
+  FQ_ASSIGN_OR_RETURN(const size_t code_total, CheckedMul(n, code_bytes, codes_what));
+  const auto check_tensor = [&]() -> absl::Status {
+    if (tensor_size == tensor_bytes) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(tensor_what, ": ", tensor_size, " bytes, expected ",
+                                                   tensor_bytes, " (", n, " vectors x ", dim, " x ", es,
+                                                   " bytes of ", std::string(DTypeName(dtype)), ")"));
+  };
+  const auto check_codes = [&]() -> absl::Status {
+    if (codes_size == code_total) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(codes_what, ": ", codes_size, " bytes, expected ",
+                                                   code_total, " (", n, " codes x ", code_bytes,
+                                                   " bytes)"));
+  };
+  FQ_RETURN_IF_ERROR(encode ? check_tensor() : check_codes());
+  return encode ? check_codes() : check_tensor();
+}
+
 // The norm rule shared by both paths: every element finite, nu = sqrt(sum x_i^2) in f64 summed
 // left to right, nu > 0, and nu narrowed f64 -> f32 -> binary16 finite and > 0.
 absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint16_t* half) {
@@ -144,25 +179,10 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
 absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t n,
                                absl::Span<uint8_t> codes, CodecPath path,
                                std::vector<VectorFailure>* failures) const {
-  if (!ValidDType(dtype)) return absl::InvalidArgumentError("dtype: unknown element type");
-  if (path != CodecPath::kReference && path != CodecPath::kFast) {
-    return absl::InvalidArgumentError("path: unknown codec path");
-  }
+  FQ_RETURN_IF_ERROR(CheckBatchArgs(BatchOp::kEncode, dtype, path, n, dim(), code_bytes_, in.size(),
+                                    codes.size()));
   const uint32_t d = dim();
   const size_t es = DTypeSize(dtype);
-  FQ_ASSIGN_OR_RETURN(const size_t elems, CheckedMul(n, d, "encode input"));
-  FQ_ASSIGN_OR_RETURN(const size_t in_bytes, CheckedMul(elems, es, "encode input"));
-  FQ_ASSIGN_OR_RETURN(const size_t code_total, CheckedMul(n, code_bytes_, "encode codes"));
-  if (in.size() != in_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("encode input: ", in.size(), " bytes, expected ",
-                                                   in_bytes, " (", n, " vectors x ", d, " x ", es,
-                                                   " bytes of ", std::string(DTypeName(dtype)), ")"));
-  }
-  if (codes.size() != code_total) {
-    return absl::InvalidArgumentError(absl::StrCat("encode codes: ", codes.size(),
-                                                   " bytes, expected ", code_total, " (", n,
-                                                   " codes x ", code_bytes_, " bytes)"));
-  }
   if (failures != nullptr) failures->clear();
 
   const Profile& p = profile();
@@ -229,25 +249,10 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
 
 absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType dtype,
                                absl::Span<uint8_t> out, CodecPath path) const {
-  if (!ValidDType(dtype)) return absl::InvalidArgumentError("dtype: unknown element type");
-  if (path != CodecPath::kReference && path != CodecPath::kFast) {
-    return absl::InvalidArgumentError("path: unknown codec path");
-  }
+  FQ_RETURN_IF_ERROR(CheckBatchArgs(BatchOp::kDecode, dtype, path, n, dim(), code_bytes_, out.size(),
+                                    codes.size()));
   const uint32_t d = dim();
   const size_t es = DTypeSize(dtype);
-  FQ_ASSIGN_OR_RETURN(const size_t elems, CheckedMul(n, d, "decode output"));
-  FQ_ASSIGN_OR_RETURN(const size_t out_bytes, CheckedMul(elems, es, "decode output"));
-  FQ_ASSIGN_OR_RETURN(const size_t code_total, CheckedMul(n, code_bytes_, "decode codes"));
-  if (codes.size() != code_total) {
-    return absl::InvalidArgumentError(absl::StrCat("decode codes: ", codes.size(),
-                                                   " bytes, expected ", code_total, " (", n,
-                                                   " codes x ", code_bytes_, " bytes)"));
-  }
-  if (out.size() != out_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("decode output: ", out.size(), " bytes, expected ",
-                                                   out_bytes, " (", n, " vectors x ", d, " x ", es,
-                                                   " bytes of ", std::string(DTypeName(dtype)), ")"));
-  }
 
   const Profile& p = profile();
   const uint32_t k = p.block_dim, blocks = p.block_count(), w = p.wire_index_bits, nc = p.codebook_size;
