@@ -151,29 +151,56 @@ std::string SpecToJson(const v1::KvProfileSpec& s) {
   return j.dump();
 }
 
-// Build cost = training_samples x codebook_size x block_dim x lloyd_iterations x lloyd_restarts,
-// saturating at UINT64_MAX. Raw profiles cost nothing.
-uint64_t BuildCost(const KvCompressionProfile& p) {
-  if (!p.fib_profile.has_value()) return 0;
-  const Profile& f = *p.fib_profile;
-  const uint64_t factors[] = {f.training_samples, f.codebook_size, f.block_dim, f.lloyd_iterations,
-                              f.lloyd_restarts};
-  uint64_t cost = 1;
-  for (uint64_t x : factors) {
-    if (x != 0 && cost > std::numeric_limits<uint64_t>::max() / x) return std::numeric_limits<uint64_t>::max();
-    cost *= x;
-  }
-  return cost;
+// Saturating a * b.
+uint64_t MulSat(uint64_t a, uint64_t b) {
+  if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) return std::numeric_limits<uint64_t>::max();
+  return a * b;
 }
 
+// Build cost, roughly in multiply-adds, saturating at UINT64_MAX: the Lloyd training
+// (training_samples x codebook_size x block_dim x lloyd_iterations x lloyd_restarts) plus the
+// rotation: d^3 for Haar (Householder QR of a d x d matrix: 6.9e10 and ~35 s at the largest d, 4096,
+// which the Lloyd term alone would let through), d x log2(d) for Hadamard. Raw profiles cost nothing.
+struct BuildCostParts {
+  uint64_t lloyd = 0;
+  uint64_t rotation = 0;
+  uint64_t total() const { return lloyd > std::numeric_limits<uint64_t>::max() - rotation
+                                      ? std::numeric_limits<uint64_t>::max() : lloyd + rotation; }
+};
+
+BuildCostParts BuildCostOf(const KvCompressionProfile& p) {
+  BuildCostParts parts;
+  if (!p.fib_profile.has_value()) return parts;
+  const Profile& f = *p.fib_profile;
+  parts.lloyd = 1;
+  for (uint64_t x : {uint64_t{f.training_samples}, uint64_t{f.codebook_size}, uint64_t{f.block_dim},
+                     uint64_t{f.lloyd_iterations}, uint64_t{f.lloyd_restarts}}) {
+    parts.lloyd = MulSat(parts.lloyd, x);
+  }
+  const uint64_t d = f.ambient_dim;
+  if (f.rotation_algorithm == kRotationHaarQr) {
+    parts.rotation = MulSat(MulSat(d, d), d);
+  } else {
+    uint64_t log2d = 0;
+    while ((uint64_t{1} << log2d) < d) ++log2d;
+    parts.rotation = MulSat(d, log2d);
+  }
+  return parts;
+}
+
+uint64_t BuildCost(const KvCompressionProfile& p) { return BuildCostOf(p).total(); }
+
 absl::Status CheckBuildCost(const KvCompressionProfile& p, uint64_t limit) {
-  const uint64_t cost = BuildCost(p);
-  if (cost <= limit) return absl::OkStatus();
+  const BuildCostParts parts = BuildCostOf(p);
+  if (parts.total() <= limit) return absl::OkStatus();
   const Profile& f = *p.fib_profile;
   return absl::ResourceExhaustedError(absl::StrCat(
-      "profile build cost ", cost, " (training_samples ", f.training_samples, " x codebook_size ",
-      f.codebook_size, " x block_dim ", f.block_dim, " x lloyd_iterations ", f.lloyd_iterations,
-      " x lloyd_restarts ", f.lloyd_restarts, ") exceeds max_profile_build_cost ", limit));
+      "profile build cost ", parts.total(), " (Lloyd: training_samples ", f.training_samples,
+      " x codebook_size ", f.codebook_size, " x block_dim ", f.block_dim, " x lloyd_iterations ",
+      f.lloyd_iterations, " x lloyd_restarts ", f.lloyd_restarts, " = ", parts.lloyd, "; rotation ",
+      f.rotation_algorithm, " at head_dim ", f.ambient_dim, ": ", parts.rotation,
+      f.rotation_algorithm == kRotationHaarQr ? " = head_dim^3, a Hadamard rotation costs far less" : "",
+      ") exceeds max_profile_build_cost ", limit));
 }
 
 // Identity of a spec before its codebook exists: the unresolved profile's JSON. Registering the

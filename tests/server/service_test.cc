@@ -348,7 +348,30 @@ TEST_F(ServiceTest, MalformedAndOversizedRequestsGetExactCodesAndServerKeepsServ
     EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
     EXPECT_NE(s.error_message().find("max_profile_build_cost"), std::string::npos) << s.error_message();
   }
-  EXPECT_EQ(svc_->profile_count(), 0u);
+  {
+    // A Haar rotation costs head_dim^3 (512^3 = 1.3e8 > 1e8) even when the Lloyd term is tiny;
+    // the same spec with a Hadamard rotation (512 x 9) fits.
+    auto spec = [](const char* id, const char* rotation) {
+      return absl::StrCat(
+          R"({"profile_id":")", id, R"(","shape":{"role":"key","attention_kind":"mha","batch":1,"layers":1,)",
+          R"("kv_heads":1,"query_heads":1,"tokens":16,"head_dim":512,"dtype":"f32","rope_state":"pre_rope"},)",
+          R"("axis_policy":"per_token","tokens_per_page":16,"fibquant":{"block_dim":2,"codebook_size":16,)",
+          R"("seed":1,"training_samples":256,"lloyd_restarts":1,"lloyd_iterations":2,"rotation_algorithm":")",
+          rotation, R"("}})");
+    };
+    grpc::ClientContext ctx;
+    v1::RegisterProfileRequest req;
+    req.set_spec_json(spec("haar-512", "haar_qr"));
+    v1::RegisterProfileResponse resp;
+    grpc::Status s = stub_->RegisterProfile(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+    EXPECT_NE(s.error_message().find("at head_dim 512: 134217728 = head_dim^3"), std::string::npos)
+        << s.error_message();
+    EXPECT_EQ(svc_->profile_count(), 0u);
+    const v1::RegisterProfileResponse ok = Register(spec("hadamard-512", "hadamard"));
+    EXPECT_EQ(ok.profile().build_stats().cost(), 256u * 16 * 2 * 2 * 1 + 512 * 9);
+    EXPECT_EQ(svc_->profile_count(), 1u);
+  }
   const std::string digest = Register(SpecJson("ok")).profile().digest();
   const std::vector<float> page(16 * kDim, 0.5f);
 

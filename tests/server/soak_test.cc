@@ -15,7 +15,7 @@
 //     gives the very same frame is reported (the paths may differ on near-ties, docs/FORMAT.md);
 //   * RSS (VmRSS of the child) sampled through the run: growth after warm-up (the first 20% of
 //     the pages) stays under kMaxRssGrowthKib. Samples are printed and recorded as properties.
-// Sizes: FQ_SOAK_PAGES_PER_STREAM (default 1500), FQ_SOAK_MAX_SECONDS (default 240): when the time
+// Sizes: FQ_SOAK_PAGES_PER_STREAM (default 1500; 500 under ASan), FQ_SOAK_MAX_SECONDS (default 240): when the time
 // budget ends the streams stop sending, everything already sent is still verified, and the number of
 // pages that ran is reported. No assertion on speed.
 #include <signal.h>
@@ -58,7 +58,24 @@ using ::fibquant::server::testing::TempDir;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kStreams = 8;
+// Under AddressSanitizer (the CI sanitizer build) the server keeps freed memory in ASan's quarantine
+// (256 MiB by default) and RSS climbs until it is full, so flat RSS is not a property of that build:
+// it reports RSS but does not bound it (LeakSanitizer checks the server's leaks at exit instead),
+// and it sends fewer pages by default (each costs ~5x the Release time).
+#if defined(__SANITIZE_ADDRESS__)
+#define FQ_SOAK_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FQ_SOAK_UNDER_ASAN 1
+#endif
+#endif
+#ifdef FQ_SOAK_UNDER_ASAN
+constexpr bool kRssIsMeaningful = false;
+constexpr uint64_t kDefaultPagesPerStream = 500;
+#else
+constexpr bool kRssIsMeaningful = true;
 constexpr uint64_t kDefaultPagesPerStream = 1500;
+#endif
 constexpr double kDefaultMaxSeconds = 240;
 constexpr uint64_t kPagesPerRound = 250;  // pages per CompressPages / DecompressPages stream
 constexpr uint64_t kMaxRssGrowthKib = 32 * 1024;  // generous: a leak of ~1 KiB/page still trips it
@@ -692,7 +709,11 @@ TEST(Soak, EightStreamsMixedProfilesDecodeExactlyAndRssStaysFlat) {
   RecordProperty("rss_max_after_warmup_kib", std::to_string(max_after));
   RecordProperty("rss_growth_kib", std::to_string(growth));
   RecordProperty("ref_identical_frames", absl::StrCat(total.ref_identical_frames, "/", total.ref_checked));
-  EXPECT_LT(growth, kMaxRssGrowthKib) << "server RSS grew after warm-up";
+  if (kRssIsMeaningful) {
+    EXPECT_LT(growth, kMaxRssGrowthKib) << "server RSS grew after warm-up";
+  } else {
+    std::printf("soak: AddressSanitizer build: RSS reported, not bounded (quarantine)\n");
+  }
 
   // The server is still healthy and drains cleanly.
   server.Signal(SIGTERM);
