@@ -45,7 +45,9 @@ const fibquant::server::ServiceOptions kDefaults;
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "gRPC listen address (host:port, [v6]:port or unix:path; port 0 picks a free port). "
           "Plaintext is allowed only on loopback unless --allow-insecure is set.");
-ABSL_FLAG(int32_t, workers, 0, "Worker threads for encode/decode and builds (0 = one per core).");
+ABSL_FLAG(int32_t, workers, 0,
+          "Worker threads for encode/decode (0 = one per core); codebook builds run on "
+          "--build-workers instead.");
 ABSL_FLAG(std::string, data_dir, "./fibquant-data",
           "Directory holding registered profiles and receipts (created if missing; back it up).");
 ABSL_FLAG(std::string, preload_dir, "",
@@ -83,6 +85,10 @@ ABSL_FLAG(uint32_t, worker_queue_capacity, kDefaults.worker_queue_capacity,
 ABSL_FLAG(int32_t, build_threads, kDefaults.build_threads,
           "Threads one codebook build may use (0 = one per core); the codebook is identical for "
           "any value.");
+ABSL_FLAG(int32_t, build_workers, kDefaults.build_workers,
+          "Codebook builds (RegisterProfile, EvaluateQuality candidates) run at once, on a pool of "
+          "their own so stream pages never wait behind a build; each uses --build-threads threads. "
+          "Builds beyond it queue (up to --worker-queue-capacity, then RESOURCE_EXHAUSTED).");
 ABSL_FLAG(uint64_t, max_eval_values, kDefaults.max_eval_values,
           "EvaluateQuality: largest keys/values/queries sample, in floats each.");
 ABSL_FLAG(uint32_t, max_eval_profiles, kDefaults.max_eval_profiles,
@@ -116,6 +122,9 @@ absl::Status CheckFlagRanges() {
   if (absl::GetFlag(FLAGS_build_threads) < 0) {
     return absl::InvalidArgumentError("--build-threads must be >= 0 (0 = one per core)");
   }
+  if (absl::GetFlag(FLAGS_build_workers) < 1) {
+    return absl::InvalidArgumentError("--build-workers must be >= 1");
+  }
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
     return absl::InvalidArgumentError("--drain-seconds must be >= 0");
   }
@@ -141,6 +150,7 @@ ServiceOptions ServiceOptionsFromFlags() {
   o.worker_threads = absl::GetFlag(FLAGS_workers);
   o.worker_queue_capacity = absl::GetFlag(FLAGS_worker_queue_capacity);
   o.build_threads = absl::GetFlag(FLAGS_build_threads);
+  o.build_workers = absl::GetFlag(FLAGS_build_workers);
   o.max_eval_values = absl::GetFlag(FLAGS_max_eval_values);
   o.max_eval_profiles = absl::GetFlag(FLAGS_max_eval_profiles);
   return o;

@@ -93,6 +93,16 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                       .Help("Tasks waiting in the worker pool.")
                       .Register(reg)
                       .Add({});
+  build_queue_depth_ = &prometheus::BuildGauge()
+                            .Name("fibquant_build_queue_depth")
+                            .Help("Codebook builds waiting in the build pool.")
+                            .Register(reg)
+                            .Add({});
+  builds_in_flight_ = &prometheus::BuildGauge()
+                           .Name("fibquant_builds_in_flight")
+                           .Help("Distinct profile specs being built (queued or running).")
+                           .Register(reg)
+                           .Add({});
   streams_in_flight_ = &prometheus::BuildGauge()
                             .Name("fibquant_streams_in_flight")
                             .Help("Streaming RPCs currently open.")
@@ -170,6 +180,8 @@ void Metrics::ObserveDistortion(std::string_view metric, double value) {
 }
 
 void Metrics::SetQueueDepth(int64_t n) { queue_depth_->Set(static_cast<double>(n)); }
+void Metrics::SetBuildQueueDepth(int64_t n) { build_queue_depth_->Set(static_cast<double>(n)); }
+void Metrics::SetBuildsInFlight(int64_t n) { builds_in_flight_->Set(static_cast<double>(n)); }
 
 void Metrics::StreamStarted() {
   streams_in_flight_->Increment();

@@ -67,6 +67,10 @@ class Metrics {
   void ObserveDistortion(std::string_view metric, double value);
   // Tasks waiting in the worker pool.
   void SetQueueDepth(int64_t n);
+  // Codebook builds waiting in the build pool (fibquant_build_queue_depth) and distinct specs being
+  // built, queued or running (fibquant_builds_in_flight).
+  void SetBuildQueueDepth(int64_t n);
+  void SetBuildsInFlight(int64_t n);
   // Streams currently open (fibquant_streams_in_flight); call exactly once each per stream.
   void StreamStarted();
   void StreamFinished();
@@ -101,6 +105,8 @@ class Metrics {
   prometheus::Histogram* compression_ratio_;
   prometheus::Family<prometheus::Histogram>* distortion_;
   prometheus::Gauge* queue_depth_;
+  prometheus::Gauge* build_queue_depth_;
+  prometheus::Gauge* builds_in_flight_;
   prometheus::Gauge* streams_in_flight_;
   prometheus::Counter* streams_started_;
   prometheus::Gauge* registry_size_;

@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "core/codebook.h"
 #include "core/codec.h"
 #include "core/digest.h"
@@ -935,7 +936,9 @@ KvCompressionServiceImpl::KvCompressionServiceImpl(const ServiceOptions& options
     : options_(options), metrics_(metrics) {}
 
 KvCompressionServiceImpl::~KvCompressionServiceImpl() {
-  // Runs (with Cancelled) any task still queued, so nothing outlives the service.
+  // Runs (with Cancelled) any task still queued, so nothing outlives the service. Builds first: a
+  // cancelled build tells its waiters, which finish their reactors (no pool needed).
+  if (build_pool_) build_pool_->Shutdown();
   if (pool_) pool_->Shutdown();
 }
 
@@ -962,6 +965,9 @@ absl::Status KvCompressionServiceImpl::Initialize() {
   if (options_.worker_threads < 0 || options_.build_threads < 0) {
     return absl::InvalidArgumentError("ServiceOptions.worker_threads and build_threads must be >= 0");
   }
+  if (options_.build_workers < 1) {
+    return absl::InvalidArgumentError("ServiceOptions.build_workers must be >= 1");
+  }
   if (options_.max_inflight_pages_per_stream > 1024) {
     return absl::InvalidArgumentError("ServiceOptions.max_inflight_pages_per_stream must be <= 1024");
   }
@@ -972,6 +978,13 @@ absl::Status KvCompressionServiceImpl::Initialize() {
   pool_ = std::make_unique<WorkerPool>(threads, options_.worker_queue_capacity, [m](int64_t depth) {
     if (m) m->SetQueueDepth(depth);
   });
+  build_pool_ = std::make_unique<WorkerPool>(
+      options_.build_workers, options_.worker_queue_capacity,
+      [m](int64_t depth) {
+        if (m) m->SetBuildQueueDepth(depth);
+      },
+      absl::StrCat("build queue (--build-workers=", options_.build_workers, " threads)"),
+      "--worker-queue-capacity");
   RegistryOptions ro;
   ro.data_dir = options_.data_dir;
   ro.max_profiles = options_.max_profiles;
@@ -999,9 +1012,9 @@ absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v
   return p;
 }
 
-absl::StatusOr<std::shared_ptr<const ProfileEntry>> KvCompressionServiceImpl::BuildAndStore(
-    KvCompressionProfile profile, bool* inserted) {
-  const std::string key = SpecKey(profile);
+KvCompressionServiceImpl::BuildResult KvCompressionServiceImpl::BuildAndStore(KvCompressionProfile profile,
+                                                                             bool* inserted) {
+  builds_started_.fetch_add(1);
   const auto t0 = Clock::now();
   FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec, KvCodec::Build(std::move(profile), options_.build_threads));
   const double seconds = SecondsSince(t0);
@@ -1013,10 +1026,86 @@ absl::StatusOr<std::shared_ptr<const ProfileEntry>> KvCompressionServiceImpl::Bu
   e.build_seconds = seconds;
   e.build_threads = options_.build_threads == 0 ? static_cast<int>(std::thread::hardware_concurrency())
                                                 : options_.build_threads;
-  FQ_ASSIGN_OR_RETURN(auto stored, registry_->Insert(std::move(e), inserted));
+  return registry_->Insert(std::move(e), inserted);
+}
+
+size_t KvCompressionServiceImpl::builds_in_flight() const {
   absl::MutexLock lock(&spec_mu_);
-  spec_digests_[key] = stored->digest;
-  return stored;
+  return flights_.size();
+}
+
+size_t KvCompressionServiceImpl::build_waiters() const {
+  absl::MutexLock lock(&spec_mu_);
+  size_t n = 0;
+  for (const auto& [key, flight] : flights_) n += flight.waiters.size();
+  return n;
+}
+
+absl::Status KvCompressionServiceImpl::JoinFlight(const std::string& key, const grpc::ServerContextBase* ctx,
+                                                  BuildWaiter waiter, bool* lead) {
+  absl::MutexLock lock(&spec_mu_);
+  auto it = flights_.find(key);
+  *lead = it == flights_.end();
+  if (*lead) {
+    it = flights_.emplace(key, Flight{}).first;
+    if (metrics_) metrics_->SetBuildsInFlight(static_cast<int64_t>(flights_.size()));
+  } else if (it->second.waiters.size() >= options_.worker_queue_capacity) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        it->second.waiters.size(), " registrations already wait for the build of this spec "
+        "(worker_queue_capacity ", options_.worker_queue_capacity, "); retry later"));
+  }
+  it->second.waiters.push_back(Flight::Waiter{ctx, std::move(waiter)});
+  return absl::OkStatus();
+}
+
+void KvCompressionServiceImpl::RunFlight(const std::string& key, KvCompressionProfile profile,
+                                         const absl::Status& pool_status) {
+  if (!pool_status.ok()) {
+    FinishFlight(key, absl::UnavailableError("server is shutting down"), false);
+    return;
+  }
+  // Skip the build only if nobody is left to want it: one waiter's cancellation does not cancel
+  // the build the others wait for.
+  bool all_cancelled = false;
+  {
+    absl::MutexLock lock(&spec_mu_);
+    auto it = flights_.find(key);
+    all_cancelled = it != flights_.end() &&
+                    std::all_of(it->second.waiters.begin(), it->second.waiters.end(), [](const Flight::Waiter& w) {
+                      return w.ctx != nullptr && w.ctx->IsCancelled();
+                    });
+  }
+  if (all_cancelled) {
+    FinishFlight(key, absl::CancelledError("RegisterProfile cancelled before its build started"), false);
+    return;
+  }
+  // A flight started just after another build of this spec finished: nothing to build.
+  if (auto existing = FindSpec(profile)) {
+    FinishFlight(key, existing, false);
+    return;
+  }
+  if (absl::Status cap = registry_->CheckCapacity(); !cap.ok()) {
+    FinishFlight(key, cap, false);
+    return;
+  }
+  bool inserted = false;
+  BuildResult built = BuildAndStore(std::move(profile), &inserted);
+  FinishFlight(key, built, inserted);
+}
+
+void KvCompressionServiceImpl::FinishFlight(const std::string& key, const BuildResult& result, bool inserted) {
+  std::vector<Flight::Waiter> waiters;
+  {
+    absl::MutexLock lock(&spec_mu_);
+    if (result.ok()) spec_digests_[key] = (*result)->digest;
+    auto it = flights_.find(key);
+    if (it != flights_.end()) {
+      waiters = std::move(it->second.waiters);
+      flights_.erase(it);
+    }
+    if (metrics_) metrics_->SetBuildsInFlight(static_cast<int64_t>(flights_.size()));
+  }
+  for (size_t i = 0; i < waiters.size(); ++i) std::move(waiters[i].done)(result, i == 0 && inserted);
 }
 
 std::shared_ptr<const ProfileEntry> KvCompressionServiceImpl::FindSpec(const KvCompressionProfile& p) const {
@@ -1055,9 +1144,19 @@ absl::Status KvCompressionServiceImpl::PreloadDir(const std::string& dir) {
       const std::string text = ss.str();
       FQ_ASSIGN_OR_RETURN(KvCompressionProfile p, ParseSpec(nullptr, &text));
       if (FindSpec(p) != nullptr) return absl::OkStatus();
-      bool inserted = false;
-      FQ_ASSIGN_OR_RETURN(auto entry, BuildAndStore(std::move(p), &inserted));
-      std::fprintf(stderr, "fibquant: preloaded %s as %s\n", f.c_str(), entry->digest.c_str());
+      // Single-flight with RegisterProfile: build here, or wait for the build already running.
+      const std::string key = SpecKey(p);
+      absl::Notification done;
+      BuildResult result = absl::UnknownError("no result");
+      bool lead = false;
+      FQ_RETURN_IF_ERROR(JoinFlight(key, nullptr, [&](const BuildResult& r, bool /*inserted*/) {
+        result = r;
+        done.Notify();
+      }, &lead));
+      if (lead) RunFlight(key, std::move(p), absl::OkStatus());
+      done.WaitForNotification();
+      FQ_RETURN_IF_ERROR(result.status());
+      std::fprintf(stderr, "fibquant: preloaded %s as %s\n", f.c_str(), (*result)->digest.c_str());
       return absl::OkStatus();
     }();
     if (!s.ok()) {
@@ -1107,28 +1206,31 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::RegisterProfile(grpc::Callba
     finish(cap);
     return reactor;
   }
-  // The build runs on the worker pool; this reactor finishes from the worker.
-  absl::Status submitted = pool_->Submit(
-      [this, ctx, resp, finish, p = *std::move(profile)](absl::Status pool_status) mutable {
-        if (!pool_status.ok()) {
-          finish(absl::UnavailableError("server is shutting down"));
-          return;
-        }
-        if (ctx->IsCancelled()) {
-          finish(absl::CancelledError("RegisterProfile cancelled before its build started"));
-          return;
-        }
-        bool inserted = false;
-        auto entry = BuildAndStore(std::move(p), &inserted);
-        if (!entry.ok()) {
-          finish(entry.status());
-          return;
-        }
-        FillProfileInfo(**entry, resp->mutable_profile());
-        resp->set_already_registered(!inserted);
-        finish(absl::OkStatus());
+  // Single-flight: this reactor finishes when the build of its spec does, whether this call
+  // started it or joined one in flight; no thread waits meanwhile.
+  const std::string key = SpecKey(*profile);
+  bool lead = false;
+  absl::Status joined = JoinFlight(key, ctx, [resp, finish](const BuildResult& entry, bool inserted) {
+    if (!entry.ok()) {
+      finish(entry.status());
+      return;
+    }
+    FillProfileInfo(**entry, resp->mutable_profile());
+    resp->set_already_registered(!inserted);
+    finish(absl::OkStatus());
+  }, &lead);
+  if (!joined.ok()) {
+    finish(joined);
+    return reactor;
+  }
+  if (!lead) return reactor;
+  // The build runs on the build pool. If it cannot be queued, the flight fails: this call and any
+  // registration that joined it meanwhile get the pool's error.
+  absl::Status submitted = build_pool_->Submit(
+      [this, key, p = *std::move(profile)](absl::Status pool_status) mutable {
+        RunFlight(key, std::move(p), pool_status);
       });
-  if (!submitted.ok()) finish(submitted);
+  if (!submitted.ok()) FinishFlight(key, submitted, false);
   return reactor;
 }
 
@@ -1299,7 +1401,9 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
     finish(s);
     return reactor;
   }
-  absl::Status submitted = pool_->Submit([this, ctx, req, resp, finish, codecs = std::move(codecs),
+  // Candidates are codebook builds: they run on the build pool, never ahead of stream pages.
+  WorkerPool* pool = candidates.empty() ? pool_.get() : build_pool_.get();
+  absl::Status submitted = pool->Submit([this, ctx, req, resp, finish, codecs = std::move(codecs),
                                           candidates = std::move(candidates)](absl::Status pool_status) mutable {
     if (!pool_status.ok()) {
       finish(absl::UnavailableError("server is shutting down"));

@@ -1,8 +1,12 @@
 // KvCompressionServiceImpl: the gRPC callback implementation of fibquant.v1.KvCompressionService.
 //
 // Unary RPCs validate on the gRPC thread and finish there, except codebook builds (RegisterProfile,
-// EvaluateQuality with candidates), which run on the worker pool; their reactor finishes from the
-// worker's completion. CompressPages / DecompressPages are bidirectional reactors that parse and
+// EvaluateQuality with candidates), which run on a separate build pool (`build_workers` threads) so
+// pages never queue behind a build; their reactor finishes from the build's completion.
+// Registrations are single-flight per spec (SpecKey): a registration of a spec already being built
+// waits for that build, holding no thread, and gets its result (already_registered = true); a
+// failed build is reported to every waiter and forgotten, so the next registration builds again.
+// CompressPages / DecompressPages are bidirectional reactors that parse and
 // validate each page on the gRPC thread, hand the codec work to the worker pool, keep at most
 // `max_inflight_pages_per_stream` pages in work (backpressure: the next read is withheld), write
 // responses in input order with one write in flight, and free themselves only after OnDone and the
@@ -22,8 +26,10 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -66,6 +72,13 @@ struct ServiceOptions {
   // Threads one codebook build may use (0 = hardware concurrency). The codebook is identical for
   // any value.
   int build_threads = 1;
+  // Build pool: codebook builds of RegisterProfile and of EvaluateQuality candidates run on
+  // `build_workers` threads of their own (>= 1; PreloadDir builds on its caller's thread), each
+  // build using up to `build_threads` threads, so up to build_workers x build_threads threads build
+  // at once, beside the `worker_threads` that encode pages.
+  // Its queue holds worker_queue_capacity builds; beyond that new builds are ResourceExhausted. At
+  // most worker_queue_capacity registrations wait for one in-flight build (ResourceExhausted beyond).
+  int build_workers = 1;
   // EvaluateQuality: largest keys/values/queries sample (floats, each) and most profiles per call.
   uint64_t max_eval_values = 4ull << 20;
   uint32_t max_eval_profiles = 8;
@@ -106,6 +119,13 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // CompressPages + DecompressPages streams not yet done (OnDone); tests use it to see that a
   // cancelled stream was freed.
   uint32_t open_streams() const { return open_streams_.load(); }
+  // Codebook builds of registrations (RegisterProfile, PreloadDir) started since Create, whatever
+  // their outcome (EvaluateQuality candidates are not counted); tests use it to see single-flight.
+  uint64_t registration_builds_started() const { return builds_started_.load(); }
+  // Specs being built for registrations now (queued or running), and the registrations waiting
+  // for them (the one that started a build included).
+  size_t builds_in_flight() const;
+  size_t build_waiters() const;
 
   // --- fibquant.v1.KvCompressionService (callback API) ---
   grpc::ServerUnaryReactor* RegisterProfile(grpc::CallbackServerContext* ctx,
@@ -144,21 +164,46 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // Exactly one of the two; the spec is validated and its build cost checked against the limit.
   [[nodiscard]] absl::StatusOr<KvCompressionProfile> ParseSpec(const fibquant::v1::KvProfileSpec* structured,
                                                                const std::string* spec_json) const;
-  // Builds the codebook on the calling thread (a worker) and stores the profile.
-  [[nodiscard]] absl::StatusOr<std::shared_ptr<const ProfileEntry>> BuildAndStore(KvCompressionProfile profile,
-                                                                                  bool* inserted);
+  using BuildResult = absl::StatusOr<std::shared_ptr<const ProfileEntry>>;
+  // Told the result of the build a registration waited for; `inserted` is true only for the
+  // registration that started the build, and only if the build stored a new profile.
+  using BuildWaiter = absl::AnyInvocable<void(const BuildResult& result, bool inserted) &&>;
+  struct Flight {
+    struct Waiter {
+      const grpc::ServerContextBase* ctx;  // null: not an RPC (PreloadDir), never cancelled
+      BuildWaiter done;
+    };
+    std::vector<Waiter> waiters;  // [0] started the build
+  };
+  // Joins the in-flight build of `key`, or starts a flight for it (*lead = true: the caller must
+  // run RunFlight exactly once, on some thread). ResourceExhausted when the flight already has
+  // worker_queue_capacity waiters (the waiter is then dropped without being called).
+  [[nodiscard]] absl::Status JoinFlight(const std::string& key, const grpc::ServerContextBase* ctx,
+                                        BuildWaiter waiter, bool* lead);
+  // The build of a flight, on the calling thread (a build worker, or PreloadDir's caller); tells
+  // every waiter. `pool_status` not OK (the pool shut down) fails the flight without building.
+  void RunFlight(const std::string& key, KvCompressionProfile profile, const absl::Status& pool_status);
+  // Ends the flight of `key`: records the spec's digest on success and removes the flight in one
+  // critical section (so a registration finds one or the other), then tells every waiter.
+  void FinishFlight(const std::string& key, const BuildResult& result, bool inserted);
+  // Builds the codebook on the calling thread and stores the profile (does not record the spec).
+  [[nodiscard]] BuildResult BuildAndStore(KvCompressionProfile profile, bool* inserted);
   // The registered entry of an identical spec, if any (no build needed).
   std::shared_ptr<const ProfileEntry> FindSpec(const KvCompressionProfile& profile) const;
 
   ServiceOptions options_;
   Metrics* metrics_;  // not owned; may be null
-  std::unique_ptr<WorkerPool> pool_;
+  std::unique_ptr<WorkerPool> pool_;        // codec work: pages, receipts, EvaluateQuality without candidates
+  std::unique_ptr<WorkerPool> build_pool_;  // codebook builds only
   std::unique_ptr<Registry> registry_;
   std::atomic<bool> draining_{false};
   std::atomic<uint32_t> open_streams_{0};
   // Unresolved spec (profile JSON without codebook/rotation digests) -> registered digest.
   mutable absl::Mutex spec_mu_;
   std::map<std::string, std::string> spec_digests_ ABSL_GUARDED_BY(spec_mu_);
+  // Unresolved spec -> its registration build in progress (single-flight).
+  std::map<std::string, Flight> flights_ ABSL_GUARDED_BY(spec_mu_);
+  std::atomic<uint64_t> builds_started_{0};
 };
 
 }  // namespace fibquant::server

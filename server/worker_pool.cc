@@ -6,8 +6,13 @@
 
 namespace fibquant::server {
 
-WorkerPool::WorkerPool(int threads, size_t capacity, DepthObserver observer)
-    : capacity_(capacity), thread_count_(threads), observer_(std::move(observer)) {
+WorkerPool::WorkerPool(int threads, size_t capacity, DepthObserver observer, std::string queue_name,
+                       std::string limit_name)
+    : capacity_(capacity),
+      thread_count_(threads),
+      observer_(std::move(observer)),
+      queue_name_(std::move(queue_name)),
+      limit_name_(std::move(limit_name)) {
   threads_.reserve(static_cast<size_t>(threads));
   for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { WorkerLoop(); });
 }
@@ -23,7 +28,7 @@ absl::Status WorkerPool::Submit(Task task) {
   if (stopping_) return absl::UnavailableError("worker pool is shutting down");
   if (queue_.size() >= capacity_) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "server busy: worker queue holds ", queue_.size(), " tasks (worker_queue_capacity ",
+        "server busy: ", queue_name_, " holds ", queue_.size(), " tasks (", limit_name_, " ",
         capacity_, "); retry later"));
   }
   queue_.push_back(std::move(task));

@@ -1,6 +1,7 @@
 // WorkerPool: a fixed set of threads draining a bounded FIFO queue of tasks. gRPC-free.
 //
-// The service runs every codec call and codebook build here, never on a gRPC thread. Submit()
+// The service runs two pools: one for codec calls (pages), one for codebook builds, so pages never
+// queue behind a build; no codec call or build runs on a gRPC thread. Submit()
 // refuses work when the queue holds `capacity` tasks (ResourceExhausted), which unary RPCs report
 // to the client; streams bound their own work with a per-stream window and use SubmitReserved(),
 // whose total is bounded by (streams x window), so a stream never fails because another one is busy.
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -36,14 +38,17 @@ class WorkerPool {
   // call back into the pool.
   using DepthObserver = std::function<void(int64_t)>;
 
-  // `threads` >= 1, `capacity` >= 1 (the caller validates).
-  WorkerPool(int threads, size_t capacity, DepthObserver observer = nullptr);
+  // `threads` >= 1, `capacity` >= 1 (the caller validates). `queue_name` and `limit_name` only word
+  // the ResourceExhausted of a full queue ("server busy: <queue_name> holds N tasks (<limit_name>
+  // C); retry later"), so each pool names the flag an operator would change.
+  WorkerPool(int threads, size_t capacity, DepthObserver observer = nullptr,
+             std::string queue_name = "worker queue", std::string limit_name = "worker_queue_capacity");
   // Shutdown(), then joins.
   ~WorkerPool();
   WorkerPool(const WorkerPool&) = delete;
   WorkerPool& operator=(const WorkerPool&) = delete;
 
-  // Queues `task` unless the queue is full (ResourceExhausted naming worker_queue_capacity) or the
+  // Queues `task` unless the queue is full (ResourceExhausted naming `limit_name`) or the
   // pool is shut down (Unavailable). On error the task is destroyed without running.
   absl::Status Submit(Task task);
   // Queues `task` regardless of capacity: the caller bounds its own outstanding tasks. After
@@ -65,6 +70,8 @@ class WorkerPool {
   const size_t capacity_;
   const int thread_count_;
   DepthObserver observer_;
+  const std::string queue_name_;
+  const std::string limit_name_;
   mutable absl::Mutex mu_;
   std::deque<Task> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -76,7 +76,8 @@ TEST(OpsServerTest, HelpListsEveryFlagWithItsDefault) {
                            "--max-message-bytes  (default", "--max-page-bytes  (default",
                            "--max-inflight-pages-per-stream  (default",
                            "--max-concurrent-streams  (default", "--max-profile-build-cost  (default",
-                           "--receipt-retention  (default", "--drain-seconds  (default: 30)"}) {
+                           "--receipt-retention  (default", "--drain-seconds  (default: 30)",
+                           "--build-workers  (default: 1)"}) {
     EXPECT_THAT(r.log, HasSubstr(line)) << line;
   }
 }

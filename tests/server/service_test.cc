@@ -1,5 +1,7 @@
 // KvCompressionService over an in-process channel (no ports): every RPC, idempotent registration,
-// exact error codes, stream ordering under a small worker pool, cancellation, restart from the data
+// exact error codes, single-flight builds (concurrent registrations of one spec build once; a failed
+// build fails every waiter and is retried), the build pool beside the page pool and its bounds,
+// stream ordering under a small worker pool, cancellation, restart from the data
 // dir, quarantine of a corrupted registry file, and a compress -> decompress round trip on the real
 // fixture tests/data/L1_k.f32 ([64 tokens, 4 heads, 128] f32).
 #include <grpcpp/grpcpp.h>
@@ -39,6 +41,26 @@ std::string SpecJson(const std::string& id, uint32_t codebook_size = 16, uint32_
                       R"("dtype":"f32","rope_state":"pre_rope"},"axis_policy":"per_token","tokens_per_page":)",
                       tokens_per_page, R"(,"fibquant":{"block_dim":4,"codebook_size":)", codebook_size,
                       R"(,"seed":7,"training_samples":512,"lloyd_restarts":1,"lloyd_iterations":3})", extra, "}");
+}
+
+// A key profile whose codebook build takes noticeable time (N = 256, 65536 training samples, 40
+// Lloyd iterations: cost 2.7e9, about a second on one core), so other calls can arrive during it.
+std::string SlowSpecJson(const std::string& id) {
+  return absl::StrCat(R"({"profile_id":")", id, R"(","shape":{"role":"key","attention_kind":"mha","batch":1,)",
+                      R"("layers":1,"kv_heads":4,"query_heads":4,"tokens":64,"head_dim":128,)",
+                      R"("dtype":"f32","rope_state":"pre_rope"},"axis_policy":"per_token","tokens_per_page":16,)",
+                      R"("fibquant":{"block_dim":4,"codebook_size":256,"seed":7,"training_samples":65536,)",
+                      R"("lloyd_restarts":1,"lloyd_iterations":40}})");
+}
+
+// Waits until `done()` holds, up to 120 s (a hang bound, not a timing assertion).
+template <typename Pred>
+bool WaitUntil(Pred done) {
+  for (int i = 0; i < 12000; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return done();
 }
 
 std::vector<float> ReadF32(const std::string& path) {
@@ -125,9 +147,27 @@ class ServiceTest : public ::testing::Test {
     return resp;
   }
 
+  // One RegisterProfile call on its own thread; a 120 s deadline bounds a hang.
+  struct AsyncRegistration {
+    std::thread thread;
+    grpc::Status status;
+    v1::RegisterProfileResponse resp;
+  };
+  void RegisterAsync(const std::string& spec, AsyncRegistration* out) {
+    out->thread = std::thread([this, spec, out] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      v1::RegisterProfileRequest req;
+      req.set_spec_json(spec);
+      out->status = stub_->RegisterProfile(&ctx, req, &out->resp);
+    });
+  }
+
   StreamResult<v1::CompressPagesResponse> Compress(const v1::CompressStreamHeader& header,
-                                                   const std::vector<v1::RawPage>& pages, bool send_header = true) {
+                                                   const std::vector<v1::RawPage>& pages, bool send_header = true,
+                                                   std::chrono::seconds deadline = std::chrono::seconds(0)) {
     grpc::ClientContext ctx;
+    if (deadline.count() > 0) ctx.set_deadline(std::chrono::system_clock::now() + deadline);
     auto stream = stub_->CompressPages(&ctx);
     std::thread writer([&] {
       if (send_header) {
@@ -1049,6 +1089,156 @@ TEST_F(ServiceTest, DrainRefusesNewWorkAndAdminHookGuardsRegistration) {
   header.set_profile_digest(resp.profile().digest());
   header.set_input_dtype(v1::DTYPE_F32);
   EXPECT_EQ(Compress(header, {}).status.error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+// Fleet start-up: several nodes register one spec at once. The registration that comes first
+// builds; the others wait for that build (holding no thread) and get its digest; one build in all.
+TEST_F(ServiceTest, ConcurrentIdenticalRegistrationsBuildOnce) {
+  options_.build_workers = 1;
+  StartServer();
+  // A slow build occupies the only build worker, so the build of "fleet" stays queued while all
+  // six calls arrive (the assertions below hold whatever the timing).
+  AsyncRegistration blocker;
+  RegisterAsync(SlowSpecJson("blocker"), &blocker);
+  ASSERT_TRUE(WaitUntil([&] { return svc_->registration_builds_started() == 1; }));
+  constexpr int kCalls = 6;
+  std::vector<AsyncRegistration> calls(kCalls);
+  for (auto& c : calls) RegisterAsync(SlowSpecJson("fleet"), &c);
+  // The blocker's call plus six waiting for the one in-flight build of "fleet".
+  const bool all_waited = WaitUntil([&] { return svc_->build_waiters() == 1 + kCalls; });
+  if (all_waited) {
+    EXPECT_EQ(svc_->builds_in_flight(), 2u);
+    EXPECT_NE(metrics_.Serialize().find("fibquant_builds_in_flight 2\n"), std::string::npos);
+  }
+  blocker.thread.join();
+  ASSERT_TRUE(blocker.status.ok()) << blocker.status.error_message();
+  int inserted = 0;
+  for (auto& c : calls) {
+    c.thread.join();
+    ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+    EXPECT_EQ(c.resp.profile().digest(), calls[0].resp.profile().digest());
+    EXPECT_FALSE(c.resp.profile().profile_json().empty());
+    if (!c.resp.already_registered()) ++inserted;
+  }
+  EXPECT_TRUE(all_waited) << "the six calls did not all join the build (timing); the counts below still hold";
+  EXPECT_EQ(inserted, 1);
+  EXPECT_EQ(svc_->registration_builds_started(), 2u);  // blocker + one build of "fleet"
+  EXPECT_EQ(svc_->profile_count(), 2u);
+  EXPECT_EQ(svc_->builds_in_flight(), 0u);
+  EXPECT_EQ(svc_->build_waiters(), 0u);
+  const std::string text = metrics_.Serialize();
+  EXPECT_NE(text.find("fibquant_builds_in_flight 0\n"), std::string::npos);
+  EXPECT_NE(text.find("fibquant_build_queue_depth 0\n"), std::string::npos);
+  // Later registrations find the stored profile: no build.
+  EXPECT_TRUE(Register(SlowSpecJson("fleet")).already_registered());
+  EXPECT_EQ(svc_->registration_builds_started(), 2u);
+}
+
+// A build that fails (here: the data dir cannot store the profile) fails every registration that
+// waited for it, and is forgotten: the next registration builds again.
+TEST_F(ServiceTest, FailedBuildIsReportedToEveryWaiterAndRetried) {
+  options_.build_workers = 1;
+  StartServer();
+  const fs::path profiles = fs::path(data_dir_) / "profiles";
+  fs::remove_all(profiles);
+  std::ofstream(profiles) << "not a directory";  // every profile write fails, even for root
+  AsyncRegistration blocker;
+  RegisterAsync(SlowSpecJson("blocker"), &blocker);
+  ASSERT_TRUE(WaitUntil([&] { return svc_->registration_builds_started() == 1; }));
+  constexpr int kCalls = 4;
+  std::vector<AsyncRegistration> calls(kCalls);
+  for (auto& c : calls) RegisterAsync(SpecJson("retry"), &c);
+  const bool all_waited = WaitUntil([&] { return svc_->build_waiters() == 1 + kCalls; });
+  blocker.thread.join();
+  EXPECT_FALSE(blocker.status.ok());
+  for (auto& c : calls) {
+    c.thread.join();
+    EXPECT_FALSE(c.status.ok());
+    EXPECT_EQ(c.status.error_code(), calls[0].status.error_code());
+    EXPECT_EQ(c.status.error_message(), calls[0].status.error_message());
+  }
+  EXPECT_NE(calls[0].status.error_message().find("profiles"), std::string::npos)
+      << calls[0].status.error_message();
+  EXPECT_TRUE(all_waited) << "the four calls did not all join the build (timing)";
+  if (all_waited) {
+    EXPECT_EQ(svc_->registration_builds_started(), 2u);  // blocker + one "retry" build
+  }
+  EXPECT_EQ(svc_->profile_count(), 0u);
+  EXPECT_EQ(svc_->builds_in_flight(), 0u);
+
+  // The failure is not remembered: once the disk is fixed, the next registration builds.
+  fs::remove(profiles);
+  fs::create_directories(profiles);
+  const uint64_t before = svc_->registration_builds_started();
+  auto ok = Register(SpecJson("retry"));
+  EXPECT_FALSE(ok.already_registered());
+  EXPECT_EQ(svc_->registration_builds_started(), before + 1);
+  EXPECT_TRUE(Register(SpecJson("retry")).already_registered());
+  EXPECT_EQ(svc_->registration_builds_started(), before + 1);
+}
+
+// Builds have their own pool: with one worker thread and one build worker, a stream of a
+// registered profile completes while a long build runs.
+TEST_F(ServiceTest, StreamCompletesWhileALongBuildRuns) {
+  options_.worker_threads = 1;
+  options_.build_workers = 1;
+  StartServer();
+  const std::vector<float> keys = ReadF32(std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32");
+  const std::string digest = Register(SpecJson("pages")).profile().digest();
+  AsyncRegistration slow;
+  RegisterAsync(SlowSpecJson("slow"), &slow);
+  ASSERT_TRUE(WaitUntil([&] { return svc_->registration_builds_started() == 2; }));
+  v1::CompressStreamHeader header;
+  header.set_profile_digest(digest);
+  header.set_input_dtype(v1::DTYPE_F32);
+  const std::vector<v1::RawPage> pages = FixturePages(keys);
+  auto r = Compress(header, pages, true, std::chrono::seconds(120));  // deadline: a hang bound only
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_EQ(r.responses.size(), pages.size() + 1);
+  EXPECT_TRUE(r.responses.back().has_receipt());
+  slow.thread.join();
+  EXPECT_TRUE(slow.status.ok()) << slow.status.error_message();
+}
+
+// Bounds: a full build queue is RESOURCE_EXHAUSTED naming the flags, and so is a registration
+// beyond worker_queue_capacity waiters of one build.
+TEST_F(ServiceTest, BuildQueueAndWaitersAreBounded) {
+  options_.build_workers = 1;
+  options_.worker_queue_capacity = 1;
+  StartServer();
+  AsyncRegistration running, queued;
+  RegisterAsync(SlowSpecJson("running"), &running);
+  ASSERT_TRUE(WaitUntil([&] { return svc_->registration_builds_started() == 1; }));
+  RegisterAsync(SpecJson("queued"), &queued);
+  ASSERT_TRUE(WaitUntil([&] {
+    return metrics_.Serialize().find("fibquant_build_queue_depth 1\n") != std::string::npos;
+  }));
+  {
+    grpc::ClientContext ctx;
+    v1::RegisterProfileRequest req;
+    req.set_spec_json(SpecJson("third"));
+    v1::RegisterProfileResponse resp;
+    grpc::Status s = stub_->RegisterProfile(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_NE(s.error_message().find("--build-workers"), std::string::npos) << s.error_message();
+    EXPECT_NE(s.error_message().find("--worker-queue-capacity"), std::string::npos) << s.error_message();
+  }
+  if (svc_->registration_builds_started() == 1) {  // "queued" still waits: it has its one waiter
+    grpc::ClientContext ctx;
+    v1::RegisterProfileRequest req;
+    req.set_spec_json(SpecJson("queued"));
+    v1::RegisterProfileResponse resp;
+    grpc::Status s = stub_->RegisterProfile(&ctx, req, &resp);
+    if (!s.ok()) {
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+      EXPECT_NE(s.error_message().find("worker_queue_capacity"), std::string::npos) << s.error_message();
+    }
+  }
+  running.thread.join();
+  queued.thread.join();
+  EXPECT_TRUE(running.status.ok()) << running.status.error_message();
+  EXPECT_TRUE(queued.status.ok()) << queued.status.error_message();
+  EXPECT_EQ(svc_->builds_in_flight(), 0u);
 }
 
 }  // namespace
