@@ -1458,6 +1458,9 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetServerInfo(grpc::Callback
   l->set_worker_threads(static_cast<uint32_t>(options_.worker_threads));
   l->set_worker_queue_capacity(options_.worker_queue_capacity);
   l->set_max_eval_values(options_.max_eval_values);
+  l->set_build_workers(static_cast<uint32_t>(options_.build_workers));
+  l->set_build_threads(static_cast<uint32_t>(
+      options_.build_threads == 0 ? std::thread::hardware_concurrency() : options_.build_threads));
   resp->set_registered_profiles(static_cast<uint32_t>(registry_->size()));
   resp->set_stored_receipts(static_cast<uint32_t>(registry_->receipt_count()));
   finish(absl::OkStatus());

@@ -357,6 +357,8 @@ TEST_F(ServiceTest, GetProfileCodebookListAndServerInfo) {
     EXPECT_EQ(resp.registered_profiles(), 3u);
     EXPECT_EQ(resp.limits().max_inflight_pages_per_stream(), options_.max_inflight_pages_per_stream);
     EXPECT_EQ(resp.limits().worker_threads(), 2u);
+    EXPECT_EQ(resp.limits().build_workers(), static_cast<uint32_t>(options_.build_workers));
+    EXPECT_GE(resp.limits().build_threads(), 1u);
     EXPECT_EQ(resp.rotation_algorithms_size(), 2);
     EXPECT_FALSE(resp.frame_formats().empty());
   }
