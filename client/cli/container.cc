@@ -2,6 +2,8 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 
@@ -109,7 +111,10 @@ absl::StatusOr<Container> DecodeContainer(std::string_view b, const ContainerLim
   pos += meta_len;
   // First pass: walk the length fields only, so nothing is copied from a container that is
   // corrupt further on.
+  // Every counted frame needs at least its 4-byte length field, so the bytes that remain bound
+  // the reservation (frame_count alone must not drive an allocation).
   std::vector<std::pair<size_t, size_t>> spans;
+  spans.reserve(std::min<uint64_t>(frame_count, (body_end - pos) / 4));
   for (uint64_t i = 0; i < frame_count; ++i) {
     if (body_end - pos < 4) {
       return absl::DataLossError(absl::StrCat("container truncated in the length of frame ", i, " of ", frame_count));
@@ -123,7 +128,6 @@ absl::StatusOr<Container> DecodeContainer(std::string_view b, const ContainerLim
     if (len > body_end - pos) {
       return absl::DataLossError(absl::StrCat("container frame ", i, " length ", len, " runs past the end of the file"));
     }
-    if (spans.empty()) spans.reserve(frame_count);  // frame_count is now known to be backed by bytes
     spans.emplace_back(pos, len);
     pos += len;
   }

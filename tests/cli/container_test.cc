@@ -3,11 +3,40 @@
 // check of that very field is what fires (plus one test where only the checksum catches it).
 #include "client/cli/container.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <new>
 #include <random>
 #include <string>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+
+// The largest single operator-new request while g_track_alloc is set (for the allocation
+// regression test below). Not under ASan/TSan, which bring their own operator new.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define FQ_TEST_NO_NEW_REPLACEMENT 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define FQ_TEST_NO_NEW_REPLACEMENT 1
+#endif
+namespace {
+std::atomic<bool> g_track_alloc{false};
+std::atomic<size_t> g_max_alloc{0};
+}  // namespace
+#ifndef FQ_TEST_NO_NEW_REPLACEMENT
+[[gnu::noinline]] void* operator new(size_t n) {
+  if (g_track_alloc.load(std::memory_order_relaxed) && n > g_max_alloc.load(std::memory_order_relaxed)) {
+    g_max_alloc.store(n, std::memory_order_relaxed);
+  }
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, size_t) noexcept { std::free(p); }
+#endif
 
 namespace fibquant::cli {
 namespace {
@@ -181,6 +210,24 @@ TEST_F(ContainerTest, TruncationAndLimits) {
   Container too_big = Sample();
   too_big.metadata_json = std::string((1u << 20) + 1, ' ');
   EXPECT_EQ(EncodeContainer(too_big).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Found by container_fuzz: a 32-byte file declaring 2^22 frames (under max_frames) whose first
+// frame is empty made the reader reserve offsets for all 2^22 frames (64 MiB) before the second
+// length field turned out to be missing. The reservation is now bounded by the bytes present.
+TEST(ContainerRegression, FrameCountDoesNotDriveAllocation) {
+  // preamble (metadata_len 2, frame_count 0x400000), "{}", frame 0 length 0, 2 bytes, checksum 0.
+  const std::string in = std::string("FQKC\x01\x00\x00\x00\x02\x00\x00\x00\x00\x00\x40\x00", 16) + "{}" +
+                         std::string(14, '\0');
+  g_max_alloc = 0;
+  g_track_alloc = true;
+  auto r = DecodeContainer(in);
+  g_track_alloc = false;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(r.status().message(), "container truncated in the length of frame 1 of 4194304");
+#ifndef FQ_TEST_NO_NEW_REPLACEMENT
+  EXPECT_LE(g_max_alloc.load(), size_t{4096}) << "largest single allocation while decoding";
+#endif
 }
 
 // Random corruption: every mutated container is either refused with one of the documented codes

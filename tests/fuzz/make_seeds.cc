@@ -1,9 +1,11 @@
 // Writes the seed corpora of the fuzz targets into <out>/<target>/ (committed under
 // tests/fuzz/corpus/): real frames of the fuzz profiles, real profile and KV specs (including the
-// shipped server/default-profiles), and (fq_fuzz_seeds, with protobuf) real service requests.
+// shipped server/default-profiles), real `.fqc` containers of those frames and page-mapping
+// scripts (container_fuzz), and (fq_fuzz_seeds, with protobuf) real service requests.
 // Run by hand after a format change:
 //   build-fuzz/tests/fuzz/fq_fuzz_seeds tests/fuzz/corpus        (every target)
 //   build-fuzz/tests/fuzz/fq_fuzz_core_seeds tests/fuzz/corpus   (all but service_fuzz)
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "client/cli/container.h"
 #include "core/half.h"
 #include "core/kv_codec.h"
 #include "core/profile.h"
@@ -91,6 +94,84 @@ int main(int argc, char** argv) {
     if (c.profile().fib_profile) {
       Write(out / "profile_json_fuzz", c.profile().profile_id + ".profile.json", c.profile().fib_profile->ToJson());
     }
+  }
+  // container_fuzz: byte 0 = 0 (default limits) or 2 (also tight limits), then a container as
+  // `fibquant compress` writes it: every page of the [2, 2, 12, 16] tensor (8 frames: per head one
+  // full page of 8 tokens and the partial page 8..12) for each profile (f32 coded keys, bf16
+  // per-channel values, f16 role-aware keys, f16 raw values), one [12, 16] tensor (2 frames, the
+  // second partial), and an empty one. Byte 0 odd: a page-mapping script (see container_fuzz.cc).
+  for (size_t ci = 0; ci < codecs.size(); ++ci) {
+    const KvCodec& c = *codecs[ci];
+    const KvTensorShape& s = c.profile().shape;
+    const uint32_t tpp = c.profile().page_geometry.tokens_per_page;
+    for (bool rank2 : {false, true}) {
+      if (rank2 && ci != 0 && ci != 3) continue;
+      cli::Container box;
+      const uint32_t layers = rank2 ? 1 : s.layers, heads = rank2 ? 1 : s.kv_heads;
+      for (uint32_t l = 0; l < layers; ++l) {
+        for (uint32_t h = 0; h < heads; ++h) {
+          for (uint32_t t0 = 0; t0 < s.tokens; t0 += tpp) {
+            const KvPageCoords pc{0, l, h, t0, std::min(tpp, s.tokens - t0)};
+            std::vector<float> x = Values(size_t{pc.token_count} * s.head_dim, l * 7 + h + t0);
+            std::vector<uint8_t> bytes(x.size() * DTypeSize(s.dtype));
+            FromFloat(s.dtype, x.data(), x.size(), bytes.data());
+            KvPageInput in;
+            in.coords = pc;
+            in.dtype = s.dtype;
+            in.data = bytes;
+            auto cp = c.CompressPage(in);
+            if (!cp.ok()) {
+              std::fprintf(stderr, "compress: %s\n", cp.status().ToString().c_str());
+              return 1;
+            }
+            box.frames.push_back(cp->frame);
+          }
+        }
+      }
+      auto digest = c.profile().Digest();
+      const std::string shape = rank2 ? "[12,16]" : "[2,2,12,16]";
+      box.metadata_json = "{\"pages\":" + std::to_string(box.frames.size()) +
+                          ",\"page_dtype\":\"" + std::string(DTypeName(s.dtype)) + "\",\"profile_digest\":\"" +
+                          (digest.ok() ? *digest : std::string("sha256:0")) + "\",\"profile_id\":\"" +
+                          c.profile().profile_id + "\",\"schema\":\"fq_cli_container_meta_v1\",\"source\":{\"dtype\":\"f32\",\"file\":\"k.npy\",\"shape\":" +
+                          shape + "},\"tokens_per_page\":" + std::to_string(tpp) + "}";
+      box.receipt_json = "{\"receiptId\":\"rcpt-1-" + std::to_string(ci + 1) +
+                         "\",\"operation\":\"compress\",\"profileDigest\":\"" + (digest.ok() ? *digest : std::string()) +
+                         "\",\"pages\":\"" + std::to_string(box.frames.size()) +
+                         "\",\"receiptJson\":\"{\\\"schema\\\":\\\"fq_kv_receipt_v1\\\"}\"}";
+      auto enc = cli::EncodeContainer(box);
+      if (!enc.ok()) {
+        std::fprintf(stderr, "container: %s\n", enc.status().ToString().c_str());
+        return 1;
+      }
+      const char mode = (ci == 1 && !rank2) ? '\2' : '\0';
+      Write(out / "container_fuzz", c.profile().profile_id + (rank2 ? ".rank2" : "") + ".fqc", std::string(1, mode) + *enc);
+    }
+  }
+  {
+    cli::Container empty;
+    empty.metadata_json = "{}";
+    empty.receipt_json = "{}";
+    auto enc = cli::EncodeContainer(empty);
+    if (enc.ok()) Write(out / "container_fuzz", "empty.fqc", std::string(1, '\2') + *enc);
+  }
+  // Page-mapping scripts: byte 0 odd; then rank/dtypes, hi bits, dims (u16), tokens_per_page - 1
+  // (u16), and ops (0 = grid page by u16 index, 3 = explicit coordinates, 4 = finish early).
+  {
+    auto le16 = [](uint32_t v) { return std::string{static_cast<char>(v & 0xff), static_cast<char>(v >> 8)}; };
+    // rank 4 [2, 2, 12, 16] f32 -> f16 pages of 8: two grid pages out of order, then the rest.
+    Write(out / "container_fuzz", "pages.rank4", std::string{'\1', static_cast<char>(48), '\0'} +
+          le16(2) + le16(2) + le16(12) + le16(16) + le16(7) + std::string(1, '\0') + le16(5) +
+          std::string(1, '\0') + le16(1));
+    // rank 3 [5, 3, 4] bf16 pages of 2, explicit coordinates (layer 0, head 2, tokens 4+1), a
+    // duplicate, then finish early.
+    Write(out / "container_fuzz", "pages.rank3", std::string{'\1', static_cast<char>(72), '\0'} +
+          le16(5) + le16(3) + le16(4) + le16(1) + std::string{'\3', '\0', '\0', '\2'} + le16(4) + le16(1) +
+          std::string{'\3', '\0', '\0', '\2'} + le16(4) + le16(1) + std::string(1, '\4'));
+    // rank 2 [12, 16] pages of 8, and a refused rank-5 shape.
+    Write(out / "container_fuzz", "pages.rank2", std::string{'\1', '\1', '\0'} + le16(12) + le16(16) + le16(7));
+    Write(out / "container_fuzz", "pages.rank5", std::string{'\1', '\4', '\0'} + le16(1) + le16(1) + le16(1) +
+          le16(1) + le16(1) + le16(0));
   }
   for (const auto& e : fs::directory_iterator(src / "server" / "default-profiles")) {
     if (e.path().extension() == ".json") Write(out / "kv_profile_json_fuzz", e.path().filename().string(), ReadFile(e.path()));
