@@ -12,6 +12,9 @@
 //
 // Thread safety: main() owns everything; the signal thread only touches the server, the service
 // and the health service, all of which are thread-safe, and is joined before they are destroyed.
+// With TLS and --tls-reload-seconds > 0 the TlsReloader's thread re-checks the certificate files
+// and updates the expiry gauge (Metrics is thread-safe); it is joined when the reloader is
+// destroyed, after the server and before the metrics.
 #include <pthread.h>
 #include <signal.h>
 
@@ -59,6 +62,11 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate chain; enables TLS 
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).");
+ABSL_FLAG(int32_t, tls_reload_seconds, 60,
+          "Seconds between checks of --tls-cert/--tls-key/--tls-client-ca for rotated files; a "
+          "rotation that passes the startup checks is served without a restart, a bad one is "
+          "logged and the last good certificate stays in use (0 = read the files only at startup; "
+          "at most 86400).");
 ABSL_FLAG(std::string, admin_token_file, "",
           "File holding the admin token (>= 16 printable characters). When set, RegisterProfile "
           "requires metadata 'authorization: Bearer <token>'.");
@@ -124,6 +132,10 @@ absl::Status CheckFlagRanges() {
   }
   if (absl::GetFlag(FLAGS_build_workers) < 1) {
     return absl::InvalidArgumentError("--build-workers must be >= 1");
+  }
+  if (const int32_t r = absl::GetFlag(FLAGS_tls_reload_seconds); r < 0 || r > 86400) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tls-reload-seconds must be 0 (no reload) or in [1, 86400], got ", r));
   }
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
     return absl::InvalidArgumentError("--drain-seconds must be >= 0");
@@ -216,16 +228,41 @@ int Run(int argc, char** argv) {
       !s.ok()) {
     return Fail(s);
   }
+  // Created before the credentials so the certificate expiry gauge can be set; the exposer starts
+  // below. Declared before the reloader, whose thread updates it, so it outlives that thread.
+  Metrics metrics;
   CertificateInfo cert_info;
-  auto creds = MakeServerCredentials(tls, &cert_info);
-  if (!creds.ok()) return Fail(creds.status());
+  std::shared_ptr<grpc::ServerCredentials> creds;
+  std::unique_ptr<TlsReloader> reloader;  // outlives the server (declared before it)
+  const int32_t reload_seconds = absl::GetFlag(FLAGS_tls_reload_seconds);
+  if (tls.enabled() && reload_seconds > 0) {
+    auto r = TlsReloader::Create(tls, absl::Seconds(reload_seconds), Log,
+                                 [&metrics](absl::Time not_after) {
+                                   metrics.SetTlsCertificateExpiry(not_after);
+                                 });
+    if (!r.ok()) return Fail(r.status());
+    reloader = *std::move(r);
+    creds = reloader->credentials();
+    cert_info = reloader->served();
+  } else {
+    auto c = MakeServerCredentials(tls, &cert_info);
+    if (!c.ok()) return Fail(c.status());
+    creds = *std::move(c);
+    if (tls.enabled()) metrics.SetTlsCertificateExpiry(cert_info.not_after);
+  }
   if (tls.enabled()) {
-    Log(absl::StrCat("tls certificate ", cert_info.Describe()));
-    // Warn while there is time to rotate: the server does not reload certificates, so an expiry
-    // while it runs fails every new handshake until a restart with a renewed certificate.
+    Log(absl::StrCat("tls certificate ", cert_info.Describe(),
+                     reloader ? absl::StrCat(" (files re-checked every ", reload_seconds,
+                                             " s; a valid rotation is served without a restart)")
+                              : std::string(" (read once; --tls-reload-seconds=0)")));
+    // Warn while there is time to rotate: an expiry while the server runs fails every new
+    // handshake until renewed files are in place (and, without reload, the server restarted).
     if (const absl::Duration left = cert_info.not_after - absl::Now(); left < absl::Hours(24 * 14)) {
-      Log(absl::StrCat("warning: the tls certificate expires in ", absl::FormatDuration(absl::Trunc(left, absl::Minutes(1))),
-                       "; renew it and restart the server before then"));
+      Log(absl::StrCat("warning: the tls certificate expires in ",
+                       absl::FormatDuration(absl::Trunc(left, absl::Minutes(1))),
+                       reloader ? "; renew the files before then (they are reloaded without a "
+                                  "restart)"
+                                : "; renew it and restart the server before then"));
     }
   }
 
@@ -236,7 +273,6 @@ int Run(int argc, char** argv) {
     admin_auth = *std::move(auth);
   }
 
-  Metrics metrics;
   if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
     auto port = metrics.StartExposer(ml);
     if (!port.ok()) return Fail(port.status());
@@ -263,7 +299,7 @@ int Run(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, *creds, &port);
+  builder.AddListeningPort(listen, creds, &port);
   builder.RegisterService(service->get());
   const int max_message = static_cast<int>(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxReceiveMessageSize(max_message);
@@ -287,6 +323,8 @@ int Run(int argc, char** argv) {
   Log(absl::StrCat("serving ", kServiceName, " on ", where, " (", mode, ", admin token ",
                    admin_auth ? "required" : "not required", ", ",
                    (*service)->profile_count(), " profiles)"));
+
+  if (reloader != nullptr) reloader->Start();
 
   std::thread signal_thread(DrainOnSignal, &signals, server.get(), service->get(),
                             absl::GetFlag(FLAGS_drain_seconds));

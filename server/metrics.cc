@@ -196,6 +196,19 @@ void Metrics::ObserveBuildSeconds(double seconds) { build_seconds_->Observe(seco
 
 void Metrics::RegistryFileQuarantined() { quarantined_->Increment(); }
 
+void Metrics::SetTlsCertificateExpiry(absl::Time not_after) {
+  absl::MutexLock lock(&tls_mu_);
+  if (tls_expiry_ == nullptr) {
+    tls_expiry_ = &prometheus::BuildGauge()
+                       .Name("fibquant_tls_certificate_expiry_timestamp_seconds")
+                       .Help("notAfter of the TLS server certificate being served, in unix "
+                             "seconds (updated when a rotated certificate is reloaded).")
+                       .Register(*registry_)
+                       .Add({});
+  }
+  tls_expiry_->Set(static_cast<double>(absl::ToUnixSeconds(not_after)));
+}
+
 std::string Metrics::Serialize() const {
   prometheus::TextSerializer serializer;
   return serializer.Serialize(registry_->Collect());

@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "grpcpp/support/status.h"
 
 namespace prometheus {
@@ -80,6 +81,10 @@ class Metrics {
   void ObserveBuildSeconds(double seconds);
   // A registry file failed verification at load and was moved aside.
   void RegistryFileQuarantined();
+  // notAfter of the TLS certificate being served, as unix seconds
+  // (fibquant_tls_certificate_expiry_timestamp_seconds). The series exists only once this has been
+  // called (only TLS servers call it), so a plaintext server exports no misleading zero.
+  void SetTlsCertificateExpiry(absl::Time not_after);
 
   // The registry itself, for code that wants to add its own families (same naming rules).
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
@@ -112,6 +117,9 @@ class Metrics {
   prometheus::Gauge* registry_size_;
   prometheus::Histogram* build_seconds_;
   prometheus::Counter* quarantined_;
+
+  absl::Mutex tls_mu_;
+  prometheus::Gauge* tls_expiry_ ABSL_GUARDED_BY(tls_mu_) = nullptr;  // created on first use
 
   absl::Mutex exposer_mu_;
   std::unique_ptr<prometheus::Exposer> exposer_ ABSL_GUARDED_BY(exposer_mu_);

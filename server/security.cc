@@ -1,6 +1,9 @@
 #include "server/security.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/bio.h>
@@ -10,6 +13,7 @@
 
 #include <ctime>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -22,6 +26,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "grpcpp/security/server_credentials.h"
+#include "grpcpp/security/tls_certificate_provider.h"
+#include "grpcpp/security/tls_credentials_options.h"
 
 namespace fibquant::server {
 namespace {
@@ -82,14 +88,21 @@ absl::Time AsnTimeToAbsl(const ASN1_TIME* t) {
   return absl::FromTimeT(timegm(&tm));
 }
 
-CertificateInfo Inspect(const X509* cert) {
-  CertificateInfo info;
+std::string NameToString(const X509_NAME* name) {
+  std::string out;
   if (auto bio = std::unique_ptr<BIO, BioDeleter>(BIO_new(BIO_s_mem())); bio != nullptr) {
-    X509_NAME_print_ex(bio.get(), X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
+    X509_NAME_print_ex(bio.get(), name, 0, XN_FLAG_RFC2253);
     char* data = nullptr;
     const long n = BIO_get_mem_data(bio.get(), &data);
-    if (n > 0) info.subject.assign(data, static_cast<size_t>(n));
+    if (n > 0) out.assign(data, static_cast<size_t>(n));
   }
+  return out;
+}
+
+CertificateInfo Inspect(const X509* cert) {
+  CertificateInfo info;
+  info.subject = NameToString(X509_get_subject_name(cert));
+  info.issuer = NameToString(X509_get_issuer_name(cert));
   info.not_before = AsnTimeToAbsl(X509_get0_notBefore(cert));
   info.not_after = AsnTimeToAbsl(X509_get0_notAfter(cert));
   return info;
@@ -108,7 +121,8 @@ std::string ValidityProblem(const CertificateInfo& info, absl::Time now) {
 
 std::string CertificateInfo::Describe() const {
   return absl::StrCat("subject ", subject.empty() ? "(empty)" : subject, ", valid ",
-                      Rfc3339(not_before), " .. ", Rfc3339(not_after));
+                      Rfc3339(not_before), " .. ", Rfc3339(not_after), ", issuer ",
+                      issuer.empty() ? "(empty)" : issuer);
 }
 
 absl::StatusOr<std::string> ReadSmallFile(const std::string& flag, const std::string& path,
@@ -134,18 +148,12 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& flag, const std::st
   return data;
 }
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
-    const TlsFlags& tls, CertificateInfo* info, absl::Time now) {
-  if (!tls.enabled()) {
-    if (!tls.client_ca_file.empty()) {
-      return absl::InvalidArgumentError(
-          "--tls-client-ca requires --tls-cert and --tls-key (mTLS is TLS with client certificates)");
-    }
-    return grpc::InsecureServerCredentials();
-  }
+absl::StatusOr<CheckedTlsFiles> ReadAndCheckTlsFiles(const TlsFlags& tls, absl::Time now) {
+  if (!tls.enabled()) return absl::InvalidArgumentError("TLS is not enabled (no --tls-cert/--tls-key)");
   if (tls.cert_file.empty()) return absl::InvalidArgumentError("--tls-key requires --tls-cert");
   if (tls.key_file.empty()) return absl::InvalidArgumentError("--tls-cert requires --tls-key");
 
+  CheckedTlsFiles out;
   auto cert = ReadSmallFile("--tls-cert", tls.cert_file);
   if (!cert.ok()) return cert.status();
   if (!LooksLikePem(*cert, "CERTIFICATE-----")) {
@@ -187,10 +195,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
                                                      tls.cert_file, "'"));
     }
   }
-  if (info != nullptr) *info = leaf;
+  out.info = leaf;
+  out.cert_pem = *std::move(cert);
+  out.key_pem = *std::move(key);
 
-  grpc::SslServerCredentialsOptions options(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
-  options.pem_key_cert_pairs.push_back({*key, *cert});
   if (!tls.client_ca_file.empty()) {
     auto ca = ReadSmallFile("--tls-client-ca", tls.client_ca_file);
     if (!ca.ok()) return ca.status();
@@ -217,11 +225,244 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
           "--tls-client-ca: no certificate in '", tls.client_ca_file, "' is valid now (the first ",
           first_problem, "); every client certificate would be refused"));
     }
-    options.pem_root_certs = *ca;
+    out.client_ca_pem = *std::move(ca);
+  }
+  return out;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const TlsFlags& tls, CertificateInfo* info, absl::Time now) {
+  if (!tls.enabled()) {
+    if (!tls.client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls-client-ca requires --tls-cert and --tls-key (mTLS is TLS with client certificates)");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  auto files = ReadAndCheckTlsFiles(tls, now);
+  if (!files.ok()) return files.status();
+  if (info != nullptr) *info = files->info;
+
+  grpc::SslServerCredentialsOptions options(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  options.pem_key_cert_pairs.push_back({files->key_pem, files->cert_pem});
+  if (!tls.client_ca_file.empty()) {
+    options.pem_root_certs = files->client_ca_pem;
     options.client_certificate_request =
         GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }
   return grpc::SslServerCredentials(options);
+}
+
+// ---- TlsReloader ----
+
+namespace {
+
+// Warn this long before the served certificate expires.
+constexpr absl::Duration kExpiryWarning = absl::Hours(24 * 14);
+
+// An anonymous in-memory file holding `data` (memfd: never on disk, gone with its last fd).
+absl::StatusOr<int> NewMemFile(const char* name, const std::string& data) {
+  const int fd = memfd_create(name, MFD_CLOEXEC);
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat("memfd_create: ", std::strerror(errno)));
+  }
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = errno;
+      close(fd);
+      return absl::InternalError(absl::StrCat("writing a staged tls file: ", std::strerror(err)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return fd;
+}
+
+// Atomically makes descriptor `*slot` (kept at the same number, so its /proc/self/fd path stays
+// valid) refer to a new in-memory file with `data`; the first call allocates the descriptor.
+absl::Status StageInto(int* slot, const char* name, const std::string& data) {
+  auto fd = NewMemFile(name, data);
+  if (!fd.ok()) return fd.status();
+  if (*slot < 0) {
+    *slot = *fd;
+    return absl::OkStatus();
+  }
+  // dup2 replaces the file behind *slot in one step: a reader opening /proc/self/fd/<slot> sees
+  // either the old file or the new one, never a partial write.
+  if (dup3(*fd, *slot, O_CLOEXEC) < 0) {
+    const int err = errno;
+    close(*fd);
+    return absl::InternalError(absl::StrCat("dup3: ", std::strerror(err)));
+  }
+  close(*fd);
+  return absl::OkStatus();
+}
+
+std::string FdPath(int fd) { return absl::StrCat("/proc/self/fd/", fd); }
+
+}  // namespace
+
+struct TlsReloader::Staged {
+  int key_fd = -1;
+  int cert_fd = -1;
+  int ca_fd = -1;
+  ~Staged() {
+    for (int fd : {key_fd, cert_fd, ca_fd}) {
+      if (fd >= 0) close(fd);
+    }
+  }
+};
+
+TlsReloader::TlsReloader(TlsFlags tls, absl::Duration interval, LogFn log, ExpiryFn on_expiry)
+    : tls_(std::move(tls)),
+      interval_(interval),
+      log_(std::move(log)),
+      on_expiry_(std::move(on_expiry)),
+      staged_(std::make_unique<Staged>()) {}
+
+absl::StatusOr<std::unique_ptr<TlsReloader>> TlsReloader::Create(const TlsFlags& tls,
+                                                                 absl::Duration interval, LogFn log,
+                                                                 ExpiryFn on_expiry,
+                                                                 absl::Time now) {
+  if (interval < absl::Seconds(1)) {
+    return absl::InvalidArgumentError("--tls-reload-seconds must be >= 1 to reload certificates");
+  }
+  if (!tls.enabled() && !tls.client_ca_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-client-ca requires --tls-cert and --tls-key (mTLS is TLS with client certificates)");
+  }
+  auto files = ReadAndCheckTlsFiles(tls, now);
+  if (!files.ok()) return files.status();
+  std::unique_ptr<TlsReloader> r(new TlsReloader(tls, interval, std::move(log), std::move(on_expiry)));
+  {
+    absl::MutexLock lock(&r->mu_);
+    if (absl::Status s = r->Stage(*files); !s.ok()) return s;
+    r->current_ = *files;
+    // main.cc logs the startup expiry warning itself.
+    if (files->info.not_after - now < kExpiryWarning) r->warned_cert_pem_ = files->cert_pem;
+
+    const unsigned int seconds =
+        static_cast<unsigned int>(std::max<int64_t>(1, absl::ToInt64Seconds(interval)));
+    auto provider = tls.client_ca_file.empty()
+                        ? std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+                              FdPath(r->staged_->key_fd), FdPath(r->staged_->cert_fd), seconds)
+                        : std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+                              FdPath(r->staged_->key_fd), FdPath(r->staged_->cert_fd),
+                              FdPath(r->staged_->ca_fd), seconds);
+    grpc::experimental::TlsServerCredentialsOptions options(provider);
+    options.watch_identity_key_cert_pairs();
+    if (!tls.client_ca_file.empty()) {
+      options.watch_root_certs();
+      options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    } else {
+      options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    }
+    r->credentials_ = grpc::experimental::TlsServerCredentials(options);
+    if (r->credentials_ == nullptr) {
+      return absl::InternalError("gRPC refused the reloading TLS credentials options");
+    }
+  }
+  if (r->on_expiry_) r->on_expiry_(files->info.not_after);
+  return r;
+}
+
+TlsReloader::~TlsReloader() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+  // Drop our reference to the credentials (and so, once the server is gone, the provider and its
+  // refresh thread) before the staged files it reads are closed.
+  credentials_.reset();
+}
+
+CertificateInfo TlsReloader::served() const {
+  absl::MutexLock lock(&mu_);
+  return current_.info;
+}
+
+absl::Status TlsReloader::Stage(const CheckedTlsFiles& files) {
+  // Key first, then certificate: gRPC's watcher checks that they match and keeps the previous pair
+  // when it reads between the two steps; the next refresh picks up the complete pair.
+  if (absl::Status s = StageInto(&staged_->key_fd, "fibquant-tls-key", files.key_pem); !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = StageInto(&staged_->cert_fd, "fibquant-tls-cert", files.cert_pem);
+      !s.ok()) {
+    return s;
+  }
+  if (!tls_.client_ca_file.empty()) {
+    if (absl::Status s = StageInto(&staged_->ca_fd, "fibquant-tls-client-ca", files.client_ca_pem);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void TlsReloader::WarnIfExpiringSoon(absl::Time now) {
+  const absl::Duration left = current_.info.not_after - now;
+  if (left >= kExpiryWarning || warned_cert_pem_ == current_.cert_pem) return;
+  warned_cert_pem_ = current_.cert_pem;
+  if (log_) {
+    log_(absl::StrCat("warning: the tls certificate in use expires in ",
+                      absl::FormatDuration(absl::Trunc(left, absl::Minutes(1))),
+                      "; renew the files (they are reloaded without a restart)"));
+  }
+}
+
+absl::Status TlsReloader::CheckNow(absl::Time now) {
+  auto files = ReadAndCheckTlsFiles(tls_, now);
+  absl::MutexLock lock(&mu_);
+  if (!files.ok()) {
+    std::string problem(files.status().message());
+    if (problem != last_problem_ && log_) {
+      log_(absl::StrCat("warning: tls files not reloaded: ", problem,
+                        "; keeping the last good certificate in use (",
+                        current_.info.Describe(), ")"));
+    }
+    last_problem_ = std::move(problem);
+    WarnIfExpiringSoon(now);
+    return files.status();
+  }
+  last_problem_.clear();
+  if (files->cert_pem == current_.cert_pem && files->key_pem == current_.key_pem &&
+      files->client_ca_pem == current_.client_ca_pem) {
+    WarnIfExpiringSoon(now);
+    return absl::OkStatus();
+  }
+  if (absl::Status s = Stage(*files); !s.ok()) {
+    // Partly staged material is still a checked set from disk or the previous one; gRPC serves a
+    // pair only when key and certificate match.
+    if (log_) log_(absl::StrCat("warning: tls files not reloaded: ", s.message()));
+    return s;
+  }
+  const bool cert_changed =
+      files->cert_pem != current_.cert_pem || files->key_pem != current_.key_pem;
+  current_ = *std::move(files);
+  if (log_) {
+    log_(cert_changed
+             ? absl::StrCat("tls certificate reloaded: ", current_.info.Describe())
+             : absl::StrCat("tls client ca reloaded from '", tls_.client_ca_file, "'"));
+  }
+  if (on_expiry_) on_expiry_(current_.info.not_after);
+  WarnIfExpiringSoon(now);
+  return absl::OkStatus();
+}
+
+void TlsReloader::Start() {
+  thread_ = std::thread([this] {
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (mu_.AwaitWithTimeout(absl::Condition(&stop_), interval_)) return;
+      }
+      (void)CheckNow();
+    }
+  });
 }
 
 bool IsLoopbackListenAddress(const std::string& listen) {

@@ -2,19 +2,35 @@
 // plaintext listens only on loopback unless the operator explicitly allows it, and the admin bearer
 // token that guards RegisterProfile.
 //
+// Certificate reload (TlsReloader): with --tls-reload-seconds > 0 the server serves through gRPC's
+// TLS credentials with a FileWatcherCertificateProvider. The provider does not watch the operator's
+// files directly: a background thread re-reads --tls-cert/--tls-key/--tls-client-ca every interval,
+// applies the same checks as startup (parsable, valid now, key matches, a valid client CA) and only
+// then stages the files into private in-memory files (memfd, never written to disk) that the
+// provider watches. A bad rotation (expired certificate, mismatched key, garbage) is therefore
+// never served: the last good material stays in use and a warning is logged.
+//
 // Ownership: AdminTokenAuth is created once at startup (main.cc) and shared read-only with the
-// service for the server's lifetime. The other functions are stateless.
+// service for the server's lifetime. A TlsReloader is created once by main.cc and must outlive the
+// grpc::Server built with its credentials (it owns the staged files the provider reads). The other
+// functions are stateless.
 // Thread safety: AdminTokenAuth is immutable after creation; Authorize may run on any thread.
+// TlsReloader: CheckNow, served and credentials may be called from any thread (internally locked);
+// its own background thread (Start) calls the log / expiry callbacks, one call at a time.
 #ifndef FIBQUANT_SERVER_SECURITY_H_
 #define FIBQUANT_SERVER_SECURITY_H_
 
 #include <array>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_context.h"
@@ -38,9 +54,10 @@ struct TlsFlags {
 // The server certificate as the operator should see it in the startup log.
 struct CertificateInfo {
   std::string subject;  // RFC 2253 form, e.g. "CN=localhost"
+  std::string issuer;   // same form
   absl::Time not_before;
   absl::Time not_after;
-  // "subject CN=localhost, valid 2026-11-26T16:25:15Z .. 2026-11-28T16:25:15Z"
+  // "subject CN=localhost, valid 2026-11-26T16:25:15Z .. 2026-11-28T16:25:15Z, issuer CN=my CA"
   std::string Describe() const;
 };
 
@@ -58,6 +75,72 @@ struct CertificateInfo {
 // On success with TLS, `*info` (when not null) describes the server certificate.
 [[nodiscard]] absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TlsFlags& tls, CertificateInfo* info = nullptr, absl::Time now = absl::Now());
+
+// The TLS files after every startup check of MakeServerCredentials: PEM text as read, and the
+// server certificate's description. Same errors as MakeServerCredentials (TLS must be enabled;
+// with TLS disabled this is InvalidArgument).
+struct CheckedTlsFiles {
+  std::string cert_pem;
+  std::string key_pem;
+  std::string client_ca_pem;  // empty without --tls-client-ca
+  CertificateInfo info;
+};
+[[nodiscard]] absl::StatusOr<CheckedTlsFiles> ReadAndCheckTlsFiles(const TlsFlags& tls,
+                                                                   absl::Time now = absl::Now());
+
+// Reloading TLS credentials (see the top of this file). Typical use:
+//   auto r = TlsReloader::Create(tls, absl::Seconds(60), log, on_expiry);  // startup checks
+//   builder.AddListeningPort(listen, (*r)->credentials(), &port);
+//   (*r)->Start();  // background re-check every interval until destruction
+class TlsReloader {
+ public:
+  using LogFn = std::function<void(const std::string& line)>;
+  // Called with the notAfter of the certificate being served: once from Create and on each reload.
+  using ExpiryFn = std::function<void(absl::Time not_after)>;
+
+  // Reads and checks the files (errors as MakeServerCredentials), stages them and builds the
+  // credentials. `interval` (>= 1 s) is both the re-check period and the provider's refresh period,
+  // so a rotation is served within about two intervals.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<TlsReloader>> Create(
+      const TlsFlags& tls, absl::Duration interval, LogFn log, ExpiryFn on_expiry,
+      absl::Time now = absl::Now());
+  ~TlsReloader();  // stops and joins the background thread
+  TlsReloader(const TlsReloader&) = delete;
+  TlsReloader& operator=(const TlsReloader&) = delete;
+
+  std::shared_ptr<grpc::ServerCredentials> credentials() const { return credentials_; }
+  // The certificate currently staged for serving.
+  CertificateInfo served() const;
+
+  // One re-check: re-reads the files; when they pass the checks and differ from what is staged,
+  // stages them and logs "tls certificate reloaded: <Describe()>"; when they fail, logs a warning
+  // (once per distinct problem) and keeps the last good material. Also warns once per certificate
+  // when the served one expires within 14 days. Returns the check's status (OK when unchanged).
+  absl::Status CheckNow(absl::Time now = absl::Now());
+
+  // Runs CheckNow every interval on a background thread until destruction. Call at most once.
+  void Start();
+
+ private:
+  struct Staged;
+  TlsReloader(TlsFlags tls, absl::Duration interval, LogFn log, ExpiryFn on_expiry);
+  absl::Status Stage(const CheckedTlsFiles& files) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WarnIfExpiringSoon(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const TlsFlags tls_;
+  const absl::Duration interval_;
+  const LogFn log_;
+  const ExpiryFn on_expiry_;
+  std::shared_ptr<grpc::ServerCredentials> credentials_;
+
+  mutable absl::Mutex mu_;
+  std::unique_ptr<Staged> staged_ ABSL_GUARDED_BY(mu_);
+  CheckedTlsFiles current_ ABSL_GUARDED_BY(mu_);
+  std::string last_problem_ ABSL_GUARDED_BY(mu_);
+  std::string warned_cert_pem_ ABSL_GUARDED_BY(mu_);  // expiry warning already given for it
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
 
 // True when `listen` (a gRPC listen address: "host:port", "[v6]:port", "unix:path",
 // "unix-abstract:name") can only be reached from this machine: 127.0.0.0/8, ::1, "localhost" or a

@@ -43,6 +43,7 @@ std::string HttpGet(int port, const std::string& path) {
 }
 
 void RecordOneOfEverything(Metrics& m) {
+  m.SetTlsCertificateExpiry(absl::FromUnixSeconds(1795886990));
   m.RecordRpc("RegisterProfile", absl::StatusCode::kOk, 0.25);
   m.RecordRpc("RegisterProfile", grpc::StatusCode::INVALID_ARGUMENT, 0.001);
   m.AddBytes("raw_in", 4096);
@@ -89,6 +90,17 @@ TEST(MetricsTest, EveryMethodMovesItsSeries) {
        }) {
     EXPECT_THAT(text, HasSubstr(std::string(line) + "\n")) << line;
   }
+}
+
+TEST(MetricsTest, TlsCertificateExpiryExistsOnlyOnceSet) {
+  Metrics m;
+  EXPECT_THAT(m.Serialize(), ::testing::Not(HasSubstr("fibquant_tls_certificate_expiry")));
+  m.SetTlsCertificateExpiry(absl::FromUnixSeconds(1795886990));
+  EXPECT_THAT(m.Serialize(),
+              HasSubstr("fibquant_tls_certificate_expiry_timestamp_seconds 1795886990\n"));
+  m.SetTlsCertificateExpiry(absl::FromUnixSeconds(1795990000));  // a reload
+  EXPECT_THAT(m.Serialize(),
+              HasSubstr("fibquant_tls_certificate_expiry_timestamp_seconds 1795990000\n"));
 }
 
 TEST(MetricsTest, PassesPromtoolCheck) {

@@ -1,9 +1,12 @@
 // Unit tests of server/security.h and server/options_flags.h: loopback detection, the plaintext
-// rule, credential flag combinations, the admin token check, flag-name normalisation.
+// rule, credential flag combinations, the admin token check, flag-name normalisation, and the
+// TlsReloader's re-checks (good rotation staged and logged, bad rotation kept out and warned).
 #include "server/security.h"
 
 #include <cstdlib>
+#include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -173,6 +176,137 @@ TEST_F(CertificateChecksTest, ClientCaBundleNeedsOneValidCertificate) {
                                       testing::ReadWholeFile(File("ca.crt")));
   auto mixed = MakeServerCredentials(TlsFlags{File("server.crt"), File("server.key"), bundle});
   EXPECT_TRUE(mixed.ok()) << mixed.status();
+}
+
+// The reloader on files in a private directory, driven by CheckNow (no background thread).
+class TlsReloaderTest : public CertificateChecksTest {
+ protected:
+  void SetUp() override {
+    work_ = std::make_unique<testing::TempDir>();
+    Put("other-server.crt", "tls.crt");
+    Put("other-server.key", "tls.key");
+  }
+  // Replaces <work>/<to> with a copy of the generated <from>, via a temporary name and rename (as
+  // a Secret update does).
+  void Put(const char* from, const char* to) {
+    const auto tmp = work_->path() / (std::string(to) + ".tmp");
+    testing::WriteWholeFile(tmp, testing::ReadWholeFile(File(from)));
+    std::filesystem::rename(tmp, work_->path() / to);
+  }
+  std::string Work(const char* name) const { return (work_->path() / name).string(); }
+  absl::StatusOr<std::unique_ptr<TlsReloader>> Make(const std::string& ca = "") {
+    return TlsReloader::Create(
+        TlsFlags{Work("tls.crt"), Work("tls.key"), ca}, absl::Seconds(1),
+        [this](const std::string& line) { log_.push_back(line); },
+        [this](absl::Time t) { expiries_.push_back(t); });
+  }
+  // Log lines containing `what`.
+  int Lines(const std::string& what) const {
+    int n = 0;
+    for (const std::string& line : log_) n += line.find(what) != std::string::npos ? 1 : 0;
+    return n;
+  }
+  std::string Last(const std::string& what) const {
+    for (auto it = log_.rbegin(); it != log_.rend(); ++it) {
+      if (it->find(what) != std::string::npos) return *it;
+    }
+    return "";
+  }
+  std::unique_ptr<testing::TempDir> work_;
+  std::vector<std::string> log_;
+  std::vector<absl::Time> expiries_;
+};
+
+TEST_F(TlsReloaderTest, ValidRotationIsStagedAndLoggedOnce) {
+  auto r = Make();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_NE((*r)->credentials(), nullptr);
+  EXPECT_THAT((*r)->served().issuer, HasSubstr("other CA"));
+  ASSERT_EQ(expiries_.size(), 1u);
+  EXPECT_EQ(expiries_[0], (*r)->served().not_after);
+
+  // Unchanged files: nothing logged.
+  EXPECT_TRUE((*r)->CheckNow().ok());
+  EXPECT_THAT(log_, ElementsAre());
+
+  Put("server.key", "tls.key");
+  Put("server.crt", "tls.crt");
+  EXPECT_TRUE((*r)->CheckNow().ok());
+  EXPECT_THAT((*r)->served().issuer, HasSubstr("test CA"));
+  ASSERT_EQ(Lines("tls certificate reloaded"), 1);
+  EXPECT_THAT(Last("tls certificate reloaded"), HasSubstr("tls certificate reloaded: subject CN=localhost, valid 20"));
+  EXPECT_THAT(Last("tls certificate reloaded"), HasSubstr("issuer CN=fibquant test CA"));
+  EXPECT_EQ(expiries_.size(), 2u);
+  // The test certificates live two days: the new one is within the 14-day warning, once.
+  EXPECT_EQ(Lines("warning: the tls certificate in use expires in"), 1);
+  const size_t lines = log_.size();
+  EXPECT_TRUE((*r)->CheckNow().ok());
+  EXPECT_EQ(log_.size(), lines);
+}
+
+TEST_F(TlsReloaderTest, BadRotationKeepsTheLastGoodCertificateAndWarnsOnce) {
+  auto r = Make();
+  ASSERT_TRUE(r.ok()) << r.status();
+  const CertificateInfo before = (*r)->served();
+
+  Put("expired-server.crt", "tls.crt");
+  Put("expired-server.key", "tls.key");
+  EXPECT_EQ((*r)->CheckNow().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*r)->CheckNow().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_EQ(log_.size(), 1u);  // the same problem is logged once
+  EXPECT_THAT(log_[0], HasSubstr("warning: tls files not reloaded: --tls-cert"));
+  EXPECT_THAT(log_[0], HasSubstr("expired at"));
+  EXPECT_THAT(log_[0], HasSubstr("keeping the last good certificate in use"));
+  EXPECT_THAT(log_[0], HasSubstr("issuer CN=fibquant other CA"));
+  EXPECT_EQ((*r)->served().issuer, before.issuer);
+  EXPECT_EQ((*r)->served().not_after, before.not_after);
+
+  // A certificate with another certificate's key: also refused, a new warning.
+  Put("server.crt", "tls.crt");
+  Put("client.key", "tls.key");
+  EXPECT_EQ((*r)->CheckNow().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Lines("warning: tls files not reloaded"), 2);
+  EXPECT_THAT(Last("not reloaded"), HasSubstr("is not the private key of --tls-cert"));
+  EXPECT_EQ((*r)->served().issuer, before.issuer);
+  EXPECT_EQ(expiries_.size(), 1u);
+
+  // Fixed: served, logged.
+  Put("server.key", "tls.key");
+  EXPECT_TRUE((*r)->CheckNow().ok());
+  EXPECT_THAT((*r)->served().issuer, HasSubstr("test CA"));
+  EXPECT_EQ(Lines("tls certificate reloaded"), 1);
+  EXPECT_EQ(expiries_.size(), 2u);
+}
+
+TEST_F(TlsReloaderTest, StartupChecksMatchMakeServerCredentials) {
+  Put("expired-server.crt", "tls.crt");
+  Put("expired-server.key", "tls.key");
+  EXPECT_EQ(Make().status().code(), absl::StatusCode::kFailedPrecondition);
+  Put("server.crt", "tls.crt");
+  Put("client.key", "tls.key");
+  EXPECT_EQ(Make().status().code(), absl::StatusCode::kInvalidArgument);
+  Put("server.key", "tls.key");
+  EXPECT_EQ(Make(File("expired-client.crt")).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Make(File("ca.crt")).ok());
+}
+
+TEST_F(TlsReloaderTest, ClientCaRotationIsLoggedWithoutACertificateChange) {
+  Put("other-ca.crt", "ca.crt");
+  auto r = Make(Work("ca.crt"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  Put("ca.crt", "ca.crt");
+  EXPECT_TRUE((*r)->CheckNow().ok());
+  // The startup certificate's expiry warning is main.cc's (given once at startup), not repeated.
+  ASSERT_EQ(log_.size(), 1u);
+  EXPECT_THAT(log_[0], HasSubstr("tls client ca reloaded from '" + Work("ca.crt") + "'"));
+  EXPECT_EQ(expiries_.size(), 2u);
+}
+
+TEST(TlsReloaderArgsTest, IntervalBelowOneSecondIsRefused) {
+  auto r = TlsReloader::Create(TlsFlags{"/c", "/k", ""}, absl::ZeroDuration(), nullptr, nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("--tls-reload-seconds"));
 }
 
 TEST(AdminTokenTest, RejectsWeakTokens) {

@@ -1,12 +1,16 @@
 // Operations tests against the real fibquant-server binary (child process, 127.0.0.1 only, ports
 // chosen by the server with :0): --help, refusal of plaintext on a non-loopback address, bad TLS
 // flags, TLS refusals (no / wrong-CA / expired client certificate under mTLS, a server certificate of
-// another CA, an expired server certificate), the admin token on RegisterProfile, and drain on
-// SIGTERM with exit code 0.
+// another CA, an expired server certificate), certificate and client CA rotation without a restart
+// (--tls-reload-seconds) including a bad rotation that must not be served, the admin token on
+// RegisterProfile, and drain on SIGTERM with exit code 0.
 #include <signal.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fibquant/v1/kv_compression.grpc.pb.h"
@@ -77,7 +81,8 @@ TEST(OpsServerTest, HelpListsEveryFlagWithItsDefault) {
                            "--max-inflight-pages-per-stream  (default",
                            "--max-concurrent-streams  (default", "--max-profile-build-cost  (default",
                            "--receipt-retention  (default", "--drain-seconds  (default: 30)",
-                           "--build-workers  (default: 1)"}) {
+                           "--build-workers  (default: 1)",
+                           "--tls-reload-seconds  (default: 60)"}) {
     EXPECT_THAT(r.log, HasSubstr(line)) << line;
   }
 }
@@ -119,6 +124,15 @@ TEST(OpsServerTest, RefusesIncompleteTlsAndBadFlags) {
   r = RunToExit(args, dir);
   EXPECT_EQ(r.exit_code, 1) << r.log;
   EXPECT_THAT(r.log, HasSubstr("--drain-seconds"));
+
+  for (const char* bad : {"--tls-reload-seconds=-1", "--tls-reload-seconds=86401"}) {
+    args = BaseFlags(dir);
+    args.push_back(bad);
+    r = RunToExit(args, dir);
+    EXPECT_EQ(r.exit_code, 1) << bad << ": " << r.log;
+    EXPECT_THAT(r.log, HasSubstr("--tls-reload-seconds must be 0 (no reload) or in [1, 86400]"))
+        << bad;
+  }
 }
 
 // A throwaway PKI from scripts/gen-test-certs --negative in <dir>/certs.
@@ -197,11 +211,13 @@ TEST(OpsServerTest, TlsClientRefusesAServerItsCaDidNotSign) {
   std::vector<std::string> args = BaseFlags(dir);
   args.push_back("--tls-cert=" + certs + "/other-server.crt");
   args.push_back("--tls-key=" + certs + "/other-server.key");
+  args.push_back("--tls-reload-seconds=0");  // the static credentials of before reload existed
   ServerProcess p;
   p.Start(args, dir.path());
   std::optional<int> port = p.WaitForPort();
   ASSERT_TRUE(port.has_value()) << p.Log();
   EXPECT_THAT(p.Log(), HasSubstr("(tls,"));
+  EXPECT_THAT(p.Log(), HasSubstr("(read once; --tls-reload-seconds=0)"));
 
   auto wrong_ca = HealthVia(*port, ClientCreds(certs, "ca"));
   EXPECT_EQ(wrong_ca.status.error_code(), grpc::StatusCode::UNAVAILABLE)
@@ -209,6 +225,134 @@ TEST(OpsServerTest, TlsClientRefusesAServerItsCaDidNotSign) {
   auto right_ca = HealthVia(*port, ClientCreds(certs, "other-ca"));
   ASSERT_TRUE(right_ca.status.ok()) << right_ca.status.error_message();
   EXPECT_EQ(right_ca.serving_status, 1);
+
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+}
+
+// Copies the generated <certs>/<from> over <to> via a temporary name and a rename, as a Secret
+// update replaces files.
+void Rotate(const std::string& certs, const char* from, const std::filesystem::path& to) {
+  const std::filesystem::path tmp = to.string() + ".tmp";
+  testing::WriteWholeFile(tmp, testing::ReadWholeFile(certs + "/" + from));
+  std::filesystem::rename(tmp, to);
+}
+
+// Health over a channel with its own subchannel pool, so a refused handshake of an earlier channel
+// (and its reconnect backoff) cannot answer for this one.
+testing::HealthResult FreshHealth(int port, const std::shared_ptr<grpc::ChannelCredentials>& creds) {
+  grpc::ChannelArguments ch_args;
+  ch_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return testing::CheckHealth(
+      grpc::CreateCustomChannel("localhost:" + std::to_string(port), creds, ch_args), "");
+}
+
+// Polls until `done` holds or the bound (a hang bound, not a speed assertion) passes.
+template <typename F>
+bool PollUntil(F done, std::chrono::seconds bound = std::chrono::seconds(60)) {
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return done();
+}
+
+TEST(OpsServerTest, TlsReloadServesARotatedCertificateAndKeepsTheLastGoodOnABadOne) {
+  TempDir dir;
+  const std::string certs = MakeCerts(dir);
+  const auto crt = dir.path() / "tls.crt";
+  const auto key = dir.path() / "tls.key";
+  Rotate(certs, "other-server.crt", crt);
+  Rotate(certs, "other-server.key", key);
+  std::vector<std::string> args = BaseFlags(dir);
+  args.push_back("--tls-cert=" + crt.string());
+  args.push_back("--tls-key=" + key.string());
+  args.push_back("--tls-reload-seconds=1");
+  ServerProcess p;
+  p.Start(args, dir.path());
+  std::optional<int> port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("files re-checked every 1 s"));
+
+  auto before = FreshHealth(*port, ClientCreds(certs, "ca"));
+  EXPECT_EQ(before.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << before.status.error_message();
+
+  // The rotation: a certificate of the CA the client trusts, key first (as a careless copy would).
+  Rotate(certs, "server.key", key);
+  Rotate(certs, "server.crt", crt);
+  ASSERT_TRUE(PollUntil([&] {
+    auto h = FreshHealth(*port, ClientCreds(certs, "ca"));
+    return h.status.ok() && h.serving_status == 1;
+  })) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("tls certificate reloaded: subject CN=localhost, valid "));
+  EXPECT_THAT(p.Log(), HasSubstr("issuer CN=fibquant test CA"));
+
+  // A bad rotation: an expired certificate (with its own key). It is refused with a warning and
+  // the last good certificate stays in use.
+  Rotate(certs, "expired-server.key", key);
+  Rotate(certs, "expired-server.crt", crt);
+  ASSERT_TRUE(PollUntil([&] {
+    return p.Log().find("warning: tls files not reloaded: --tls-cert") != std::string::npos;
+  })) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("keeping the last good certificate in use"));
+  // Two more check intervals: still the good certificate.
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  auto after = FreshHealth(*port, ClientCreds(certs, "ca"));
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message() << "\n" << p.Log();
+  EXPECT_EQ(after.serving_status, 1);
+
+  // A key that is not the certificate's: refused the same way.
+  Rotate(certs, "server.crt", crt);
+  Rotate(certs, "client.key", key);
+  ASSERT_TRUE(PollUntil([&] {
+    return p.Log().find("is not the private key of --tls-cert") != std::string::npos;
+  })) << p.Log();
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  auto mismatched = FreshHealth(*port, ClientCreds(certs, "ca"));
+  ASSERT_TRUE(mismatched.status.ok()) << mismatched.status.error_message();
+  EXPECT_EQ(mismatched.serving_status, 1);
+
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+}
+
+TEST(OpsServerTest, TlsReloadPicksUpARotatedClientCa) {
+  TempDir dir;
+  const std::string certs = MakeCerts(dir);
+  const auto client_ca = dir.path() / "client-ca.crt";
+  Rotate(certs, "other-ca.crt", client_ca);
+  std::vector<std::string> args = BaseFlags(dir);
+  args.push_back("--tls-cert=" + certs + "/server.crt");
+  args.push_back("--tls-key=" + certs + "/server.key");
+  args.push_back("--tls-client-ca=" + client_ca.string());
+  args.push_back("--tls-reload-seconds=1");
+  ServerProcess p;
+  p.Start(args, dir.path());
+  std::optional<int> port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("(mtls,"));
+
+  // A client certificate of ca is refused while the server trusts only other-ca ...
+  auto refused = FreshHealth(*port, ClientCreds(certs, "ca", "client"));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << refused.status.error_message();
+  auto other = FreshHealth(*port, ClientCreds(certs, "ca", "other-client"));
+  ASSERT_TRUE(other.status.ok()) << other.status.error_message();
+
+  // ... and accepted once the client CA file is rotated to ca; other-ca's clients are then refused.
+  Rotate(certs, "ca.crt", client_ca);
+  ASSERT_TRUE(PollUntil([&] {
+    auto h = FreshHealth(*port, ClientCreds(certs, "ca", "client"));
+    return h.status.ok() && h.serving_status == 1;
+  })) << p.Log();
+  EXPECT_THAT(p.Log(), HasSubstr("tls client ca reloaded from '" + client_ca.string() + "'"));
+  auto old_client = FreshHealth(*port, ClientCreds(certs, "ca", "other-client"));
+  EXPECT_EQ(old_client.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  // Client certificates are still required.
+  auto none = FreshHealth(*port, ClientCreds(certs, "ca"));
+  EXPECT_EQ(none.status.error_code(), grpc::StatusCode::UNAVAILABLE);
 
   p.Signal(SIGTERM);
   EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
