@@ -515,17 +515,18 @@ int CmdDecompress(Env& env) {
   auto source_dtype = ParseDType(meta["source"]["dtype"].get<std::string>());
   if (!source_dtype.ok()) return bad_meta("unknown source dtype");
   const DType dtype = out_dtype.value_or(*source_dtype);
-  const size_t expected_pages = PlanPages(*layout, tpp).size();
-  if (expected_pages != c->frames.size()) {
-    return bad_meta(absl::StrCat("the tensor needs ", expected_pages, " pages but the container holds ",
-                                 c->frames.size(), " frames"));
-  }
+  // Both checks are arithmetic: the metadata is untrusted and may declare billions of pages.
   const TensorLimits tlimits;
   if (layout->element_count() > tlimits.max_data_bytes / DTypeSize(dtype)) {
     return Failure(env.err, env.command,
                    absl::ResourceExhaustedError(absl::StrCat(*in, ": decoded tensor of ", layout->element_count(),
                                                              " elements is above the limit of ",
                                                              tlimits.max_data_bytes, " bytes")));
+  }
+  const uint64_t expected_pages = PageCount(*layout, tpp);
+  if (expected_pages != c->frames.size()) {
+    return bad_meta(absl::StrCat("the tensor needs ", expected_pages, " pages but the container holds ",
+                                 c->frames.size(), " frames"));
   }
   const std::string digest = meta["profile_digest"].get<std::string>();
 

@@ -72,12 +72,26 @@ absl::Status CheckLayoutFitsProfile(const TensorLayout& l, const KvTensorShape& 
   return absl::OkStatus();
 }
 
+uint64_t PageCount(const TensorLayout& l, uint32_t tpp) {
+  if (tpp == 0) return 0;
+  // layers, heads < 2^32 and pages per sequence <= 2^32: the product can pass 2^64 only for
+  // absurd shapes; saturate rather than wrap.
+  const uint64_t per_seq = (uint64_t{l.tokens} + tpp - 1) / tpp;
+  const uint64_t seqs = uint64_t{l.layers} * l.heads;
+  if (per_seq != 0 && seqs > UINT64_MAX / per_seq) return UINT64_MAX;
+  return seqs * per_seq;
+}
+
 std::vector<KvPageCoords> PlanPages(const TensorLayout& l, uint32_t tpp) {
   std::vector<KvPageCoords> out;
+  if (tpp == 0) return out;
+  out.reserve(PageCount(l, tpp));
   for (uint32_t layer = 0; layer < l.layers; ++layer) {
     for (uint32_t h = 0; h < l.heads; ++h) {
-      for (uint32_t t = 0; t < l.tokens; t += tpp) {
-        out.push_back(KvPageCoords{0, layer, h, t, std::min(tpp, l.tokens - t)});
+      // 64-bit: with tokens near 2^32, t + tpp would wrap a uint32_t and never reach `tokens`.
+      for (uint64_t t = 0; t < l.tokens; t += tpp) {
+        const auto start = static_cast<uint32_t>(t);
+        out.push_back(KvPageCoords{0, layer, h, start, std::min(tpp, l.tokens - start)});
       }
     }
   }

@@ -47,7 +47,12 @@ struct TensorLayout {
 absl::Status CheckLayoutFitsProfile(const TensorLayout& layout, const KvTensorShape& shape,
                                     uint32_t tokens_per_page, std::string_view name);
 
-// Page coordinates in stream order.
+// Pages of the grid: layers x heads x ceil(tokens / tokens_per_page), computed without
+// enumerating them (0 when tokens_per_page is 0). Check it against a limit before PlanPages: a
+// hostile shape can declare billions of pages.
+uint64_t PageCount(const TensorLayout& layout, uint32_t tokens_per_page);
+
+// Page coordinates in stream order (empty when tokens_per_page is 0). Allocates PageCount entries.
 std::vector<KvPageCoords> PlanPages(const TensorLayout& layout, uint32_t tokens_per_page);
 
 // Bytes of one page: token_count * head_dim elements of `out_dtype`.

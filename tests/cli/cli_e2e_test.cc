@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/cli/container.h"
 #include "client/cli/tensor_io.h"
 #include "gmock/gmock.h"
@@ -271,6 +272,32 @@ TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   EXPECT_EQ(bad.code, 1);
   EXPECT_THAT(bad.err, HasSubstr("DATA_LOSS"));
   EXPECT_THAT(bad.err, HasSubstr("checksum"));
+
+  // Hostile metadata in valid containers, refused before any RPC and before planning pages (a shape
+  // of 2^32-1 tokens used to wrap the 32-bit token counter of the page plan and loop, allocating
+  // without bound): a tensor above the size limit is RESOURCE_EXHAUSTED, a page count that does not
+  // match the frames is DATA_LOSS, both computed arithmetically.
+  auto hostile = [&](const char* name, const char* shape, int tokens_per_page) {
+    Container c;
+    c.metadata_json = absl::StrCat(
+        R"({"schema":"fq_cli_container_meta_v1","profile_digest":"sha256:0","source":{"file":"k.npy",)",
+        R"("dtype":"f32","shape":)", shape, R"(},"page_dtype":"f32","tokens_per_page":)", tokens_per_page,
+        R"(,"pages":1})");
+    c.frames = {"x"};
+    c.receipt_json = "{}";
+    auto encoded = EncodeContainer(c);
+    EXPECT_TRUE(encoded.ok()) << encoded.status();
+    WriteWholeFile(Path(name), encoded.value_or(""));
+    return Run({"decompress", "--in", Path(name), "--out", Path("hostile.npy")});
+  };
+  RunResult wrap = hostile("wrap.fqc", "[4294967295,1]", 4096);
+  EXPECT_EQ(wrap.code, 1);
+  EXPECT_THAT(wrap.err, HasSubstr("RESOURCE_EXHAUSTED"));
+  EXPECT_THAT(wrap.err, HasSubstr("decoded tensor of 4294967295 elements is above the limit"));
+  RunResult pages = hostile("pages.fqc", "[2000000,1]", 1);
+  EXPECT_EQ(pages.code, 1);
+  EXPECT_THAT(pages.err, HasSubstr("DATA_LOSS"));
+  EXPECT_THAT(pages.err, HasSubstr("the tensor needs 2000000 pages but the container holds 1 frames"));
 
   // No server: the deadline bounds the wait, exit 1.
   RunResult down = Run({"info", "--server", "127.0.0.1:1", "--deadline", "2s"}, /*with_server=*/false);

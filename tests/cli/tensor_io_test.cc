@@ -277,6 +277,23 @@ TEST(KvPagesTest, LayoutsAndPageGridRoundTrip) {
   EXPECT_EQ(CheckLayoutFitsProfile(*l, shape, 16, "t").code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Shapes near the 32-bit token limit: the page count is arithmetic, and planning does not wrap.
+TEST(KvPagesTest, PageCountAndPlanNearTheTokenLimit) {
+  auto huge = LayoutOf({4294967295ull, 1}, "t");
+  ASSERT_TRUE(huge.ok());
+  EXPECT_EQ(PageCount(*huge, 4096), 1048576u);
+  EXPECT_EQ(PageCount(*huge, 0), 0u);
+  auto many = LayoutOf({4294967295ull, 4294967295ull, 4294967295ull, 1}, "t");
+  ASSERT_TRUE(many.ok());
+  EXPECT_EQ(PageCount(*many, 1), UINT64_MAX);  // saturates instead of wrapping
+  // Two pages: t = 0 and t = 2^31; the next step (2^32) would wrap a 32-bit counter to 0.
+  const auto plan = PlanPages(*huge, 1u << 31);
+  ASSERT_EQ(plan.size(), 2u);
+  EXPECT_EQ(plan[1].token_start, 1u << 31);
+  EXPECT_EQ(plan[1].token_count, (1u << 31) - 1);
+  EXPECT_TRUE(PlanPages(*huge, 0).empty());
+}
+
 // Random corruption of real .npy and .safetensors files: never a crash, only documented codes.
 TEST_F(TensorIoTest, RandomCorruptionGivesDocumentedCodes) {
   Tensor t = F32Tensor({16, 2, 8});

@@ -206,6 +206,7 @@ void CheckPages(std::string_view input) {
   const uint64_t per_seq = (uint64_t{L.tokens} + tpp - 1) / tpp;
   const uint64_t grid = uint64_t{L.layers} * L.heads * per_seq;
   if (product > (1u << 16) || grid > (1u << 12)) return;  // bounded work per input
+  FQ_FUZZ_CHECK(PageCount(L, tpp) == grid);
 
   // PlanPages: stream order, every token of every (layer, head) exactly once.
   const std::vector<KvPageCoords> plan = PlanPages(L, tpp);
