@@ -488,8 +488,12 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
   }
 
   void OnDone() override {
-    env_.open_streams->fetch_sub(1);
+    // gRPC runs OnCancel (if at all) before OnDone, ordered by an atomic inside libgrpc++. Reading
+    // the flag OnCancel wrote makes that order visible to ThreadSanitizer too (Debian's gRPC is
+    // not instrumented), so deleting this object below is not reported as racing with OnCancel.
+    (void)cancelled_.load(std::memory_order_acquire);
     if (env_.metrics) env_.metrics->StreamFinished();
+    std::atomic<uint32_t>* const open_streams = env_.open_streams;
     bool del;
     {
       absl::MutexLock lock(&mu_);
@@ -497,6 +501,9 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
       del = pending_ == 0;
     }
     if (del) delete this;
+    // Last, touching nothing after it: the service's destructor waits for this count to reach zero
+    // (and its acquire load orders everything above before the service goes away).
+    open_streams->fetch_sub(1);
   }
 
  protected:
@@ -936,6 +943,16 @@ KvCompressionServiceImpl::KvCompressionServiceImpl(const ServiceOptions& options
     : options_(options), metrics_(metrics) {}
 
 KvCompressionServiceImpl::~KvCompressionServiceImpl() {
+  // A stream's OnDone may still be finishing on a gRPC thread just after the server's shutdown
+  // returned; its last act is decrementing open_streams_, so wait (bounded) for that before the
+  // pools and the registry it used go away.
+  const auto deadline = Clock::now() + std::chrono::seconds(5);
+  while (open_streams_.load(std::memory_order_acquire) != 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (const uint32_t open = open_streams_.load(); open != 0) {
+    std::fprintf(stderr, "fibquant: service destroyed with %u stream(s) still open\n", open);
+  }
   // Runs (with Cancelled) any task still queued, so nothing outlives the service. Builds first: a
   // cancelled build tells its waiters, which finish their reactors (no pool needed).
   if (build_pool_) build_pool_->Shutdown();
