@@ -1,7 +1,8 @@
 // Writes the seed corpora of the fuzz targets into <out>/<target>/ (committed under
 // tests/fuzz/corpus/): real frames of the fuzz profiles, real profile and KV specs (including the
 // shipped server/default-profiles), real `.fqc` containers of those frames and page-mapping
-// scripts (container_fuzz), and (fq_fuzz_seeds, with protobuf) real service requests.
+// scripts (container_fuzz), and (fq_fuzz_seeds, with protobuf and the server library) real service
+// requests and real registry files (registry_fuzz).
 // Run by hand after a format change:
 //   build-fuzz/tests/fuzz/fq_fuzz_seeds tests/fuzz/corpus        (every target)
 //   build-fuzz/tests/fuzz/fq_fuzz_core_seeds tests/fuzz/corpus   (all but service_fuzz)
@@ -22,6 +23,7 @@
 #include "core/profile.h"
 #ifdef FQ_SEEDS_WITH_PROTO
 #include "fibquant/v1/kv_compression.pb.h"
+#include "server/registry.h"
 #endif
 #include "tests/fuzz/fuzz_profiles.h"
 
@@ -249,6 +251,44 @@ int main(int argc, char** argv) {
       in += Chunk(f.SerializeAsString());
     }
     Write(out / "service_fuzz", "decompress_stream", in);
+  }
+  // registry: the files a Registry writes for the fuzz profiles and one receipt, each prefixed
+  // with the kind byte (0 profile, 1 receipt; +2 = reseal).
+  {
+    const fs::path dir = fs::temp_directory_path() / "fq_registry_seeds";
+    fs::remove_all(dir);
+    server::RegistryOptions ro;
+    ro.data_dir = dir.string();
+    auto reg = server::Registry::Open(ro, nullptr);
+    if (!reg.ok()) {
+      std::fprintf(stderr, "registry: %s\n", reg.status().ToString().c_str());
+      return 1;
+    }
+    for (const auto& c : codecs) {
+      server::ProfileEntry e;
+      e.digest = c->profile_digest();
+      e.profile_json = c->profile().ToJson();
+      e.codec = c;
+      e.build_seconds = 0.25;
+      e.build_threads = 1;
+      bool inserted = false;
+      if (!(*reg)->Insert(std::move(e), &inserted).ok()) return 1;
+    }
+    fibquant::v1::Receipt r;
+    r.set_profile_digest(codecs[0]->profile_digest());
+    r.set_operation("compress");
+    r.set_pages(2);
+    r.set_compressed_vectors(32);
+    if (!(*reg)->AddReceipt(r).ok()) return 1;
+    int i = 0;
+    for (const char* kind : {"profiles", "receipts"}) {
+      for (const auto& f : fs::directory_iterator(dir / kind)) {
+        const std::string bytes = ReadFile(f.path());
+        const char k = kind[0] == 'p' ? '\0' : '\1';
+        Write(out / "registry_fuzz", std::string(kind) + "_" + std::to_string(i++), std::string(1, k) + bytes);
+      }
+    }
+    fs::remove_all(dir);
   }
 #else
   (void)frames0;
