@@ -19,40 +19,18 @@
 // Waits that release and re-acquire the mutex (Await*, LockWhen*, CondVar::Wait*) are annotated as
 // unlock + lock around the call; memory accesses inside the real call (the Condition functions
 // absl evaluates) are ignored, since TSan cannot see the lock held there.
-#include <dlfcn.h>
-#include <sanitizer/tsan_interface.h>
-
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-
-// Dynamic annotations exported by the TSan runtime.
-extern "C" {
-void AnnotateIgnoreReadsBegin(const char* file, int line);
-void AnnotateIgnoreReadsEnd(const char* file, int line);
-void AnnotateIgnoreWritesBegin(const char* file, int line);
-void AnnotateIgnoreWritesEnd(const char* file, int line);
-}
-#pragma weak AnnotateIgnoreReadsBegin
-#pragma weak AnnotateIgnoreReadsEnd
-#pragma weak AnnotateIgnoreWritesBegin
-#pragma weak AnnotateIgnoreWritesEnd
-#pragma weak __tsan_mutex_destroy
-#pragma weak __tsan_mutex_pre_lock
-#pragma weak __tsan_mutex_post_lock
-#pragma weak __tsan_mutex_pre_unlock
-#pragma weak __tsan_mutex_post_unlock
+#include "tests/sanitizers/tsan_shim_common.h"
 
 namespace {
 
-// True when the process runs with the TSan runtime.
-bool Tsan() {
-  static const bool on = &__tsan_mutex_pre_lock != nullptr;
-  return on;
-}
+using fq_tsan_shim::IgnoreBegin;
+using fq_tsan_shim::IgnoreEnd;
+using fq_tsan_shim::Real;
+using fq_tsan_shim::Tsan;
 
 void PreLock(void* m, unsigned f) {
   if (Tsan()) __tsan_mutex_pre_lock(m, f);
@@ -66,17 +44,6 @@ void PreUnlock(void* m, unsigned f) {
 void PostUnlock(void* m, unsigned f) {
   if (Tsan()) __tsan_mutex_post_unlock(m, f);
 }
-void IgnoreBegin() {
-  if (!Tsan()) return;
-  AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-  AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-}
-void IgnoreEnd() {
-  if (!Tsan()) return;
-  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-  AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-}
-
 thread_local int t_depth = 0;
 struct Nested {
   Nested() { ++t_depth; }
@@ -84,16 +51,6 @@ struct Nested {
   Nested(const Nested&) = delete;
   Nested& operator=(const Nested&) = delete;
 };
-
-template <typename Fn>
-Fn Real(const char* name) {
-  void* p = dlsym(RTLD_NEXT, name);
-  if (p == nullptr) {
-    std::fprintf(stderr, "tsan_absl_shim: %s not found\n", name);
-    std::abort();
-  }
-  return reinterpret_cast<Fn>(p);
-}
 
 // Resolves the real function; inside another wrapper's real call, calls it without annotation.
 #define FQ_REAL(type, mangled, ...)                \

@@ -45,37 +45,14 @@
 #include <unordered_map>
 #include <vector>
 
-extern "C" {
-void __tsan_acquire(void* addr);
-void __tsan_release(void* addr);
-void AnnotateIgnoreReadsBegin(const char* file, int line);
-void AnnotateIgnoreReadsEnd(const char* file, int line);
-void AnnotateIgnoreWritesBegin(const char* file, int line);
-void AnnotateIgnoreWritesEnd(const char* file, int line);
-}
-#pragma weak __tsan_acquire
-#pragma weak __tsan_release
-#pragma weak AnnotateIgnoreReadsBegin
-#pragma weak AnnotateIgnoreReadsEnd
-#pragma weak AnnotateIgnoreWritesBegin
-#pragma weak AnnotateIgnoreWritesEnd
+#include "tests/sanitizers/tsan_shim_common.h"
 
 namespace {
 
-bool Tsan() {
-  static const bool on = &__tsan_acquire != nullptr;
-  return on;
-}
-
-template <typename Fn>
-Fn Real(const char* name) {
-  void* p = dlsym(RTLD_NEXT, name);
-  if (p == nullptr) {
-    std::fprintf(stderr, "tsan_grpc_shim: dlsym(%s) failed\n", name);
-    std::abort();
-  }
-  return reinterpret_cast<Fn>(p);
-}
+using fq_tsan_shim::IgnoreBegin;
+using fq_tsan_shim::IgnoreEnd;
+using fq_tsan_shim::Real;
+using fq_tsan_shim::Tsan;
 
 // Spin lock on an atomic of this uninstrumented library: invisible to TSan by design.
 class SpinLock {
@@ -97,16 +74,10 @@ class Guard {
  public:
   explicit Guard(SpinLock& l) : l_(l) {
     l_.Lock();
-    if (Tsan()) {
-      AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-      AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-    }
+    IgnoreBegin();
   }
   ~Guard() {
-    if (Tsan()) {
-      AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-      AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-    }
+    IgnoreEnd();
     l_.Unlock();
   }
 

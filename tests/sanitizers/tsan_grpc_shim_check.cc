@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -29,6 +30,7 @@ class Reactor final : public grpc::ServerGenericBidiReactor {
 
   void OnReadDone(bool ok) override {
     if (!ok) {
+      std::lock_guard<std::mutex> lock(mu_);
       Finish(count_ == kMessages && sum_ == uint64_t{kMessages} * kBytes * 7
                  ? grpc::Status::OK
                  : grpc::Status(grpc::StatusCode::DATA_LOSS, "wrong count or bytes"));
@@ -45,9 +47,16 @@ class Reactor final : public grpc::ServerGenericBidiReactor {
     if (g_race) ++touched_;  // after the hand-off: races with the next OnReadDone
   }
 
-  void OnDone() override { delete this; }
+  // As PageStream does (Finish under its mutex, OnDone takes it before deleting): gRPC runs OnDone
+  // after Finish completed, but for this generic handler (instantiated inside libgrpc++) through a
+  // reference count TSan cannot see; the mutex is the edge our own reactors have anyway.
+  void OnDone() override {
+    { std::lock_guard<std::mutex> lock(mu_); }
+    delete this;
+  }
 
  private:
+  std::mutex mu_;
   grpc::ByteBuffer buf_;
   int count_ = 0;      // plain fields: only ordered by gRPC's read contract
   uint64_t sum_ = 0;
