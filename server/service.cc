@@ -68,6 +68,15 @@ class UnaryFinisher {
   Clock::time_point start_;
 };
 
+// A unary RPC whose whole body runs on the gRPC thread: finishes it with the body's status.
+template <typename Body>
+grpc::ServerUnaryReactor* UnaryNow(Metrics* metrics, grpc::CallbackServerContext* ctx, const char* method,
+                                   Body&& body) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  UnaryFinisher(metrics, reactor, method)(std::forward<Body>(body)());
+  return reactor;
+}
+
 int64_t NowUnixSeconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -1254,23 +1263,17 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::RegisterProfile(grpc::Callba
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetProfile(grpc::CallbackServerContext* ctx,
                                                                const v1::GetProfileRequest* req,
                                                                v1::GetProfileResponse* resp) {
-  auto* reactor = ctx->DefaultReactor();
-  const UnaryFinisher finish(metrics_, reactor, "GetProfile");
-  absl::Status s = [&]() -> absl::Status {
+  return UnaryNow(metrics_, ctx, "GetProfile", [&]() -> absl::Status {
     FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
     FillProfileInfo(*e, resp->mutable_profile());
     return absl::OkStatus();
-  }();
-  finish(s);
-  return reactor;
+  });
 }
 
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListProfiles(grpc::CallbackServerContext* ctx,
                                                                  const v1::ListProfilesRequest* req,
                                                                  v1::ListProfilesResponse* resp) {
-  auto* reactor = ctx->DefaultReactor();
-  const UnaryFinisher finish(metrics_, reactor, "ListProfiles");
-  absl::Status s = [&]() -> absl::Status {
+  return UnaryNow(metrics_, ctx, "ListProfiles", [&]() -> absl::Status {
     if (!req->page_token().empty() && !IsDigestString(req->page_token())) {
       return absl::InvalidArgumentError("page_token is not a token returned by ListProfiles");
     }
@@ -1281,17 +1284,13 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListProfiles(grpc::CallbackS
     for (const auto& e : entries) FillProfileInfo(*e, resp->add_profiles());
     if (more && !entries.empty()) resp->set_next_page_token(entries.back()->digest);
     return absl::OkStatus();
-  }();
-  finish(s);
-  return reactor;
+  });
 }
 
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackServerContext* ctx,
                                                                 const v1::GetCodebookRequest* req,
                                                                 v1::GetCodebookResponse* resp) {
-  auto* reactor = ctx->DefaultReactor();
-  const UnaryFinisher finish(metrics_, reactor, "GetCodebook");
-  absl::Status s = [&]() -> absl::Status {
+  return UnaryNow(metrics_, ctx, "GetCodebook", [&]() -> absl::Status {
     FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
     const auto& q = e->codec->quantizer();
     if (!q) {
@@ -1328,31 +1327,23 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackSe
     FillProfileInfo(*e, &info);
     *resp->mutable_build_stats() = info.build_stats();
     return absl::OkStatus();
-  }();
-  finish(s);
-  return reactor;
+  });
 }
 
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetReceipt(grpc::CallbackServerContext* ctx,
                                                                const v1::GetReceiptRequest* req,
                                                                v1::GetReceiptResponse* resp) {
-  auto* reactor = ctx->DefaultReactor();
-  const UnaryFinisher finish(metrics_, reactor, "GetReceipt");
-  absl::Status s = [&]() -> absl::Status {
+  return UnaryNow(metrics_, ctx, "GetReceipt", [&]() -> absl::Status {
     if (req->receipt_id().empty()) return absl::InvalidArgumentError("receipt_id is required");
     FQ_ASSIGN_OR_RETURN(*resp->mutable_receipt(), registry_->GetReceipt(req->receipt_id()));
     return absl::OkStatus();
-  }();
-  finish(s);
-  return reactor;
+  });
 }
 
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListReceipts(grpc::CallbackServerContext* ctx,
                                                                  const v1::ListReceiptsRequest* req,
                                                                  v1::ListReceiptsResponse* resp) {
-  auto* reactor = ctx->DefaultReactor();
-  const UnaryFinisher finish(metrics_, reactor, "ListReceipts");
-  absl::Status s = [&]() -> absl::Status {
+  return UnaryNow(metrics_, ctx, "ListReceipts", [&]() -> absl::Status {
     // The token is the id of the last receipt returned: ids only grow, so pages stay stable while
     // new receipts arrive.
     uint64_t before = std::numeric_limits<uint64_t>::max();
@@ -1368,9 +1359,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListReceipts(grpc::CallbackS
     if (more && !receipts.empty()) resp->set_next_page_token(receipts.back().receipt_id());
     for (auto& r : receipts) *resp->add_receipts() = std::move(r);
     return absl::OkStatus();
-  }();
-  finish(s);
-  return reactor;
+  });
 }
 
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::CallbackServerContext* ctx,
