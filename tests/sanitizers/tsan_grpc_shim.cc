@@ -22,7 +22,9 @@
 //    run function is replaced by Trampoline, which performs the acquires below before running
 //    the original.
 //  - completion (Trampoline, or grpc_completion_queue_next / _pluck returning OP_COMPLETE):
-//    acquire on the tag, and on the bytes of every slice of the received message.
+//    acquire on the tag, and on the bytes of every slice of the received message;
+//  - grpc_byte_buffer_reader_init (where every reader of a received message starts, including a
+//    unary request's payload that arrives with the call, not through a batch): acquire on the bytes.
 //
 // Nothing here orders two operations that gRPC does not order: a read's completion acquires only
 // what was released before that read (and before earlier operations on the same tag) was started.
@@ -214,6 +216,16 @@ extern "C" grpc_call_error grpc_server_request_registered_call(
   Started(tag, optional_payload);
   return real(server, registered_method, call, deadline, request_metadata, optional_payload,
               cq_bound_to_call, cq_for_notification, tag);
+}
+
+// Every reader of a received message (grpcpp's ProtoBufferReader, ByteBuffer::Dump) starts here, on
+// the thread about to read its bytes: acquire them. This covers the messages that arrive without a
+// RECV_MESSAGE batch, e.g. a unary request's payload delivered with the call itself.
+extern "C" int grpc_byte_buffer_reader_init(grpc_byte_buffer_reader* reader, grpc_byte_buffer* buffer) {
+  static const auto real =
+      Real<int (*)(grpc_byte_buffer_reader*, grpc_byte_buffer*)>("grpc_byte_buffer_reader_init");
+  if (Tsan()) ForEachSliceBytes(buffer, Acquire);
+  return real(reader, buffer);
 }
 
 extern "C" grpc_event grpc_completion_queue_next(grpc_completion_queue* cq, gpr_timespec deadline,

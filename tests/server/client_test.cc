@@ -19,7 +19,6 @@
 #include <thread>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -514,14 +513,10 @@ class FakeService final : public v1::KvCompressionService::Service {
   }
 };
 
-// Served over loopback TCP rather than an in-process channel: the fake is a synchronous gRPC server,
-// and over TCP the request bytes it parses are its own copy, not the client's buffer handed over
-// through gRPC internals ThreadSanitizer cannot see (the TSan step runs these tests too).
 class FakeServer {
  public:
   FakeServer() {
     grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(&service);
     server_ = builder.BuildAndStart();
   }
@@ -529,13 +524,10 @@ class FakeServer {
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     server_->Wait();
   }
-  std::shared_ptr<grpc::Channel> Channel() {
-    return grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
-  }
+  std::shared_ptr<grpc::Channel> Channel() { return server_->InProcessChannel({}); }
   FakeService service;
 
  private:
-  int port_ = 0;
   std::unique_ptr<grpc::Server> server_;
 };
 
