@@ -11,7 +11,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
+#include <stdexcept>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -118,22 +120,46 @@ json ReportToJson(const LloydReport& r) {
           {"repair_events", events},      {"seed", r.seed}};
 }
 
-LloydReport ReportFromJson(const json& j) {  // throws json::exception on a type error
+// Checked integer fields of a registry file. nlohmann's get<integer>() converts a float or an
+// out-of-range number with a plain cast (undefined for a float beyond the type's range: a damaged
+// "seed": 1.9e19 was found by registry_fuzz), so only a JSON integer within range is accepted.
+// Throws std::invalid_argument naming the field; the readers turn it into DataLoss.
+template <typename T>
+T IntField(const json& j, const char* key) {
+  const json& v = j.at(key);
+  bool ok = false;
+  if (v.is_number_unsigned()) {
+    ok = v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+  } else if (v.is_number_integer()) {
+    const int64_t x = v.get<int64_t>();
+    ok = std::numeric_limits<T>::is_signed && x >= static_cast<int64_t>(std::numeric_limits<T>::min());
+  }
+  if (!ok) {
+    throw std::invalid_argument(absl::StrCat("\"", key, "\" is not an integer in [",
+                                             std::numeric_limits<T>::min(), ", ",
+                                             std::numeric_limits<T>::max(), "]"));
+  }
+  return v.is_number_unsigned() ? static_cast<T>(v.get<uint64_t>()) : static_cast<T>(v.get<int64_t>());
+}
+
+// Throws json::exception on a missing or wrongly typed field, std::invalid_argument on an integer
+// field that is not an in-range integer.
+LloydReport ReportFromJson(const json& j) {
   LloydReport r;
-  r.restarts = j.at("restarts").get<uint32_t>();
-  r.iterations = j.at("iterations").get<uint32_t>();
-  r.training_samples = j.at("training_samples").get<uint32_t>();
+  r.restarts = IntField<uint32_t>(j, "restarts");
+  r.iterations = IntField<uint32_t>(j, "iterations");
+  r.training_samples = IntField<uint32_t>(j, "training_samples");
   r.init_mse = j.at("init_mse").get<double>();
   r.best_mse = j.at("best_mse").get<double>();
-  r.best_restart = j.at("best_restart").get<uint32_t>();
-  r.seed = j.at("seed").get<uint64_t>();
+  r.best_restart = IntField<uint32_t>(j, "best_restart");
+  r.seed = IntField<uint64_t>(j, "seed");
   for (const json& e : j.at("repair_events")) {
     RepairEvent ev;
-    ev.restart = e.at("restart").get<uint32_t>();
-    ev.iteration = e.at("iteration").get<uint32_t>();
-    ev.empty_cell = e.at("empty_cell").get<uint32_t>();
-    ev.donor_cell = e.at("donor_cell").get<uint32_t>();
-    ev.donor_count_before = e.at("donor_count_before").get<uint64_t>();
+    ev.restart = IntField<uint32_t>(e, "restart");
+    ev.iteration = IntField<uint32_t>(e, "iteration");
+    ev.empty_cell = IntField<uint32_t>(e, "empty_cell");
+    ev.donor_cell = IntField<uint32_t>(e, "donor_cell");
+    ev.donor_count_before = IntField<uint64_t>(e, "donor_count_before");
     ev.donor_distortion = e.at("donor_distortion").get<double>();
     ev.residual_norm = e.at("residual_norm").get<double>();
     r.repair_events.push_back(ev);
@@ -280,9 +306,9 @@ absl::StatusOr<ProfileEntry> Registry::ReadProfileFile(const std::string& path) 
     }
     e.digest = j.at("digest").get<std::string>();
     e.profile_json = j.at("profile_json").get<std::string>();
-    e.registered_unix_seconds = j.at("registered_unix_seconds").get<int64_t>();
+    e.registered_unix_seconds = IntField<int64_t>(j, "registered_unix_seconds");
     e.build_seconds = j.at("build_seconds").get<double>();
-    e.build_threads = j.at("build_threads").get<int>();
+    e.build_threads = IntField<int>(j, "build_threads");
     const json& cb = j.at("codebook");
     if (!cb.is_null()) {
       has_codebook = true;
@@ -290,7 +316,7 @@ absl::StatusOr<ProfileEntry> Registry::ReadProfileFile(const std::string& path) 
       codebook_hex = cb.at("codewords_f32le_hex").get<std::string>();
       report = ReportFromJson(cb.at("report"));
     }
-  } catch (const json::exception& ex) {
+  } catch (const std::exception& ex) {  // json::exception or IntField's std::invalid_argument
     return absl::DataLossError(absl::StrCat("malformed registry file: ", ex.what()));
   }
   if (fs::path(path).filename().string() != EntryFileName(e.digest)) {
@@ -368,8 +394,8 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::ReadReceiptFile(const std::strin
     }
     body = j.at("receipt").get<std::string>();
     sum = j.at("sha256").get<std::string>();
-    (void)j.at("seq").get<uint64_t>();
-  } catch (const json::exception& ex) {
+    (void)IntField<uint64_t>(j, "seq");
+  } catch (const std::exception& ex) {  // json::exception or IntField's std::invalid_argument
     return absl::DataLossError(absl::StrCat("malformed receipt file: ", ex.what()));
   }
   if (Sha256Digest(body) != sum) return absl::DataLossError("receipt checksum mismatch");

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -922,6 +923,42 @@ TEST_F(ServiceTest, DecompressRejectsFramesOfUnknownOrOtherProfiles) {
   auto gone = Decompress(v1::DTYPE_F32, {frame});
   EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_NE(gone.status.error_message().find("page 0"), std::string::npos);
+}
+
+// Regression (registry_fuzz): integer fields of a registry file holding a number the target type
+// cannot represent were converted with a plain cast, undefined for a float beyond the range (UBSan
+// aborted on "seed": 1.94e19). Each such file must be quarantined as DataLoss like any damage.
+TEST_F(ServiceTest, OutOfRangeNumbersInRegistryFilesAreQuarantined) {
+  StartServer();
+  const std::string a = Register(SpecJson("range-a", 16)).profile().digest();
+  const std::string b = Register(SpecJson("range-b", 32)).profile().digest();
+  const std::string c = Register(SpecJson("range-c", 48)).profile().digest();
+  StopServer();
+  auto edit = [&](const std::string& digest, const std::function<void(nlohmann::json&)>& f) {
+    const fs::path file = fs::path(data_dir_) / "profiles" / (digest.substr(7) + ".json");
+    ASSERT_TRUE(fs::exists(file)) << file;
+    std::ifstream in(file);
+    nlohmann::json j = nlohmann::json::parse(in);
+    in.close();
+    f(j);
+    std::ofstream(file) << j.dump();
+  };
+  edit(a, [](nlohmann::json& j) { j["codebook"]["report"]["seed"] = 1.9400714819323198e19; });  // float > 2^64
+  edit(b, [](nlohmann::json& j) { j["registered_unix_seconds"] = 1e300; });
+  edit(c, [](nlohmann::json& j) { j["codebook"]["report"]["restarts"] = -1; });
+  StartServer();
+  EXPECT_EQ(svc_->profile_count(), 0u);
+  size_t quarantined = 0;
+  for (auto& e : fs::directory_iterator(fs::path(data_dir_) / "quarantine")) {
+    (void)e;
+    ++quarantined;
+  }
+  EXPECT_EQ(quarantined, 3u);
+  grpc::ClientContext ctx;
+  v1::GetProfileRequest req;
+  req.set_digest(a);
+  v1::GetProfileResponse resp;
+  EXPECT_EQ(stub_->GetProfile(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 TEST_F(ServiceTest, CorruptedRegistryFileIsQuarantinedAndServerStarts) {
