@@ -8,8 +8,10 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -21,10 +23,40 @@ namespace fibquant::kv_internal {
 
 inline std::string S(std::string_view sv) { return std::string(sv); }
 
+// Duplicate keys (at any depth) are InvalidArgument naming the first one: nlohmann would keep the
+// last value silently, so `{"codebook_size": 16, ..., "codebook_size": 4096}` would register a
+// profile other than the one a reviewer read (docs/format/profile.md promises the rejection).
 [[nodiscard]] inline absl::StatusOr<nlohmann::json> ParseJsonObject(std::string_view text,
                                                                     std::string_view what) {
-  nlohmann::json j = nlohmann::json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  std::vector<std::set<std::string>> keys;  // one set per open object
+  std::string duplicate;
+  bool has_duplicate = false;
+  auto callback = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    switch (event) {
+      case nlohmann::json::parse_event_t::object_start:
+        keys.emplace_back();
+        break;
+      case nlohmann::json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case nlohmann::json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second &&
+            !has_duplicate) {
+          has_duplicate = true;
+          duplicate = parsed.get<std::string>();
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  nlohmann::json j = nlohmann::json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/false);
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(S(what), ": malformed JSON"));
+  if (has_duplicate) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(S(what), ": duplicate field \"", duplicate, "\""));
+  }
   if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(S(what), ": JSON must be an object"));
   return j;
 }

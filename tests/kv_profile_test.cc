@@ -1,8 +1,10 @@
 // KV shape, page geometry and compression profile: every validation rule with its status code,
 // canonical digests, JSON round trips and the spec form.
 #include <string>
+#include <vector>
 
 #include "core/kv_profile.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include <nlohmann/json.hpp>
 
@@ -10,6 +12,7 @@ namespace fibquant {
 namespace {
 
 using absl::StatusCode;
+using ::testing::HasSubstr;
 
 std::string FakeDigest(char c) {
   std::string s = "sha256:";
@@ -350,6 +353,43 @@ TEST(KvProfileJson, SpecRejectsTyposAndBadValues) {
   j = nlohmann::json::parse(kSpec);
   j.erase("fibquant");
   EXPECT_EQ(KvCompressionProfile::FromSpecJson(j.dump()).status().code(), StatusCode::kInvalidArgument);
+}
+
+// Issue 14 item 10: nlohmann keeps the last of two equal keys; a spec with a duplicate must be
+// refused naming the key, at the top level, inside "fibquant" and inside "shape", and in the full
+// (resolved) form, whichever value comes last.
+TEST(KvProfileJson, DuplicateKeysAreInvalidArgumentNamingTheKey) {
+  struct Case {
+    std::string text;
+    std::string key;
+  };
+  const std::string spec = kSpec;
+  auto dup_after = [&](const std::string& marker, const std::string& inserted) {
+    std::string t = spec;
+    const size_t at = t.find(marker);
+    EXPECT_NE(at, std::string::npos) << marker;
+    t.insert(at + marker.size(), inserted);
+    return t;
+  };
+  const std::vector<Case> cases = {
+      {dup_after("\"tokens_per_page\": 8,", " \"tokens_per_page\": 4,"), "tokens_per_page"},
+      {dup_after("\"codebook_size\": 16,", " \"codebook_size\": 4,"), "codebook_size"},
+      {dup_after("\"head_dim\": 16,", " \"head_dim\": 8,"), "head_dim"},
+      {dup_after("\"max_attention_tv\": 0.5", ", \"max_attention_tv\": 0.5"), "max_attention_tv"},
+  };
+  for (const Case& c : cases) {
+    const absl::Status s = KvCompressionProfile::FromSpecJson(c.text).status();
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << c.key << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("duplicate field \"" + c.key + "\"")) << s;
+  }
+  std::string full = Resolved().ToJson();
+  ASSERT_EQ(full.front(), '{');
+  full.insert(1, "\"profile_id\": \"other\", ");
+  const absl::Status s = KvCompressionProfile::FromJson(full).status();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("duplicate field \"profile_id\"")) << s;
+  // Equal keys in different objects are not duplicates.
+  EXPECT_TRUE(KvCompressionProfile::FromSpecJson(kSpec).ok());
 }
 
 TEST(KvProtected, Membership) {
