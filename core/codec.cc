@@ -124,6 +124,16 @@ absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint1
         "below ~2.98e-8)",
         v, n));
   }
+  // In the binary16 subnormal range the stored norm loses precision (a norm of 4e-8 came back as
+  // 5.96e-8: the whole vector 49 % too long). Below 2^-15 the rounding error can exceed 2^-10 of
+  // the norm, twice the worst case of the normal range; such a vector is refused like one outside
+  // the range, so a keep_raw profile stores it raw (exactly) instead of coding it wrong.
+  if (std::abs(static_cast<double>(back) - n) > n * 0x1p-10) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "vector %d: norm %g is in the fp16 subnormal range, where the stored norm %g is off by "
+        "more than 2^-10 of it (norms below ~3.05e-5 lose precision)",
+        v, n, static_cast<double>(back)));
+  }
   *nu = n;
   *half = h;
   return absl::OkStatus();

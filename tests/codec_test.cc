@@ -360,8 +360,22 @@ TEST(Codec, NormOutsideFp16RangeIsOutOfRange) {
       EXPECT_NE(st.message().find("fp16"), std::string_view::npos) << st;
     }
   }
-  // Just inside the range on both ends encodes.
-  for (float v : {1e-8f /* norm 4.5e-8 */, 14600.0f /* norm 65289 */}) {
+  // Issue 14 item 12: a norm in the binary16 subnormal range would be stored with a large relative
+  // error (norm 4.5e-8 stored as 5.96e-8: +33 %), so it is OutOfRange like one below the range
+  // (the KV codec then keeps the vector raw under keep_raw).
+  for (float v : {1e-8f /* norm 4.5e-8 */, 5e-7f /* norm 2.2e-6, +1.3 % */,
+                  2.2725e-6f /* norm 1.016e-5, +0.29 % */}) {
+    for (CodecPath path : {CodecPath::kReference, CodecPath::kFast}) {
+      std::vector<float> x(20, v);
+      std::vector<uint8_t> codes(q->code_bytes());
+      const absl::Status st = q->Encode(DType::kF32, Bytes(x), 1, absl::MakeSpan(codes), path);
+      EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange) << v << ": " << st;
+      EXPECT_NE(st.message().find("subnormal"), std::string_view::npos) << st;
+    }
+  }
+  // Just inside the range on both ends encodes, and the stored norm is within 2^-10.
+  for (float v : {1e-6f /* norm 4.47e-6, a subnormal within 2^-10 */, 7.0e-6f /* norm 3.13e-5 */,
+                  1e-4f, 14600.0f /* norm 65289 */}) {
     std::vector<float> x(20, v);
     std::vector<uint8_t> codes(q->code_bytes());
     EXPECT_TRUE(q->Encode(DType::kF32, Bytes(x), 1, absl::MakeSpan(codes), CodecPath::kFast).ok())

@@ -310,6 +310,27 @@ TEST(KvCodecPages, EncodeFallbackKeepRawAndFailClosed) {
   EXPECT_EQ(Compress(*fc, p).status().code(), StatusCode::kInvalidArgument);
 }
 
+// Issue 14 item 12: a token with norm ~4e-8 used to be coded with its fp16 norm rounded to the
+// smallest subnormal (57 % relative error, no fallback). Now it is an encode fallback stored raw,
+// decoded exactly; fail_closed refuses the page with OutOfRange naming the vector.
+TEST(KvCodecPages, TinyNormVectorIsStoredRawNotCodedWrong) {
+  auto c = Make(Spec("key", "f32", "per_token", 4));
+  PageData p = Pages(*c, Tensor(17))[0];
+  std::vector<float> tiny(kDim, 1e-8f);  // norm 4e-8
+  std::memcpy(p.bytes.data() + 5 * kDim * 4, tiny.data(), kDim * 4);
+  auto cp = Compress(*c, p);
+  ASSERT_TRUE(cp.ok()) << cp.status();
+  EXPECT_EQ(cp->counts.raw_encode_fallback, 1u);
+  auto dec = c->DecodeFrame(Bytes(cp->frame), DType::kF32);
+  ASSERT_TRUE(dec.ok()) << dec.status();
+  const std::vector<float> got = ToF32(DType::kF32, dec->data);
+  for (uint32_t i = 0; i < kDim; ++i) EXPECT_EQ(got[5 * kDim + i], 1e-8f) << i;
+  nlohmann::json s = Spec("key", "f32", "per_token", 4);
+  s["fallback"] = {{"mode", "fail_closed"}};
+  auto fc = Make(s);
+  EXPECT_EQ(Compress(*fc, p).status().code(), StatusCode::kOutOfRange);
+}
+
 TEST(KvCodecPages, ReferencePathRoundTrip) {
   auto c = Make(Spec("key", "f32", "per_token", 4));
   KvCompressOptions opt;
