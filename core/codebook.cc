@@ -110,6 +110,23 @@ absl::Status CheckCodewords(const Profile& p, const std::vector<float>& cw) {
   return absl::OkStatus();
 }
 
+// An empty-cell split moves the donor 1e-6 away from its farthest sample; a donor split again
+// and again in one Lloyd pass (few samples per cell: d=2, k=1, N=16384 on 16384 samples) drifts
+// that far outward each time and can end its last pass 2e-5 outside the unit ball, which
+// CheckCodewords then refuses after the whole build. Such a codeword (norm > 1 + 1e-6 in f64) is
+// scaled back onto the unit sphere. Codewords within the tolerance are left untouched, so every
+// codebook a build produced before this rule keeps its bytes and digest.
+void ProjectFarOutsideCodewords(uint32_t k, std::vector<double>* c) {
+  for (size_t t = 0; t + k <= c->size(); t += k) {
+    double s = 0.0;
+    for (uint32_t j = 0; j < k; ++j) s += (*c)[t + j] * (*c)[t + j];
+    const double norm = std::sqrt(s);
+    if (norm > 1.0 + 1e-6) {
+      for (uint32_t j = 0; j < k; ++j) (*c)[t + j] /= norm;
+    }
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<double>> InitialCodebook(const Profile& p) {
@@ -199,7 +216,8 @@ std::string CodebookDigest(std::string_view profile_digest, std::string_view rot
   return w.Digest();
 }
 
-absl::StatusOr<Codebook> Codebook::Build(const Profile& profile, int threads) {
+absl::StatusOr<Codebook> Codebook::Build(const Profile& profile, int threads,
+                                         const CancelToken* cancel) {
   const auto start = std::chrono::steady_clock::now();
   FQ_RETURN_IF_ERROR(profile.Validate());
   FQ_ASSIGN_OR_RETURN(std::string profile_digest, profile.Digest());
@@ -209,18 +227,22 @@ absl::StatusOr<Codebook> Codebook::Build(const Profile& profile, int threads) {
                                                        profile.ambient_dim, profile.rotation_seed));
     rotation_digest = rot.digest();
   }
+  FQ_RETURN_IF_ERROR(CheckCancelled(cancel, "codebook build (after the rotation)"));
   FQ_ASSIGN_OR_RETURN(std::vector<double> initial, InitialCodebook(profile));
   FQ_ASSIGN_OR_RETURN(std::vector<double> samples, TrainingSamples(profile));
+  FQ_RETURN_IF_ERROR(CheckCancelled(cancel, "codebook build (after sampling)"));
   LloydParams params;
   params.block_dim = profile.block_dim;
   params.restarts = profile.lloyd_restarts;
   params.iterations = profile.lloyd_iterations;
   params.empty_cell_policy = profile.empty_cell_policy;
   params.threads = threads;
+  params.cancel = cancel;
   FQ_ASSIGN_OR_RETURN(
       LloydResult lloyd,
       RunLloyd(initial, samples, params, [&](uint32_t r) { return RestartStart(profile, initial, r); }));
   lloyd.report.seed = profile.codebook_seed;
+  ProjectFarOutsideCodewords(profile.block_dim, &lloyd.codewords);
   std::vector<float> codewords(lloyd.codewords.size());
   for (size_t i = 0; i < codewords.size(); ++i) {
     codewords[i] = static_cast<float>(lloyd.codewords[i]);

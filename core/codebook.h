@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/cancel.h"
 #include "core/profile.h"
 
 namespace fibquant {
@@ -51,7 +52,9 @@ class Codebook {
  public:
   // Validates the profile, builds rotation digest, initial codebook and Lloyd refinement.
   // `threads` = 0 uses every core; the result does not depend on it.
-  [[nodiscard]] static absl::StatusOr<Codebook> Build(const Profile& profile, int threads = 0);
+  // `cancel` (optional) is polled between build phases and Lloyd iterations: Cancelled then.
+  [[nodiscard]] static absl::StatusOr<Codebook> Build(const Profile& profile, int threads = 0,
+                                                      const CancelToken* cancel = nullptr);
 
   // Re-assembles a stored codebook and verifies it: profile valid, digests recomputed and equal to
   // `expected_digest` (DataLoss on mismatch), every codeword finite and inside the unit ball (+1e-6).

@@ -137,10 +137,11 @@ absl::StatusOr<std::shared_ptr<const KvCodec>> KvCodec::Create(KvCompressionProf
   return std::shared_ptr<const KvCodec>(std::move(c));
 }
 
-absl::StatusOr<std::shared_ptr<const KvCodec>> KvCodec::Build(KvCompressionProfile profile, int threads) {
+absl::StatusOr<std::shared_ptr<const KvCodec>> KvCodec::Build(KvCompressionProfile profile, int threads,
+                                                              const CancelToken* cancel) {
   if (profile.axis_policy == KvAxisPolicy::kRaw) return Create(std::move(profile), nullptr);
   FQ_RETURN_IF_ERROR(profile.Validate());
-  FQ_ASSIGN_OR_RETURN(Codebook cb, Codebook::Build(*profile.fib_profile, threads));
+  FQ_ASSIGN_OR_RETURN(Codebook cb, Codebook::Build(*profile.fib_profile, threads, cancel));
   FQ_ASSIGN_OR_RETURN(std::shared_ptr<const Quantizer> q, Quantizer::Create(std::move(cb)));
   return Create(std::move(profile), std::move(q));
 }

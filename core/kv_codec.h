@@ -83,7 +83,8 @@ class KvCodec {
       KvCompressionProfile profile, std::shared_ptr<const Quantizer> quantizer);
   // Builds the codebook (Codebook::Build with `threads`) and calls Create.
   [[nodiscard]] static absl::StatusOr<std::shared_ptr<const KvCodec>> Build(KvCompressionProfile profile,
-                                                                          int threads = 0);
+                                                                          int threads = 0,
+                                                                          const CancelToken* cancel = nullptr);
 
   const KvCompressionProfile& profile() const { return profile_; }
   const std::string& profile_digest() const { return digest_; }

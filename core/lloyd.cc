@@ -669,6 +669,10 @@ absl::StatusOr<LloydResult> RunLloyd(const std::vector<double>& initial,
       c = *std::move(s);
     }
     for (uint32_t it = 0; it < params.iterations; ++it) {
+      if (absl::Status c = CheckCancelled(params.cancel, absl::StrCat("Lloyd restart ", r, ", iteration ", it));
+          !c.ok()) {
+        return c;
+      }
       assigner.Assign(c, /*regroup=*/r > 0 && it == 0, index, distance);
       ComputeCellStats(samples.data(), m, n, k, index, distance, params.threads, &st);
       std::vector<uint32_t> empty;

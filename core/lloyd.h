@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/cancel.h"
 #include "core/codebook.h"
 #include "core/profile.h"
 
@@ -63,6 +64,9 @@ struct LloydParams {
   uint32_t iterations = 1;
   EmptyCellPolicy empty_cell_policy = EmptyCellPolicy::kSplitHighestDistortion;
   int threads = 0;
+  // Polled before every iteration: a cancelled build returns Cancelled within one Lloyd pass
+  // (shutdown, a caller that went away). Never changes the result of a build that completes.
+  const CancelToken* cancel = nullptr;
 };
 
 // Returns the starting codebook (N x k) of restart r >= 1.
@@ -75,7 +79,8 @@ struct LloydResult {
 
 // Runs the refinement. InvalidArgument for inconsistent sizes (empty, not multiples of k, fewer
 // samples than codewords) or a missing restart function when restarts > 1; FailedPrecondition when
-// an empty cell occurs under kFailClosed or cannot be repaired; Internal for a non-finite MSE.
+// an empty cell occurs under kFailClosed or cannot be repaired; Internal for a non-finite MSE;
+// Cancelled when params.cancel was cancelled.
 [[nodiscard]] absl::StatusOr<LloydResult> RunLloyd(const std::vector<double>& initial,
                                                    const std::vector<double>& samples,
                                                    const LloydParams& params,

@@ -213,3 +213,47 @@ TEST(Lloyd, PlainSearchMatchesBoundedSearch) {
 
 }  // namespace
 }  // namespace fibquant
+
+namespace fibquant {
+namespace {
+
+// Issue 14 item 8: a build must stop when its token is cancelled (shutdown at the drain deadline,
+// a caller that went away), not run its remaining iterations. The cancellation here is raised by
+// the restart-1 start function, so the point where it lands is deterministic: the next check is
+// the first iteration of restart 1, and the thousands of iterations after it never run.
+TEST(Lloyd, CancelTokenStopsTheLoopAtTheNextIteration) {
+  const std::vector<double> c0 = RandomBall(16, 2, 5, 0.3);
+  const std::vector<double> samples = *SphericalBetaSamples(8, 2, 4000, 77);
+  CancelToken token;
+  int restarts_started = 0;
+  auto restart = [&](uint32_t r) -> absl::StatusOr<std::vector<double>> {
+    ++restarts_started;
+    if (r == 1) token.Cancel();
+    return c0;
+  };
+  LloydParams p = Params(2, 1000, 3, 1);
+  p.cancel = &token;
+  absl::StatusOr<LloydResult> r = RunLloyd(c0, samples, p, restart);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_NE(r.status().message().find("restart 1, iteration 0"), std::string::npos) << r.status();
+  EXPECT_EQ(restarts_started, 1);
+  // An uncancelled token changes nothing.
+  CancelToken idle;
+  LloydParams q = Params(2, 2, 3, 1);
+  absl::StatusOr<LloydResult> a = RunLloyd(c0, samples, q, restart);
+  q.cancel = &idle;
+  absl::StatusOr<LloydResult> b = RunLloyd(c0, samples, q, restart);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->codewords, b->codewords);
+}
+
+TEST(Lloyd, CancelledTokenStopsCodebookBuildBeforeTraining) {
+  Profile p = *Profile::PaperDefault(64, 2, 256, 7, kRotationHadamard);
+  CancelToken token;
+  token.Cancel();
+  absl::StatusOr<Codebook> cb = Codebook::Build(p, 1, &token);
+  EXPECT_EQ(cb.status().code(), absl::StatusCode::kCancelled) << cb.status();
+}
+
+}  // namespace
+}  // namespace fibquant
