@@ -71,7 +71,8 @@ absl::StatusOr<Sizes> ComputeSizes(const KvFrameHeader& h, const KvFrameLimits& 
     return limit_error("frame raw section size overflows u64");
   }
   s.raw = raw;
-  uint64_t total = kKvFrameHeaderBytes + kKvFrameChecksumBytes + s.bitmap;
+  uint64_t total = kKvFrameHeaderBytes + kKvFrameChecksumBytes + s.bitmap +
+                   ((h.flags & kKvFrameFlagAuthenticated) ? kKvFrameTagBytes : 0);
   if (!MulAdd(&total, 1, s.codes) || !MulAdd(&total, 1, s.raw)) {
     return limit_error("frame size overflows u64");
   }
@@ -109,6 +110,9 @@ absl::StatusOr<uint64_t> KvFrameSize(const KvFrameHeader& h, const KvFrameLimits
 
 absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& h, absl::Span<const uint8_t> bitmap,
                                          absl::Span<const uint8_t> codes, absl::Span<const uint8_t> raw) {
+  if (h.flags & kKvFrameFlagAuthenticated) {
+    return absl::InvalidArgumentError("BuildKvFrame: the authenticated flag is added by SealKvFrame");
+  }
   FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, KvFrameLimits{}, false));
   if (bitmap.size() != s.bitmap || codes.size() != s.codes || raw.size() != s.raw) {
     return absl::InvalidArgumentError(absl::StrCat("BuildKvFrame: section sizes (bitmap ", bitmap.size(), ", codes ",
@@ -118,7 +122,7 @@ absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& h, absl::Span<cons
   std::string out;
   out.reserve(s.total);
   out.append(reinterpret_cast<const char*>(kKvFrameMagic.data()), 4);
-  PutU16(&out, h.version);
+  PutU16(&out, (h.flags & ~kKvFrameKnownFlagsV1) != 0 ? uint16_t{2} : uint16_t{1});
   PutU16(&out, h.flags);
   out.push_back(static_cast<char>(h.raw_dtype));
   out.push_back(static_cast<char>(h.axis_policy));
@@ -153,8 +157,8 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
   KvFrameView v;
   KvFrameHeader& h = v.header;
   h.version = GetU16(p + 4);
-  if (h.version != kKvFrameVersion) {
-    return absl::DataLossError(absl::StrCat("frame version ", h.version, " is not supported (expected ",
+  if (h.version < 1 || h.version > kKvFrameVersion) {
+    return absl::DataLossError(absl::StrCat("frame version ", h.version, " is not supported (expected 1..",
                                             kKvFrameVersion, ")"));
   }
   // The checksum covers every other field, so it is verified before any of them is interpreted.
@@ -168,14 +172,23 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
     }
   }
   h.flags = GetU16(p + 6);
-  if (h.flags & ~kKvFrameKnownFlags) {
+  // One encoding per frame: a writer uses version 2 only for a version-2 flag.
+  if (h.version == 2 && (h.flags & ~kKvFrameKnownFlagsV1) == 0) {
+    return absl::DataLossError("frame version 2 without a version-2 flag (such a frame is version 1)");
+  }
+  if (h.flags & ~(h.version == 1 ? kKvFrameKnownFlagsV1 : kKvFrameKnownFlags)) {
     return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set reserved bits"));
   }
   if (p[8] > 2) return absl::DataLossError(absl::StrCat("frame raw_dtype ", int{p[8]}, " is not 0 (f32), 1 (f16) or 2 (bf16)"));
   h.raw_dtype = static_cast<DType>(p[8]);
   if (p[9] > 3) return absl::DataLossError(absl::StrCat("frame axis_policy ", int{p[9]}, " is not a known policy"));
   h.axis_policy = static_cast<KvAxisPolicy>(p[9]);
-  if (GetU16(p + 10) != 0) return absl::DataLossError("frame reserved bytes 10..11 are not zero");
+  if (h.authenticated()) {
+    h.key_id = GetU16(p + 10);
+    if (h.key_id == 0) return absl::DataLossError("frame key_id is 0 in an authenticated frame");
+  } else if (GetU16(p + 10) != 0) {
+    return absl::DataLossError("frame reserved bytes 10..11 are not zero");
+  }
   std::memcpy(h.profile_digest.data(), p + 12, 32);
   const uint8_t* q = p + 44;
   h.coords.batch = GetU32(q);
@@ -224,6 +237,8 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
   v.codes = f.subspan(off, s.codes);
   off += s.codes;
   v.raw = f.subspan(off, s.raw);
+  off += s.raw;
+  if (h.authenticated()) v.auth_tag = f.subspan(off, kKvFrameTagBytes);
   uint64_t pop = 0;
   for (uint8_t b : v.bitmap) pop += static_cast<uint64_t>(std::popcount(static_cast<unsigned>(b)));
   const uint32_t tail = h.counts.vector_count & 7;

@@ -1,7 +1,9 @@
 // Binary page frame (docs/format/kv.md, "Page frame"): the wire and storage form of one compressed
 // KV page. Fixed 96-byte little-endian header (magic "FQKV", version, flags, KV profile digest, page
 // coordinates, counts), a raw-vector bitmap, a fixed-stride code section, a raw section, and an
-// XXH3-64 checksum over everything before it.
+// XXH3-64 checksum over everything before it. Version 2 adds flag bit 2 (authenticated): a key id
+// in header bytes 10..11 and an HMAC-SHA256 tag before the checksum (sealed and verified by
+// core/kv_frame_auth.h; this layer only lays it out).
 //
 // This file is the structural layer: it builds frames and parses them with every self-contained
 // check (sizes against limits before allocating, counts, padding bits, reserved fields, checksum).
@@ -23,12 +25,18 @@
 namespace fibquant {
 
 inline constexpr std::array<uint8_t, 4> kKvFrameMagic = {'F', 'Q', 'K', 'V'};
-inline constexpr uint16_t kKvFrameVersion = 1;
+inline constexpr uint16_t kKvFrameVersion = 2;
 inline constexpr size_t kKvFrameHeaderBytes = 96;
 inline constexpr size_t kKvFrameChecksumBytes = 8;
-// Flag bit 0: vectors are channels (per-channel page); bits 1..15 reserved, must be zero.
+// Flag bit 0: vectors are channels (per-channel page). Bit 2 (version 2 only): authenticated, the
+// header's u16 at offset 10 is the key id (non-zero) and a kKvFrameTagBytes HMAC-SHA256 tag sits
+// between the raw section and the checksum. Other bits reserved, must be zero. A writer emits
+// version 1 unless a version-2 flag is set, so unauthenticated frames keep their version-1 bytes.
 inline constexpr uint16_t kKvFrameFlagChannelAxis = 1u << 0;
-inline constexpr uint16_t kKvFrameKnownFlags = kKvFrameFlagChannelAxis;
+inline constexpr uint16_t kKvFrameFlagAuthenticated = 1u << 2;
+inline constexpr uint16_t kKvFrameKnownFlagsV1 = kKvFrameFlagChannelAxis;
+inline constexpr uint16_t kKvFrameKnownFlags = kKvFrameFlagChannelAxis | kKvFrameFlagAuthenticated;
+inline constexpr size_t kKvFrameTagBytes = 32;
 
 struct KvPageCoords {
   uint32_t batch = 0;
@@ -63,6 +71,8 @@ struct KvFrameHeader {
   uint32_t vector_len = 0;  // elements per vector: head_dim (token axis) or token_count (channel)
   uint32_t code_bytes = 0;  // stride of the code section
   KvPageCounts counts;
+  uint16_t key_id = 0;  // authenticated frames only (header bytes 10..11)
+  bool authenticated() const { return (flags & kKvFrameFlagAuthenticated) != 0; }
   KvVectorAxis vector_axis() const {
     return (flags & kKvFrameFlagChannelAxis) ? KvVectorAxis::kChannel : KvVectorAxis::kToken;
   }
@@ -82,6 +92,7 @@ struct KvFrameView {
   absl::Span<const uint8_t> bitmap;  // ceil(vector_count/8) bytes, bit i (LSB-first) = vector i raw
   absl::Span<const uint8_t> codes;   // coded * code_bytes, in vector order
   absl::Span<const uint8_t> raw;     // raw_total * vector_len * DTypeSize(raw_dtype), in vector order
+  absl::Span<const uint8_t> auth_tag;  // authenticated frames: the stored tag (not verified here)
   uint64_t checksum = 0;
   bool IsRaw(uint32_t i) const { return (bitmap[i >> 3] >> (i & 7)) & 1u; }
   // Number of raw vectors before vector i (popcount of the bitmap prefix).
@@ -92,7 +103,9 @@ struct KvFrameView {
 // encoder side: BuildKvFrame uses it too).
 [[nodiscard]] absl::StatusOr<uint64_t> KvFrameSize(const KvFrameHeader& h, const KvFrameLimits& limits = {});
 
-// Assembles a frame. InvalidArgument when the sections do not match the header's counts.
+// Assembles an unauthenticated frame (version 1 unless a version-2 flag is set; the header's
+// `version` is not used). InvalidArgument when the sections do not match the header's counts, or
+// when the authenticated flag is set (SealKvFrame in core/kv_frame_auth.h adds it).
 [[nodiscard]] absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& header,
                                                        absl::Span<const uint8_t> bitmap,
                                                        absl::Span<const uint8_t> codes,
