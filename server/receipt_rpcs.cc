@@ -60,7 +60,9 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListReceipts(grpc::CallbackS
     uint64_t before = std::numeric_limits<uint64_t>::max();
     if (!req->page_token().empty()) {
       const std::string& t = req->page_token();
-      if (t.rfind("rcpt-", 0) != 0 || !absl::SimpleAtoi(t.substr(5), &before)) {
+      const std::optional<uint64_t> seq = Registry::ReceiptSeqOf(t);
+      if (seq.has_value()) before = *seq;
+      if (!seq.has_value()) {
         return absl::InvalidArgumentError("page_token is not a token returned by ListReceipts");
       }
     }

@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/rand.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -14,8 +16,10 @@
 #include <limits>
 #include <sstream>
 #include <stdexcept>
+#include <string_view>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/codebook.h"
@@ -201,10 +205,19 @@ std::string SerializeReceipt(const fibquant::v1::Receipt& r, uint64_t seq) {
   return j.dump(1);
 }
 
-uint64_t ReceiptSeq(const std::string& id) {
-  // ids are "rcpt-<12 digits>"
-  if (id.size() < 6) return 0;
-  return std::strtoull(id.c_str() + 5, nullptr, 10);
+uint64_t ReceiptSeq(const std::string& id) { return Registry::ReceiptSeqOf(id).value_or(0); }
+
+// 8 hex digits from OpenSSL's CSPRNG: tells this process's receipts apart from those of earlier
+// runs on the same data dir and of other replicas.
+std::string NewInstanceId() {
+  unsigned char b[4] = {0, 0, 0, 0};
+  if (RAND_bytes(b, sizeof(b)) != 1) {
+    // No entropy source: fall back on pid and time, still distinct across restarts in practice.
+    const uint64_t x = (static_cast<uint64_t>(::getpid()) << 32) ^
+                       static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    for (int i = 0; i < 4; ++i) b[i] = static_cast<unsigned char>((x >> (8 * i)) ^ (x >> (8 * i + 32)));
+  }
+  return absl::StrFormat("%02x%02x%02x%02x", b[0], b[1], b[2], b[3]);
 }
 
 }  // namespace
@@ -214,7 +227,8 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& con
   std::string dir = p.parent_path().string();
   std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
   // O_NOFOLLOW: a symlink planted at the temp name must not redirect the write.
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+  // 0600: receipts name what was compressed and when; nobody but the server's user needs them.
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return FileError(errno, absl::StrCat("cannot create ", tmp));
   // On any failure the temp file goes: a full disk must not keep a half-written file around.
   auto fail = [&](int err, std::string what) {
@@ -256,14 +270,27 @@ std::string Registry::EntryFileName(const std::string& digest) {
   return absl::StrCat(hex, ".json");
 }
 
+Registry::Registry(const RegistryOptions& options, Metrics* metrics)
+    : options_(options), metrics_(metrics), instance_id_(NewInstanceId()) {}
+
 absl::StatusOr<std::unique_ptr<Registry>> Registry::Open(const RegistryOptions& options, Metrics* metrics) {
   std::unique_ptr<Registry> r(new Registry(options, metrics));
   if (!options.data_dir.empty()) {
+    // Directories the server creates are 0700 (only its user reads receipts and profiles). An
+    // existing directory keeps the mode its operator gave it: changing it at every start would undo
+    // a deliberate choice (a read-only data dir, a group shared with a backup job).
+    std::error_code ec;
+    const fs::path root(options.data_dir);
+    if (!fs::exists(root, ec)) {
+      if (root.has_parent_path()) fs::create_directories(root.parent_path(), ec);
+      if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) {
+        return FileError(errno, absl::StrCat("cannot create data dir ", options.data_dir));
+      }
+    }
     for (const char* sub : {"profiles", "receipts", "quarantine"}) {
-      std::error_code ec;
-      fs::create_directories(fs::path(options.data_dir) / sub, ec);
-      if (ec) {
-        return FileError(ec.value(), absl::StrCat("cannot create data dir ", options.data_dir, "/", sub));
+      const fs::path d = root / sub;
+      if (::mkdir(d.c_str(), 0700) != 0 && errno != EEXIST) {
+        return FileError(errno, absl::StrCat("cannot create data dir ", options.data_dir, "/", sub));
       }
     }
     FQ_RETURN_IF_ERROR(r->Load());
@@ -516,6 +543,16 @@ void Registry::UpdateSizeMetric(size_t n) {
   if (metrics_) metrics_->SetRegistrySize(static_cast<int64_t>(n));
 }
 
+std::optional<uint64_t> Registry::ReceiptSeqOf(const std::string& id) {
+  // "rcpt-<seq>" (before issue 14) or "rcpt-<unix seconds>-<instance>-<seq>": the local order is
+  // the last dash-separated field.
+  if (id.rfind("rcpt-", 0) != 0) return std::nullopt;
+  const size_t dash = id.rfind('-');
+  uint64_t seq = 0;
+  if (!absl::SimpleAtoi(absl::string_view(id).substr(dash + 1), &seq)) return std::nullopt;
+  return seq;
+}
+
 absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt receipt) {
   absl::MutexLock io(&io_mu_);
   uint64_t seq;
@@ -523,8 +560,11 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt
     absl::MutexLock lock(&mu_);
     seq = receipt_counter_++;
   }
-  receipt.set_receipt_id(absl::StrFormat("rcpt-%012d", seq));
   if (receipt.recorded_unix_seconds() == 0) receipt.set_recorded_unix_seconds(NowUnixSeconds());
+  // Unique across restarts (the counter restarts after receipts that were never persisted) and
+  // across replicas: time, this process's random instance id, then the local sequence number.
+  receipt.set_receipt_id(absl::StrFormat("rcpt-%d-%s-%012d", receipt.recorded_unix_seconds(),
+                                         instance_id_, seq));
   fs::path dir = fs::path(options_.data_dir) / "receipts";
   if (!options_.data_dir.empty()) {
     // A receipt that cannot be written (full or read-only disk) is kept in memory and marked, not
@@ -552,6 +592,25 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt
     for (const auto& id : drop) fs::remove(dir / absl::StrCat(id, ".json"), ec);
   }
   return receipt;
+}
+
+void Registry::RemoveReceipt(const std::string& id) {
+  absl::MutexLock io(&io_mu_);
+  bool found = false;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = receipts_.begin(); it != receipts_.end(); ++it) {
+      if (it->receipt_id() == id) {
+        receipts_.erase(it);
+        found = true;
+        break;
+      }
+    }
+  }
+  if (found && !options_.data_dir.empty()) {
+    std::error_code ec;
+    fs::remove(fs::path(options_.data_dir) / "receipts" / absl::StrCat(id, ".json"), ec);
+  }
 }
 
 absl::StatusOr<fibquant::v1::Receipt> Registry::GetReceipt(const std::string& id) const {

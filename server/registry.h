@@ -19,6 +19,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -80,6 +81,15 @@ class Registry {
   // receipt_retention receipts (the oldest are dropped, files too). Returns the stored receipt.
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> AddReceipt(fibquant::v1::Receipt receipt);
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> GetReceipt(const std::string& id) const;
+  // Withdraws a stored receipt (memory and file): a stream whose final status was not OK after its
+  // receipt was stored (the client cancelled or its deadline passed while the receipt was being
+  // written) must not leave one behind. Unknown ids are ignored.
+  void RemoveReceipt(const std::string& id);
+  // The local sequence number of a receipt id ("rcpt-<seq>" or
+  // "rcpt-<unix seconds>-<instance>-<seq>"), or nullopt when `id` is not of that form.
+  static std::optional<uint64_t> ReceiptSeqOf(const std::string& id);
+  // The random id of this process's receipts (8 hex digits).
+  const std::string& instance_id() const { return instance_id_; }
   // Newest first, only receipts whose sequence number (the digits of "rcpt-<seq>") is below
   // `before_seq`, optionally only those of one profile digest.
   std::vector<fibquant::v1::Receipt> ListReceipts(const std::string& profile_digest, uint64_t before_seq,
@@ -93,7 +103,7 @@ class Registry {
   static std::string EntryFileName(const std::string& digest);
 
  private:
-  Registry(const RegistryOptions& options, Metrics* metrics) : options_(options), metrics_(metrics) {}
+  Registry(const RegistryOptions& options, Metrics* metrics);
   absl::Status Load();
   absl::Status LoadProfiles();
   absl::Status LoadReceipts();
@@ -104,6 +114,7 @@ class Registry {
 
   const RegistryOptions options_;
   Metrics* const metrics_;
+  const std::string instance_id_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const ProfileEntry>> profiles_ ABSL_GUARDED_BY(mu_);
   std::deque<fibquant::v1::Receipt> receipts_ ABSL_GUARDED_BY(mu_);  // oldest first

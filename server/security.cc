@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -24,6 +25,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/security/tls_certificate_provider.h"
@@ -508,7 +511,22 @@ absl::Status CheckPlaintextAllowed(const std::string& listen, bool tls_enabled,
       "if a trusted proxy terminates TLS)"));
 }
 
+absl::Status CheckSecretFileMode(const std::string& flag, const std::string& path) {
+  struct stat st {};
+  // stat, not lstat: a Kubernetes Secret volume reaches its files through symlinks, and what matters
+  // is who may rewrite the bytes the server reads.
+  if (::stat(path.c_str(), &st) != 0) return absl::OkStatus();  // the read reports it, naming the flag
+  if ((st.st_mode & S_IWOTH) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        flag, ": '", path, "' is writable by every user (mode ",
+        absl::StrFormat("%04o", st.st_mode & 07777),
+        "); anyone on the host could replace the secret: chmod o-w (0600 or 0400 is usual)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<AdminTokenAuth>> AdminTokenAuth::FromFile(const std::string& path) {
+  if (absl::Status mode = CheckSecretFileMode("--admin-token-file", path); !mode.ok()) return mode;
   auto content = ReadSmallFile("--admin-token-file", path, 4096);
   if (!content.ok()) return content.status();
   auto auth = FromToken(std::string(absl::StripAsciiWhitespace(*content)));
@@ -542,6 +560,12 @@ absl::Status AdminTokenAuth::Authorize(
     return absl::UnauthenticatedError(
         "this method requires metadata 'authorization: Bearer <admin token>'");
   }
+  // Two values would leave which one counts to the order a proxy happened to keep (gRPC passes
+  // every value; a first-wins rule here and a last-wins rule in front of us disagree).
+  if (client_metadata.count("authorization") > 1) {
+    return absl::InvalidArgumentError(
+        "metadata 'authorization' must appear once; this request carries it more than once");
+  }
   std::string_view value(it->second.data(), it->second.size());
   constexpr std::string_view kBearer = "Bearer ";
   if (value.size() < kBearer.size() ||
@@ -554,6 +578,61 @@ absl::Status AdminTokenAuth::Authorize(
     return absl::PermissionDeniedError("admin token rejected");
   }
   return absl::OkStatus();
+}
+
+namespace {
+absl::StatusOr<std::shared_ptr<const KvFrameKeyRing>> ReadFrameKeys(const std::string& path) {
+  if (absl::Status mode = CheckSecretFileMode("--frame-key-file", path); !mode.ok()) return mode;
+  auto text = ReadSmallFile("--frame-key-file", path, 64 * 1024);
+  if (!text.ok()) return text.status();
+  auto ring = KvFrameKeyRing::Parse(*text, absl::StrCat("--frame-key-file '", path, "'"));
+  if (!ring.ok()) return ring.status();
+  return std::make_shared<const KvFrameKeyRing>(*std::move(ring));
+}
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<FrameKeyHolder>> FrameKeyHolder::FromFile(const std::string& path) {
+  std::unique_ptr<FrameKeyHolder> h(new FrameKeyHolder(path));
+  if (absl::Status s = h->Reload(); !s.ok()) return s;
+  return h;
+}
+
+absl::Status FrameKeyHolder::Reload() {
+  auto ring = ReadFrameKeys(path_);
+  if (!ring.ok()) return ring.status();
+  absl::MutexLock lock(&mu_);
+  ring_ = *std::move(ring);
+  return absl::OkStatus();
+}
+
+std::shared_ptr<const KvFrameKeyRing> FrameKeyHolder::Current() const {
+  absl::MutexLock lock(&mu_);
+  return ring_;
+}
+
+std::string FrameKeyHolder::Describe() const {
+  std::shared_ptr<const KvFrameKeyRing> ring = Current();
+  if (ring == nullptr) return "no keys";
+  const std::vector<uint16_t> ids = ring->ids();
+  return absl::StrCat(ids.size(), ids.size() == 1 ? " key" : " keys", " (ids ",
+                      absl::StrJoin(ids, ", "), "), sealing with key id ", ring->active_id());
+}
+
+absl::Status AdminTokenHolder::Reload() {
+  auto fresh = AdminTokenAuth::FromFile(path_);
+  if (!fresh.ok()) return fresh.status();
+  absl::MutexLock lock(&mu_);
+  auth_ = std::shared_ptr<const AdminTokenAuth>(std::move(*fresh));
+  return absl::OkStatus();
+}
+
+absl::Status AdminTokenHolder::Authorize(const grpc::ServerContextBase& context) const {
+  std::shared_ptr<const AdminTokenAuth> auth;
+  {
+    absl::MutexLock lock(&mu_);
+    auth = auth_;
+  }
+  return auth->Authorize(context);
 }
 
 }  // namespace fibquant::server

@@ -32,6 +32,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "core/kv_frame_auth.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/string_ref.h"
@@ -151,6 +152,11 @@ bool IsLoopbackListenAddress(const std::string& listen);
 // --allow-insecure is set (FailedPrecondition naming the flags and the address).
 absl::Status CheckPlaintextAllowed(const std::string& listen, bool tls_enabled, bool allow_insecure);
 
+// FailedPrecondition naming `flag` when `path` (followed through symlinks) is writable by every
+// user: a secret anyone on the host can replace is no secret. A missing file is OK here (the read
+// that follows reports it).
+absl::Status CheckSecretFileMode(const std::string& flag, const std::string& path);
+
 // The admin bearer token. RegisterProfile requires the metadata `authorization: Bearer <token>`.
 // The token is kept only as its SHA-256; requests are compared by SHA-256 of the presented value
 // with CRYPTO_memcmp, so the comparison takes the same time wherever the first difference is and
@@ -158,6 +164,7 @@ absl::Status CheckPlaintextAllowed(const std::string& listen, bool tls_enabled, 
 class AdminTokenAuth {
  public:
   // The token is the file's content with surrounding whitespace (a trailing newline) removed.
+  // FailedPrecondition when the file is world-writable (CheckSecretFileMode).
   // InvalidArgument when it is empty or shorter than 16 characters, or contains whitespace or
   // control characters (they cannot travel in an HTTP/2 header value unchanged).
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<AdminTokenAuth>> FromFile(
@@ -166,8 +173,8 @@ class AdminTokenAuth {
       const std::string& token);
 
   // OK when the metadata carries `authorization: Bearer <token>` with the right token.
-  // Unauthenticated when the header is missing or not a Bearer credential; PermissionDenied when a
-  // Bearer token is present but wrong. Messages never echo the presented value.
+  // Unauthenticated when the header is missing or not a Bearer credential; InvalidArgument when it
+  // appears more than once; PermissionDenied when a Bearer token is present but wrong. Messages never echo the presented value.
   absl::Status Authorize(
       const std::multimap<grpc::string_ref, grpc::string_ref>& client_metadata) const;
   absl::Status Authorize(const grpc::ServerContextBase& context) const {
@@ -177,6 +184,46 @@ class AdminTokenAuth {
  private:
   explicit AdminTokenAuth(const std::array<unsigned char, 32>& digest) : digest_(digest) {}
   std::array<unsigned char, 32> digest_;
+};
+
+// The admin token in force, replaceable at run time (SIGHUP re-reads --admin-token-file). Reload
+// keeps the token in use when the file fails its checks, so a bad edit never opens or locks the
+// admin RPCs. Thread safety: Authorize and Reload may run concurrently on any threads.
+class AdminTokenHolder {
+ public:
+  AdminTokenHolder(std::string path, std::unique_ptr<AdminTokenAuth> initial)
+      : path_(std::move(path)), auth_(std::move(initial)) {}
+  // Re-reads the file (AdminTokenAuth::FromFile); on success the new token replaces the old one.
+  absl::Status Reload();
+  absl::Status Authorize(const grpc::ServerContextBase& context) const;
+  const std::string& path() const { return path_; }
+
+ private:
+  const std::string path_;
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const AdminTokenAuth> auth_ ABSL_GUARDED_BY(mu_);
+};
+
+// The frame keys in force (--frame-key-file, core/kv_frame_auth.h), replaceable at run time
+// (SIGHUP): a reload that fails its checks keeps the keys in use. Streams take the ring once at
+// their header, so a reload applies to new streams. Thread safety: all methods may be called
+// concurrently.
+class FrameKeyHolder {
+ public:
+  // FailedPrecondition for a world-writable file; InvalidArgument naming the flag, the path and
+  // the line for a malformed one; NotFound / PermissionDenied when it cannot be read.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<FrameKeyHolder>> FromFile(const std::string& path);
+  absl::Status Reload();
+  std::shared_ptr<const KvFrameKeyRing> Current() const;
+  // "2 keys (ids 3, 9), sealing with key id 3" (never the secrets).
+  std::string Describe() const;
+  const std::string& path() const { return path_; }
+
+ private:
+  explicit FrameKeyHolder(std::string path) : path_(std::move(path)) {}
+  const std::string path_;
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const KvFrameKeyRing> ring_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace fibquant::server

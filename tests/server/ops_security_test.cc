@@ -3,6 +3,8 @@
 // TlsReloader's re-checks (good rotation staged and logged, bad rotation kept out and warned).
 #include "server/security.h"
 
+#include <sys/stat.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <map>
@@ -22,6 +24,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Metadata = std::multimap<grpc::string_ref, grpc::string_ref>;
 
 TEST(LoopbackTest, RecognisesLoopbackAddresses) {
@@ -340,6 +343,44 @@ TEST(AdminTokenTest, MissingIsUnauthenticatedWrongIsPermissionDenied) {
   EXPECT_TRUE((*auth)->Authorize(right).ok());
   Metadata lower{{"authorization", "bearer s3cret-token-0123456789"}};
   EXPECT_TRUE((*auth)->Authorize(lower).ok());
+}
+
+// Issue 14 item 12: two authorization values used to be resolved first-wins.
+TEST(AdminTokenTest, TwoAuthorizationValuesAreInvalidArgument) {
+  auto auth = AdminTokenAuth::FromToken("s3cret-token-0123456789");
+  ASSERT_TRUE(auth.ok()) << auth.status();
+  for (const Metadata& md : {Metadata{{"authorization", "Bearer s3cret-token-0123456789"},
+                                      {"authorization", "Bearer wrong-token-00000000000"}},
+                             Metadata{{"authorization", "Bearer wrong-token-00000000000"},
+                                      {"authorization", "Bearer s3cret-token-0123456789"}},
+                             Metadata{{"authorization", "Bearer s3cret-token-0123456789"},
+                                      {"authorization", "Bearer s3cret-token-0123456789"}}}) {
+    const absl::Status s = auth.value()->Authorize(md);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("more than once"));
+    EXPECT_THAT(std::string(s.message()), Not(HasSubstr("s3cret")));
+  }
+}
+
+// Issue 14 item 12: a world-writable token file is refused at start, naming the flag and mode.
+TEST(AdminTokenTest, WorldWritableTokenFileIsRefused) {
+  testing::TempDir dir;
+  const auto path = dir.path() / "token";
+  testing::WriteWholeFile(path, "file-token-0123456789\n");
+  ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
+  auto auth = AdminTokenAuth::FromFile(path.string());
+  EXPECT_EQ(auth.status().code(), absl::StatusCode::kFailedPrecondition) << auth.status();
+  EXPECT_THAT(std::string(auth.status().message()), HasSubstr("--admin-token-file"));
+  EXPECT_THAT(std::string(auth.status().message()), HasSubstr("0666"));
+  // Through a symlink (how a Secret volume presents it) the target's mode counts.
+  const auto link = dir.path() / "link";
+  std::filesystem::create_symlink(path, link);
+  EXPECT_EQ(AdminTokenAuth::FromFile(link.string()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  for (mode_t ok_mode : {0600, 0640, 0644, 0400}) {
+    ASSERT_EQ(::chmod(path.c_str(), ok_mode), 0);
+    EXPECT_TRUE(AdminTokenAuth::FromFile(path.string()).ok()) << std::oct << ok_mode;
+  }
 }
 
 TEST(AdminTokenTest, FileTrailingNewlineIsIgnored) {
