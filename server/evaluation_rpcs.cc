@@ -109,6 +109,17 @@ using namespace ::fibquant::server::internal;  // NOLINT(build/namespaces): this
 }
 }  // namespace
 
+absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::CheckUnauthenticatedBuild(
+    KvCompressionProfile p) const {
+  const uint64_t limit = std::min(options_.max_unauthenticated_build_cost, options_.max_profile_build_cost);
+  if (absl::Status c = CheckBuildCost(p, limit); !c.ok()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        c.message(), " (max_unauthenticated_build_cost: EvaluateQuality without the admin token; "
+        "--max-unauthenticated-build-cost)"));
+  }
+  return p;
+}
+
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::CallbackServerContext* ctx,
                                                                     const v1::EvaluateQualityRequest* req,
                                                                     v1::EvaluateQualityResponse* resp) {
@@ -116,6 +127,10 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
   const UnaryFinisher finish(metrics_, reactor, "EvaluateQuality");
   std::vector<std::shared_ptr<const KvCodec>> codecs;
   std::vector<KvCompressionProfile> candidates;
+  // EvaluateQuality needs no token; when registration does, a caller without it is held to a
+  // tighter build cost and builds on a pool of its own, so it cannot delay an admin's
+  // RegisterProfile (issue 14 item 4: such builds made a tiny registration wait 59 s).
+  const bool admin = !options_.authorize_admin || options_.authorize_admin(*ctx).ok();
   absl::Status s = [&]() -> absl::Status {
     for (const auto& [name, size] : {std::pair<const char*, int>{"keys", req->keys_size()},
                                      {"values", req->values_size()},
@@ -140,11 +155,13 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
     }
     for (int i = 0; i < req->candidates_size(); ++i) {
       auto p = ParseSpec(&req->candidates(i), nullptr);
+      if (p.ok() && !admin) p = CheckUnauthenticatedBuild(*std::move(p));
       if (!p.ok()) return Prefixed(p.status(), absl::StrCat("candidates[", i, "]: "));
       candidates.push_back(*std::move(p));
     }
     for (int i = 0; i < req->candidate_spec_jsons_size(); ++i) {
       auto p = ParseSpec(nullptr, &req->candidate_spec_jsons(i));
+      if (p.ok() && !admin) p = CheckUnauthenticatedBuild(*std::move(p));
       if (!p.ok()) return Prefixed(p.status(), absl::StrCat("candidate_spec_jsons[", i, "]: "));
       candidates.push_back(*std::move(p));
     }
@@ -155,7 +172,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
     return reactor;
   }
   // Candidates are codebook builds: they run on the build pool, never ahead of stream pages.
-  WorkerPool* pool = candidates.empty() ? pool_.get() : build_pool_.get();
+  WorkerPool* pool = candidates.empty() ? pool_.get() : admin ? build_pool_.get() : eval_build_pool_.get();
   absl::Status submitted = pool->Submit([this, ctx, req, resp, finish, codecs = std::move(codecs),
                                           candidates = std::move(candidates)](absl::Status pool_status) mutable {
     if (!pool_status.ok()) {
@@ -169,7 +186,10 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
           codecs.push_back(existing->codec);
           continue;
         }
-        FQ_ASSIGN_OR_RETURN(auto codec, KvCodec::Build(std::move(c), options_.build_threads));
+        // The caller is the only one waiting for this build: it stops when the caller goes away
+        // (or the drain ends) instead of holding the build pool for nobody.
+        const CancelToken cancel(&builds_cancel_, [ctx] { return ctx->IsCancelled(); });
+        FQ_ASSIGN_OR_RETURN(auto codec, KvCodec::Build(std::move(c), options_.build_threads, &cancel));
         codecs.push_back(std::move(codec));
       }
       for (const auto& codec : codecs) {

@@ -32,6 +32,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
@@ -102,7 +103,30 @@ ABSL_FLAG(uint64_t, max_eval_values, kDefaults.max_eval_values,
 ABSL_FLAG(uint32_t, max_eval_profiles, kDefaults.max_eval_profiles,
           "EvaluateQuality: most profiles and candidates per call.");
 ABSL_FLAG(int32_t, drain_seconds, 30,
-          "On SIGTERM/SIGINT: seconds running calls may take to finish before they are cancelled.");
+          "On SIGTERM/SIGINT: seconds running calls may take to finish before they are cancelled "
+          "(codebook builds still running then stop at their next Lloyd iteration).");
+ABSL_FLAG(uint64_t, max_buffered_bytes, kDefaults.max_buffered_bytes,
+          "Bytes that requests make the server hold at once, server-wide: decoded pages, raw pages "
+          "and frames of streams, GetCodebook answers; counted before allocating. A page that does "
+          "not fit waits for its stream's earlier pages, else RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int32_t, stream_idle_timeout_seconds, kDefaults.stream_idle_timeout_seconds,
+          "Streams (and large unary answers) with no progress for this long are cancelled "
+          "(0 = never).");
+ABSL_FLAG(uint32_t, max_streams_per_connection, 16,
+          "HTTP/2 streams (calls) one client connection may have open at once "
+          "(SETTINGS_MAX_CONCURRENT_STREAMS): a fair share of --max-concurrent-streams.");
+ABSL_FLAG(int32_t, keepalive_seconds, 60,
+          "HTTP/2 keepalive ping interval; a connection that does not answer within 20 s is "
+          "closed (0 = no server pings).");
+ABSL_FLAG(uint64_t, max_unauthenticated_build_cost, kDefaults.max_unauthenticated_build_cost,
+          "With --admin-token-file: largest EvaluateQuality candidate build of a caller without the "
+          "token (same units as --max-profile-build-cost); such builds run on a pool of their own.");
+ABSL_FLAG(uint64_t, max_build_memory_bytes, kDefaults.max_build_memory_bytes,
+          "Largest memory one codebook build may take (estimated before it starts).");
+ABSL_FLAG(std::string, frame_key_file, "",
+          "File of frame keys ('<id> <hex secret>' per line, the first seals): frames are sealed "
+          "with HMAC-SHA256 and only frames sealed with one of these keys decode (others are "
+          "DATA_LOSS). Re-read on SIGHUP. Empty: frames carry only a corruption checksum.");
 
 namespace fibquant::server {
 namespace {
@@ -140,6 +164,19 @@ absl::Status CheckFlagRanges() {
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
     return absl::InvalidArgumentError("--drain-seconds must be >= 0");
   }
+  if (absl::GetFlag(FLAGS_stream_idle_timeout_seconds) < 0) {
+    return absl::InvalidArgumentError("--stream-idle-timeout-seconds must be >= 0 (0 = never)");
+  }
+  if (absl::GetFlag(FLAGS_keepalive_seconds) < 0) {
+    return absl::InvalidArgumentError("--keepalive-seconds must be >= 0");
+  }
+  if (absl::GetFlag(FLAGS_max_streams_per_connection) == 0 ||
+      absl::GetFlag(FLAGS_max_streams_per_connection) > static_cast<uint32_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError("--max-streams-per-connection must be >= 1");
+  }
+  if (absl::GetFlag(FLAGS_max_buffered_bytes) == 0) {
+    return absl::InvalidArgumentError("--max-buffered-bytes must be >= 1");
+  }
   // gRPC takes the message limit as an int.
   if (absl::GetFlag(FLAGS_max_message_bytes) == 0 ||
       absl::GetFlag(FLAGS_max_message_bytes) > static_cast<uint64_t>(INT32_MAX)) {
@@ -165,14 +202,70 @@ ServiceOptions ServiceOptionsFromFlags() {
   o.build_workers = absl::GetFlag(FLAGS_build_workers);
   o.max_eval_values = absl::GetFlag(FLAGS_max_eval_values);
   o.max_eval_profiles = absl::GetFlag(FLAGS_max_eval_profiles);
+  o.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);
+  o.stream_idle_timeout_seconds = absl::GetFlag(FLAGS_stream_idle_timeout_seconds);
+  o.max_unauthenticated_build_cost = absl::GetFlag(FLAGS_max_unauthenticated_build_cost);
+  o.max_build_memory_bytes = absl::GetFlag(FLAGS_max_build_memory_bytes);
   return o;
 }
 
-// Waits for SIGTERM/SIGINT, then drains. Returns after grpc::Server::Shutdown has returned.
+// What SIGHUP re-reads (any may be null).
+struct Reloadables {
+  TlsReloader* tls = nullptr;
+  AdminTokenHolder* admin_token = nullptr;
+  FrameKeyHolder* frame_keys = nullptr;
+};
+
+// SIGHUP: re-read the TLS files (at once, instead of at the next --tls-reload-seconds check) and
+// the admin token file; whatever fails its checks is kept as it was and logged.
+void ReloadOnHangup(const Reloadables& r) {
+  Log("received SIGHUP: re-reading the tls and admin token files");
+  if (r.tls != nullptr) {
+    if (absl::Status s = r.tls->CheckNow(); !s.ok()) {
+      Log(absl::StrCat("warning: tls files not reloaded: ", s.message()));
+    }
+  }
+  if (r.admin_token != nullptr) {
+    if (absl::Status s = r.admin_token->Reload(); !s.ok()) {
+      Log(absl::StrCat("warning: admin token not reloaded, the previous one stays in force: ",
+                       s.message()));
+    } else {
+      Log(absl::StrCat("admin token reloaded from '", r.admin_token->path(), "'"));
+    }
+  }
+  if (r.frame_keys != nullptr) {
+    if (absl::Status s = r.frame_keys->Reload(); !s.ok()) {
+      Log(absl::StrCat("warning: frame keys not reloaded, the previous ones stay in force: ",
+                       s.message()));
+    } else {
+      Log(absl::StrCat("frame keys reloaded from '", r.frame_keys->path(), "': ",
+                       r.frame_keys->Describe()));
+    }
+  }
+  if (r.tls == nullptr && r.admin_token == nullptr && r.frame_keys == nullptr) {
+    Log("nothing to reload (no tls, admin token or frame keys)");
+  }
+}
+
+// Waits for SIGTERM/SIGINT, then drains. SIGHUP reloads (ReloadOnHangup) and SIGUSR1/SIGUSR2 are
+// logged and ignored: their default action would kill the process without a drain. Returns after
+// grpc::Server::Shutdown has returned.
 void DrainOnSignal(const sigset_t* signals, grpc::Server* server, KvCompressionServiceImpl* service,
-                   int drain_seconds) {
+                   int drain_seconds, Reloadables reloadables) {
   int sig = 0;
-  if (sigwait(signals, &sig) != 0) sig = SIGTERM;  // cannot happen with a valid set
+  for (;;) {
+    if (sigwait(signals, &sig) != 0) sig = SIGTERM;  // cannot happen with a valid set
+    if (sig == SIGHUP) {
+      ReloadOnHangup(reloadables);
+      continue;
+    }
+    if (sig == SIGUSR1 || sig == SIGUSR2) {
+      Log(absl::StrCat("received ", sig == SIGUSR1 ? "SIGUSR1" : "SIGUSR2",
+                       ": ignored (SIGTERM or SIGINT drains and stops, SIGHUP reloads)"));
+      continue;
+    }
+    break;
+  }
   Log(absl::StrCat("received ", sig == SIGINT ? "SIGINT" : "SIGTERM", ", draining"));
   // NOT_SERVING first, so health probes see the drain; Shutdown() of the health service also
   // freezes the status (later SetServingStatus calls are ignored).
@@ -183,7 +276,19 @@ void DrainOnSignal(const sigset_t* signals, grpc::Server* server, KvCompressionS
   service->StartDrain();
   Log(absl::StrCat("draining: health NOT_SERVING, new calls refused; running calls have ",
                    drain_seconds, " s to finish"));
+  // At the drain deadline the builds still running are cancelled: their reactors then finish
+  // (Cancelled) and Shutdown returns, so the process exits within the drain plus one Lloyd
+  // iteration rather than after the longest build (issue 14 item 8).
+  absl::Notification shut_down;
+  std::thread canceller([&shut_down, service, drain_seconds] {
+    if (!shut_down.WaitForNotificationWithTimeout(absl::Seconds(drain_seconds))) {
+      Log("drain deadline reached: cancelling running calls and codebook builds");
+      service->CancelBuilds();
+    }
+  });
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(drain_seconds));
+  shut_down.Notify();
+  canceller.join();
 }
 
 int Run(int argc, char** argv) {
@@ -193,6 +298,9 @@ int Run(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
+  sigaddset(&signals, SIGUSR1);
+  sigaddset(&signals, SIGUSR2);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   absl::SetProgramUsageMessage(kUsage);
@@ -266,11 +374,20 @@ int Run(int argc, char** argv) {
     }
   }
 
-  std::unique_ptr<AdminTokenAuth> admin_auth;
+  std::unique_ptr<FrameKeyHolder> frame_keys;
+  if (const std::string path = absl::GetFlag(FLAGS_frame_key_file); !path.empty()) {
+    auto keys = FrameKeyHolder::FromFile(path);
+    if (!keys.ok()) return Fail(keys.status());
+    frame_keys = *std::move(keys);
+    Log(absl::StrCat("frame keys from '", path, "': ", frame_keys->Describe(),
+                     "; frames are sealed and verified (HMAC-SHA256)"));
+  }
+
+  std::unique_ptr<AdminTokenHolder> admin_auth;
   if (const std::string path = absl::GetFlag(FLAGS_admin_token_file); !path.empty()) {
     auto auth = AdminTokenAuth::FromFile(path);
     if (!auth.ok()) return Fail(auth.status());
-    admin_auth = *std::move(auth);
+    admin_auth = std::make_unique<AdminTokenHolder>(path, *std::move(auth));
   }
 
   if (const std::string ml = absl::GetFlag(FLAGS_metrics_listen); !ml.empty()) {
@@ -285,6 +402,10 @@ int Run(int argc, char** argv) {
     options.authorize_admin = [auth = admin_auth.get()](const grpc::ServerContextBase& ctx) {
       return auth->Authorize(ctx);
     };
+  }
+  if (frame_keys != nullptr) {
+    // frame_keys outlives the service (declared earlier in this scope).
+    options.frame_keys = [keys = frame_keys.get()] { return keys->Current(); };
   }
   auto service = KvCompressionServiceImpl::Create(options, &metrics);
   if (!service.ok()) return Fail(service.status());
@@ -304,6 +425,15 @@ int Run(int argc, char** argv) {
   const int max_message = static_cast<int>(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
+  // Connection-level bounds (issue 14 item 3): one connection cannot take every stream slot, and a
+  // peer that stops answering keepalive pings is dropped with its streams.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             static_cast<int>(absl::GetFlag(FLAGS_max_streams_per_connection)));
+  if (const int32_t ka = absl::GetFlag(FLAGS_keepalive_seconds); ka > 0) {
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ka * 1000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || (port == 0 && !listen.starts_with("unix"))) {
     return Fail(absl::UnavailableError(absl::StrCat(
@@ -327,7 +457,8 @@ int Run(int argc, char** argv) {
   if (reloader != nullptr) reloader->Start();
 
   std::thread signal_thread(DrainOnSignal, &signals, server.get(), service->get(),
-                            absl::GetFlag(FLAGS_drain_seconds));
+                            absl::GetFlag(FLAGS_drain_seconds),
+                            Reloadables{reloader.get(), admin_auth.get(), frame_keys.get()});
   server->Wait();
   signal_thread.join();
   server.reset();   // the service must outlive the server

@@ -24,6 +24,7 @@
 #include "core/digest.h"
 #include "core/kv_codec.h"
 #include "core/kv_frame.h"
+#include "core/kv_frame_auth.h"
 #include "core/kv_profile.h"
 #include "core/kv_receipt.h"
 #include "core/status_macros.h"
@@ -70,7 +71,8 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
   using Work = absl::AnyInvocable<absl::StatusOr<Result>() &&>;
 
   PageStream(const StreamEnv& env, grpc::CallbackServerContext* ctx, const char* method)
-      : env_(env), ctx_(ctx), method_(method), start_(Clock::now()) {
+      : env_(env), ctx_(ctx), method_(method), start_(Clock::now()),
+        reap_id_(env.reaper->Register(ctx)) {
     if (env_.metrics) env_.metrics->StreamStarted();
   }
 
@@ -82,10 +84,15 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) {  // client half-closed (or the call is over)
-      Drive([this] {
+    env_.reaper->Touch(reap_id_);
+    if (!ok) {
+      // A half-close, or the end of a call that failed (client cancel, deadline, server shutdown):
+      // only the first may lead to a receipt (issue 14 item 5), so a cancelled context is an error.
+      const bool call_over = ctx_->IsCancelled();
+      Drive([this, call_over] {
         reading_ = false;
         read_done_ = true;
+        if (call_over) SetError(absl::CancelledError("the call ended before the client half-closed"));
       });
       return;
     }
@@ -112,15 +119,18 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
       });
       return;
     }
-    {
-      absl::MutexLock lock(&mu_);
+    // The page's memory is admitted against --max-buffered-bytes before its work is scheduled (in
+    // Drive, through UnparkLocked); until it fits, no further message is read from this stream.
+    const uint64_t bytes = page_bytes_;
+    Drive([this, seq, bytes, &work] {
       reading_ = false;
       if (finished_) return;  // the stream already failed: drop the page, read no more
-      ++next_seq_;
-      ++inflight_;
-      ++pending_;
-    }
-    env_.pool->SubmitReserved([this, seq, w = *std::move(work)](absl::Status pool_status) mutable {
+      parked_.emplace(Parked{seq, std::move(*work), bytes});
+    });
+  }
+
+  void Submit(uint64_t seq, Work work) {
+    env_.pool->SubmitReserved([this, seq, w = std::move(work)](absl::Status pool_status) mutable {
       absl::StatusOr<Result> r = !pool_status.ok() ? absl::StatusOr<Result>(pool_status)
                                  : cancelled_.load() ? absl::StatusOr<Result>(absl::CancelledError("stream cancelled"))
                                                      : std::move(w)();
@@ -132,10 +142,10 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
         }
       });
     });
-    Drive([] {});
   }
 
   void OnWriteDone(bool ok) override {
+    env_.reaper->Touch(reap_id_);
     Drive([this, ok] {
       writing_ = false;
       if (!ok) {
@@ -146,6 +156,7 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
         final_in_flight_ = false;
         final_written_ = true;
       } else {
+        leases_.erase(next_write_);  // the page's bytes have left the server
         ++next_write_;
         --inflight_;
       }
@@ -162,14 +173,22 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
     // the flag OnCancel wrote makes that order visible to ThreadSanitizer too (Debian's gRPC is
     // not instrumented), so deleting this object below is not reported as racing with OnCancel.
     (void)cancelled_.load(std::memory_order_acquire);
+    env_.reaper->Unregister(reap_id_);
     if (env_.metrics) env_.metrics->StreamFinished();
     std::atomic<uint32_t>* const open_streams = env_.open_streams;
     bool del;
+    std::string withdraw;
     {
       absl::MutexLock lock(&mu_);
       done_ = true;
       del = pending_ == 0;
+      // A receipt is kept only for a stream that finished OK and whose status reached the client;
+      // a cancel or deadline that raced the final write leaves none (issue 14 item 5).
+      if (!stored_receipt_id_.empty() && (!finished_ok_ || ctx_->IsCancelled())) {
+        withdraw = stored_receipt_id_;
+      }
     }
+    if (!withdraw.empty()) env_.registry->RemoveReceipt(withdraw);
     if (del) delete this;
     // Last, touching nothing after it: the service's destructor waits for this count to reach zero
     // (and its acquire load orders everything above before the service goes away).
@@ -190,9 +209,28 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
   // Pool thread, after the last page was written: the final message (receipt).
   [[nodiscard]] virtual absl::StatusOr<Resp> MakeFinal() = 0;
 
+  // MakeFinal: stores the stream's receipt and remembers its id (withdrawn in OnDone if the
+  // stream then fails). A stream that carried no page gets its receipt in the final message but
+  // nothing is stored (empty id, persisted false): header-only streams must not evict the
+  // receipts of real work from --receipt-retention (issue 14 item 7).
+  [[nodiscard]] absl::StatusOr<v1::Receipt> StoreReceipt(v1::Receipt r) {
+    if (r.pages() == 0) {
+      r.set_persisted(false);
+      return r;
+    }
+    FQ_ASSIGN_OR_RETURN(v1::Receipt stored, env_.registry->AddReceipt(std::move(r)));
+    absl::MutexLock lock(&mu_);
+    stored_receipt_id_ = stored.receipt_id();
+    return stored;
+  }
+
   const StreamEnv env_;
   grpc::CallbackServerContext* const ctx_;
   std::atomic<bool> cancelled_{false};
+  // PreparePage: the bytes the page will make the server hold (its payload, its result and the
+  // response), admitted against --max-buffered-bytes before the work is scheduled. gRPC read
+  // thread only.
+  uint64_t page_bytes_ = 0;
 
  private:
   void SetError(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -203,25 +241,59 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
   template <typename F>
   void Drive(F&& update) {
     bool schedule_final;
+    std::optional<std::pair<uint64_t, Work>> submit;
     {
       absl::MutexLock lock(&mu_);
       update();
+      submit = UnparkLocked();
       schedule_final = Step();
     }
+    if (submit) Submit(submit->first, std::move(submit->second));
     if (schedule_final) ScheduleFinal();
+  }
+
+  // Admits the parked page when its bytes fit in the budget. While this stream has pages in flight
+  // the page waits for them (each write completion retries); with none in flight there is nothing
+  // of ours to wait for, so the stream fails with ResourceExhausted naming the flag.
+  std::optional<std::pair<uint64_t, Work>> UnparkLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!parked_.has_value()) return std::nullopt;
+    if (finished_ || !error_.ok()) {
+      parked_.reset();
+      return std::nullopt;
+    }
+    absl::StatusOr<Lease> lease =
+        env_.budget->TryAcquire(parked_->bytes, absl::StrCat(method_, " page ", parked_->seq));
+    if (!lease.ok()) {
+      if (inflight_ == 0) {
+        SetError(lease.status());
+        parked_.reset();
+      }
+      return std::nullopt;
+    }
+    leases_.emplace(parked_->seq, *std::move(lease));
+    ++next_seq_;
+    ++inflight_;
+    ++pending_;
+    std::pair<uint64_t, Work> out(parked_->seq, std::move(parked_->work));
+    parked_.reset();
+    return out;
   }
 
   // Like Drive, for a task completion: also drops the task's hold on the reactor.
   template <typename F>
   void Complete(F&& update) {
+    env_.reaper->Touch(reap_id_);  // registered until OnDone; Touch of a gone id is a no-op
     bool schedule_final, del;
+    std::optional<std::pair<uint64_t, Work>> submit;
     {
       absl::MutexLock lock(&mu_);
       --pending_;
       update();
+      submit = UnparkLocked();
       schedule_final = Step();
       del = done_ && pending_ == 0;
     }
+    if (submit) Submit(submit->first, std::move(submit->second));
     if (schedule_final) ScheduleFinal();
     if (del) delete this;
   }
@@ -274,7 +346,8 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
         return false;
       }
     }
-    if (!reading_ && !read_done_ && inflight_ < env_.options->max_inflight_pages_per_stream) {
+    if (!reading_ && !read_done_ && !parked_.has_value() &&
+        inflight_ < env_.options->max_inflight_pages_per_stream) {
       reading_ = true;
       this->StartRead(&req_);
     }
@@ -292,7 +365,10 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
 
   void FinishWith(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     finished_ = true;
+    finished_ok_ = s.ok();
     ready_.clear();  // frees buffered results now rather than at deletion
+    parked_.reset();
+    leases_.clear();
     if (env_.metrics) env_.metrics->RecordRpc(method_, s.code(), SecondsSince(start_));
     this->Finish(ToGrpcStatus(s));
   }
@@ -317,6 +393,18 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
   uint32_t pending_ ABSL_GUARDED_BY(mu_) = 0;   // tasks on the pool that point at this object
   uint64_t next_write_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<uint64_t, Result> ready_ ABSL_GUARDED_BY(mu_);
+  // A page read and validated but not yet admitted against --max-buffered-bytes.
+  struct Parked {
+    uint64_t seq;
+    Work work;
+    uint64_t bytes;
+  };
+  std::optional<Parked> parked_ ABSL_GUARDED_BY(mu_);
+  // Bytes of each admitted page, released when its response has been written.
+  std::map<uint64_t, Lease> leases_ ABSL_GUARDED_BY(mu_);
+  bool finished_ok_ ABSL_GUARDED_BY(mu_) = false;
+  std::string stored_receipt_id_ ABSL_GUARDED_BY(mu_);
+  const uint64_t reap_id_;
   absl::Status error_ ABSL_GUARDED_BY(mu_);
   Resp write_buf_ ABSL_GUARDED_BY(mu_);
   Resp final_ ABSL_GUARDED_BY(mu_);
@@ -365,6 +453,7 @@ class CompressReactor final
                                codec_->profile().quality_budget.has_any_metric();
     label_ = h.label();
     builder_.emplace(codec_);
+    if (env_.options->frame_keys) keys_ = env_.options->frame_keys();
     return absl::OkStatus();
   }
 
@@ -390,9 +479,11 @@ class CompressReactor final
     }
     auto data = std::make_shared<std::string>(std::move(*page->mutable_data()));
     const uint64_t client_seq = page->client_sequence();
+    // The raw page, its frame (at most the raw size plus headers) and the response holding it.
+    page_bytes_ = 3 * data->size() + 4096;
     return Work([codec = codec_, queries = queries_, data, coords, dtype = dtype_, opts = options_,
-                 want_metrics = return_metrics_, seq, client_seq, where, metrics = env_.metrics]() mutable
-                -> absl::StatusOr<CompressResult> {
+                 want_metrics = return_metrics_, seq, client_seq, where, metrics = env_.metrics,
+                 keys = keys_]() mutable -> absl::StatusOr<CompressResult> {
       KvPageInput in;
       in.coords = coords;
       in.dtype = dtype;
@@ -400,6 +491,16 @@ class CompressReactor final
       in.queries = absl::Span<const float>(queries->data(), queries->size());
       auto page = codec->CompressPage(in, opts);
       if (!page.ok()) return Prefixed(page.status(), where);
+      if (keys != nullptr) {  // seal; the receipt and frame_digest then cover the sealed bytes
+        auto sealed = SealKvFrame(
+            absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(page->frame.data()), page->frame.size()),
+            *keys);
+        if (!sealed.ok()) return Prefixed(sealed.status(), where);
+        page->frame = *std::move(sealed);
+        Sha256Hasher fh;
+        fh.Update(page->frame);
+        page->frame_digest = fh.FinishRaw();
+      }
       RecordPageMetrics(metrics, *page);
       CompressResult r;
       r.resp.set_sequence(seq);
@@ -441,7 +542,7 @@ class CompressReactor final
     r.set_receipt_digest(kr.digest);
     r.set_recorded_unix_seconds(kr.recorded_unix_seconds.value_or(NowUnixSeconds()));
     r.set_label(label_);
-    FQ_ASSIGN_OR_RETURN(v1::Receipt stored, env_.registry->AddReceipt(std::move(r)));
+    FQ_ASSIGN_OR_RETURN(v1::Receipt stored, StoreReceipt(std::move(r)));
     v1::CompressPagesResponse out;
     *out.mutable_receipt() = std::move(stored);
     return out;
@@ -453,6 +554,7 @@ class CompressReactor final
   KvCompressOptions options_;
   bool return_metrics_ = false;
   std::string label_;
+  std::shared_ptr<const KvFrameKeyRing> keys_;  // frame keys of this stream (null: unsealed)
   std::optional<KvReceiptBuilder> builder_;  // used under the base's mu_ (Account) and by MakeFinal
                                              // (after the last Account)
 };
@@ -483,6 +585,7 @@ class DecompressReactor final
     }
     FQ_ASSIGN_OR_RETURN(dtype_, FromProtoDType(req.header().output_dtype(), "header.output_dtype"));
     only_profile_ = req.header().profile_digest();
+    if (env_.options->frame_keys) keys_ = env_.options->frame_keys();
     if (!only_profile_.empty()) {
       FQ_RETURN_IF_ERROR(env_.registry->Lookup(only_profile_).status());
     }
@@ -511,9 +614,23 @@ class DecompressReactor final
     if (!entry.ok()) return Prefixed(entry.status(), where);
     if (first_profile_.empty()) first_profile_ = digest;
     const uint64_t client_seq = req.frame().client_sequence();
+    // A small frame can decode to a large page (a 17 KB frame of a head_dim 4096 profile decodes
+    // to 64 MiB), so the decoded size, not the frame size, is what the page makes the server hold:
+    // the decoder's f32 page, the page in the output dtype and the response holding a copy. The
+    // token count comes from the header, capped at the profile's page size (a larger claim is
+    // refused by DecodeFrame as DataLoss anyway).
+    {
+      const KvCompressionProfile& prof = (*entry)->codec->profile();
+      const uint64_t tokens = std::min<uint64_t>(header->coords.token_count, prof.page_geometry.tokens_per_page);
+      const uint64_t values = tokens * prof.shape.head_dim;
+      page_bytes_ = frame->size() + values * (sizeof(float) + 2 * DTypeSize(dtype_)) + 4096;
+    }
     return Work([codec = (*entry)->codec, frame, dtype = dtype_, seq, client_seq, where, digest,
-                 metrics = env_.metrics]() -> absl::StatusOr<DecompressResult> {
+                 metrics = env_.metrics, keys = keys_]() -> absl::StatusOr<DecompressResult> {
       auto span = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(frame->data()), frame->size());
+      if (keys != nullptr) {
+        if (absl::Status a = VerifyKvFrameAuth(span, *keys); !a.ok()) return Prefixed(a, where);
+      }
       auto page = codec->DecodeFrame(span, dtype);
       if (!page.ok()) return Prefixed(page.status(), where);
       DecompressResult r;
@@ -591,13 +708,14 @@ class DecompressReactor final
     r.set_receipt_json(j.dump(2));
     r.set_receipt_digest(digest);
     r.set_recorded_unix_seconds(now);
-    FQ_ASSIGN_OR_RETURN(v1::Receipt stored, env_.registry->AddReceipt(std::move(r)));
+    FQ_ASSIGN_OR_RETURN(v1::Receipt stored, StoreReceipt(std::move(r)));
     v1::DecompressPagesResponse out;
     *out.mutable_receipt() = std::move(stored);
     return out;
   }
 
   DType dtype_ = DType::kF32;
+  std::shared_ptr<const KvFrameKeyRing> keys_;  // frame keys of this stream (null: not verified)
   std::string only_profile_;
   std::string first_profile_;  // gRPC read thread
   // Written by Account (under the base's mu_, in order) and read by MakeFinal (after the last one).
@@ -628,14 +746,14 @@ grpc::ServerBidiReactor<Req, Resp>* OpenStream(const StreamEnv& env, grpc::Callb
 
 grpc::ServerBidiReactor<v1::CompressPagesRequest, v1::CompressPagesResponse>*
 KvCompressionServiceImpl::CompressPages(grpc::CallbackServerContext* ctx) {
-  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_};
+  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, budget_.get(), reaper_.get()};
   return OpenStream<CompressReactor, v1::CompressPagesRequest, v1::CompressPagesResponse>(
       env, ctx, draining_.load(), "CompressPages");
 }
 
 grpc::ServerBidiReactor<v1::DecompressPagesRequest, v1::DecompressPagesResponse>*
 KvCompressionServiceImpl::DecompressPages(grpc::CallbackServerContext* ctx) {
-  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_};
+  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, budget_.get(), reaper_.get()};
   return OpenStream<DecompressReactor, v1::DecompressPagesRequest, v1::DecompressPagesResponse>(
       env, ctx, draining_.load(), "DecompressPages");
 }

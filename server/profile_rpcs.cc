@@ -27,6 +27,8 @@
 #include "core/kv_profile.h"
 #include "core/kv_receipt.h"
 #include "core/status_macros.h"
+#include "server/idle_reaper.h"
+#include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/registry.h"
 #include "server/status_util.h"
@@ -40,6 +42,31 @@ namespace v1 = ::fibquant::v1;
 namespace fs = std::filesystem;
 using nlohmann::json;
 using namespace ::fibquant::server::internal;  // NOLINT(build/namespaces): this service's own internals
+
+// A unary reactor that holds the bytes of its answer against --max-buffered-bytes until gRPC is
+// done with the call (the answer sent, or the call cancelled), and is watched by the idle reaper
+// so a client that withholds HTTP/2 flow control cannot pin the answer beyond the idle timeout
+// (issue 14 item 2: 16 GetCodebook calls of a Haar d = 2048 rotation held about 1 GB).
+class LeasedUnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  LeasedUnaryReactor(Metrics* metrics, const char* method, grpc::CallbackServerContext* ctx,
+                     IdleReaper* reaper)
+      : finish_(metrics, this, method), reaper_(reaper), reap_id_(reaper->Register(ctx)) {}
+  void FinishWith(const absl::Status& s, Lease lease) {
+    lease_ = std::move(lease);
+    finish_(s);
+  }
+  void OnDone() override {
+    reaper_->Unregister(reap_id_);
+    delete this;  // releases the lease
+  }
+
+ private:
+  const UnaryFinisher finish_;
+  IdleReaper* const reaper_;
+  const uint64_t reap_id_;
+  Lease lease_;
+};
 }  // namespace
 
 absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v1::KvProfileSpec* structured,
@@ -49,14 +76,33 @@ absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v
                             : KvCompressionProfile::FromSpecJson(*spec_json);
   if (!p.ok()) return p.status();
   FQ_RETURN_IF_ERROR(CheckBuildCost(*p, options_.max_profile_build_cost));
+  if (p->fib_profile.has_value()) {
+    // Memory of the build, estimated before it runs (core/lloyd.cc, core/rotation.cc): the f64
+    // training samples and per-sample index, distance, order and cell scratch; the search's group
+    // bounds (at most 2^25 floats); the codebook and its restart copies; the Haar QR matrices.
+    const Profile& f = *p->fib_profile;
+    const uint64_t ts = f.training_samples, k = f.block_dim, n = f.codebook_size, d = f.ambient_dim;
+    const uint64_t bounds = std::min<uint64_t>(ts * 4 * std::max<uint64_t>(1, n / 64), uint64_t{128} << 20);
+    const uint64_t rotation = f.rotation_algorithm == kRotationHaarQr ? 3 * d * d * 8 : d * 8;
+    const uint64_t bytes = ts * (8 * k + 32) + bounds + n * k * 8 * 4 + rotation;
+    if (bytes > options_.max_build_memory_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "profile build needs about ", bytes, " bytes (training_samples ", ts, " x block_dim ", k,
+          ", codebook_size ", n, ", head_dim ", d, "); max_build_memory_bytes (--max-build-memory-bytes) is ",
+          options_.max_build_memory_bytes));
+    }
+  }
   return p;
 }
 
 KvCompressionServiceImpl::BuildResult KvCompressionServiceImpl::BuildAndStore(KvCompressionProfile profile,
-                                                                             bool* inserted) {
+                                                                             bool* inserted,
+                                                                             const CancelToken* cancel) {
   builds_started_.fetch_add(1);
   const auto t0 = Clock::now();
-  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec, KvCodec::Build(std::move(profile), options_.build_threads));
+  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec,
+                      KvCodec::Build(std::move(profile), options_.build_threads,
+                                     cancel != nullptr ? cancel : &builds_cancel_));
   const double seconds = SecondsSince(t0);
   if (metrics_) metrics_->ObserveBuildSeconds(seconds);
   ProfileEntry e;
@@ -128,8 +174,17 @@ void KvCompressionServiceImpl::RunFlight(const std::string& key, KvCompressionPr
     FinishFlight(key, cap, false);
     return;
   }
+  // The build stops (Cancelled, at its next Lloyd iteration) at the end of a drain, or once every
+  // registration waiting for it has been cancelled (a PreloadDir waiter never is).
+  const CancelToken cancel(&builds_cancel_, [this, &key] {
+    absl::MutexLock lock(&spec_mu_);
+    auto it = flights_.find(key);
+    return it != flights_.end() &&
+           std::all_of(it->second.waiters.begin(), it->second.waiters.end(),
+                       [](const Flight::Waiter& w) { return w.ctx != nullptr && w.ctx->IsCancelled(); });
+  });
   bool inserted = false;
-  BuildResult built = BuildAndStore(std::move(profile), &inserted);
+  BuildResult built = BuildAndStore(std::move(profile), &inserted, &cancel);
   FinishFlight(key, built, inserted);
 }
 
@@ -304,7 +359,9 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListProfiles(grpc::CallbackS
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackServerContext* ctx,
                                                                 const v1::GetCodebookRequest* req,
                                                                 v1::GetCodebookResponse* resp) {
-  return UnaryNow(metrics_, ctx, "GetCodebook", [&]() -> absl::Status {
+  auto* reactor = new LeasedUnaryReactor(metrics_, "GetCodebook", ctx, reaper_.get());
+  Lease lease;
+  absl::Status status = [&]() -> absl::Status {
     FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
     const auto& q = e->codec->quantizer();
     if (!q) {
@@ -322,6 +379,10 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackSe
           " bytes, above max_message_bytes ", options_.max_message_bytes,
           req->include_rotation_matrix() ? "; regenerate the rotation from (algorithm, dim, seed) instead" : ""));
     }
+    // The answer's bytes (the repeated fields, then their serialised copy in gRPC's send buffer)
+    // are admitted before they are built.
+    const uint64_t answer = 2 * (codebook_bytes + (req->include_rotation_matrix() ? matrix_bytes : 0)) + 4096;
+    FQ_ASSIGN_OR_RETURN(lease, budget_->TryAcquire(answer, "GetCodebook answer"));
     resp->set_profile_digest(e->digest);
     resp->set_fibquant_profile_json(cb.profile().ToJson());
     resp->set_fibquant_profile_digest(cb.profile_digest());
@@ -341,7 +402,9 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackSe
     FillProfileInfo(*e, &info);
     *resp->mutable_build_stats() = info.build_stats();
     return absl::OkStatus();
-  });
+  }();
+  reactor->FinishWith(status, std::move(lease));
+  return reactor;
 }
 
 }  // namespace fibquant::server

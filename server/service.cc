@@ -27,6 +27,8 @@
 #include "core/kv_profile.h"
 #include "core/kv_receipt.h"
 #include "core/status_macros.h"
+#include "server/idle_reaper.h"
+#include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/registry.h"
 #include "server/status_util.h"
@@ -60,8 +62,11 @@ KvCompressionServiceImpl::~KvCompressionServiceImpl() {
   }
   // Runs (with Cancelled) any task still queued, so nothing outlives the service. Builds first: a
   // cancelled build tells its waiters, which finish their reactors (no pool needed).
+  builds_cancel_.Cancel();  // a build still running stops at its next iteration
+  if (eval_build_pool_) eval_build_pool_->Shutdown();
   if (build_pool_) build_pool_->Shutdown();
   if (pool_) pool_->Shutdown();
+  reaper_.reset();  // before the members it may point into go away
 }
 
 absl::StatusOr<std::unique_ptr<KvCompressionServiceImpl>> KvCompressionServiceImpl::Create(
@@ -107,6 +112,15 @@ absl::Status KvCompressionServiceImpl::Initialize() {
       },
       absl::StrCat("build queue (--build-workers=", options_.build_workers, " threads)"),
       "--worker-queue-capacity");
+  if (options_.stream_idle_timeout_seconds < 0) {
+    return absl::InvalidArgumentError("ServiceOptions.stream_idle_timeout_seconds must be >= 0");
+  }
+  FQ_RETURN_IF_ERROR(positive(options_.max_buffered_bytes, "max_buffered_bytes"));
+  eval_build_pool_ = std::make_unique<WorkerPool>(
+      1, options_.worker_queue_capacity, [](int64_t) {},
+      "build queue of unauthenticated EvaluateQuality candidates (1 thread)", "--worker-queue-capacity");
+  budget_ = std::make_unique<MemoryBudget>(options_.max_buffered_bytes, "--max-buffered-bytes");
+  reaper_ = std::make_unique<IdleReaper>(absl::Seconds(options_.stream_idle_timeout_seconds));
   RegistryOptions ro;
   ro.data_dir = options_.data_dir;
   ro.max_profiles = options_.max_profiles;
@@ -121,6 +135,12 @@ absl::Status KvCompressionServiceImpl::Initialize() {
 }
 
 void KvCompressionServiceImpl::StartDrain() { draining_.store(true); }
+
+void KvCompressionServiceImpl::CancelBuilds() { builds_cancel_.Cancel(); }
+
+uint64_t KvCompressionServiceImpl::buffered_bytes() const { return budget_->held(); }
+uint64_t KvCompressionServiceImpl::peak_buffered_bytes() const { return budget_->peak(); }
+uint64_t KvCompressionServiceImpl::idle_reaped() const { return reaper_->reaped(); }
 
 size_t KvCompressionServiceImpl::profile_count() const { return registry_->size(); }
 

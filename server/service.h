@@ -33,11 +33,15 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "core/cancel.h"
+#include "core/kv_frame_auth.h"
 #include "core/kv_profile.h"
 #include "fibquant/v1/kv_compression.grpc.pb.h"
 
 namespace fibquant::server {
 
+class IdleReaper;
+class MemoryBudget;
 class Metrics;
 class Registry;
 class WorkerPool;
@@ -82,8 +86,31 @@ struct ServiceOptions {
   // EvaluateQuality: largest keys/values/queries sample (floats, each) and most profiles per call.
   uint64_t max_eval_values = 4ull << 20;
   uint32_t max_eval_profiles = 8;
+  // Bytes that requests make the server hold at once, server-wide (issue 14): decoded pages of
+  // DecompressPages, raw pages and frames of CompressPages, and GetCodebook answers, counted
+  // before they are allocated and released when written. A page that does not fit waits while its
+  // own stream has pages in flight, else the stream fails with ResourceExhausted naming
+  // --max-buffered-bytes; a GetCodebook answer that does not fit is ResourceExhausted.
+  uint64_t max_buffered_bytes = 1ull << 30;
+  // A stream or a large unary answer that makes no progress (no message read, no write completed,
+  // no page finished) for this long is cancelled (0 = never): idle or header-only streams no
+  // longer hold --max-concurrent-streams slots, nor slow readers memory, indefinitely.
+  int stream_idle_timeout_seconds = 60;
+  // Largest build cost of an EvaluateQuality candidate when registration is guarded by an admin
+  // token (EvaluateQuality needs none): unauthenticated callers cannot occupy the build pool with
+  // builds near max_profile_build_cost. Their builds run on a pool of their own (one worker), so
+  // RegisterProfile never queues behind them.
+  uint64_t max_unauthenticated_build_cost = 2'000'000'000ull;
+  // Largest memory one codebook build may take (training samples, search bounds, codewords, the
+  // rotation), estimated before the build; above it ResourceExhausted naming --max-build-memory-bytes.
+  uint64_t max_build_memory_bytes = 2ull << 30;
   // Reported by GetServerInfo.
   std::string version = "0.1.0";
+  // Frame keys (core/kv_frame_auth.h): when it returns a ring, every frame CompressPages returns is
+  // sealed with its active key and DecompressPages decodes only frames sealed with one of its keys
+  // (others are DATA_LOSS). Null or returning null: frames are neither sealed nor verified. Called
+  // once per stream (a reload takes effect for new streams).
+  std::function<std::shared_ptr<const KvFrameKeyRing>()> frame_keys;
   // Admin check run first by RegisterProfile (the only RPC that changes server state on request),
   // e.g. the bearer token of server/security.h. Its status is returned as is (Unauthenticated,
   // PermissionDenied). Null: registration is open.
@@ -111,6 +138,15 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // Drain: from now on new streams and registrations are refused with Unavailable; streams already
   // open run to completion.
   void StartDrain();
+  // End of the drain: every codebook build running or queued stops at its next Lloyd iteration
+  // (its callers get Cancelled), so the process can exit within the drain period plus one
+  // iteration instead of after the longest build.
+  void CancelBuilds();
+  // Bytes held against --max-buffered-bytes now, and the most held at once since start (tests).
+  uint64_t buffered_bytes() const;
+  uint64_t peak_buffered_bytes() const;
+  // Calls cancelled by the idle timeout since start (tests, metrics).
+  uint64_t idle_reaped() const;
   bool draining() const { return draining_.load(); }
 
   const ServiceOptions& options() const { return options_; }
@@ -186,8 +222,13 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // Ends the flight of `key`: records the spec's digest on success and removes the flight in one
   // critical section (so a registration finds one or the other), then tells every waiter.
   void FinishFlight(const std::string& key, const BuildResult& result, bool inserted);
+  // ResourceExhausted naming --max-unauthenticated-build-cost when `p` costs more than a caller
+  // without the admin token may build.
+  [[nodiscard]] absl::StatusOr<KvCompressionProfile> CheckUnauthenticatedBuild(KvCompressionProfile p) const;
   // Builds the codebook on the calling thread and stores the profile (does not record the spec).
-  [[nodiscard]] BuildResult BuildAndStore(KvCompressionProfile profile, bool* inserted);
+  // `cancel` (null: the service's builds_cancel_) stops it with Cancelled.
+  [[nodiscard]] BuildResult BuildAndStore(KvCompressionProfile profile, bool* inserted,
+                                          const CancelToken* cancel = nullptr);
   // The registered entry of an identical spec, if any (no build needed).
   std::shared_ptr<const ProfileEntry> FindSpec(const KvCompressionProfile& profile) const;
 
@@ -195,6 +236,12 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   Metrics* metrics_;  // not owned; may be null
   std::unique_ptr<WorkerPool> pool_;        // codec work: pages, receipts, EvaluateQuality without candidates
   std::unique_ptr<WorkerPool> build_pool_;  // codebook builds only
+  // EvaluateQuality candidate builds of callers without the admin token (when one is configured).
+  std::unique_ptr<WorkerPool> eval_build_pool_;
+  std::unique_ptr<MemoryBudget> budget_;
+  std::unique_ptr<IdleReaper> reaper_;
+  // Cancelled by CancelBuilds: every build polls it.
+  CancelToken builds_cancel_;
   std::unique_ptr<Registry> registry_;
   std::atomic<bool> draining_{false};
   std::atomic<uint32_t> open_streams_{0};

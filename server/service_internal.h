@@ -23,6 +23,8 @@
 #include "core/kv_metrics.h"
 #include "core/kv_profile.h"
 #include "fibquant/v1/kv_compression.grpc.pb.h"
+#include "server/idle_reaper.h"
+#include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/service.h"
 #include "server/status_util.h"
@@ -120,6 +122,8 @@ struct StreamEnv {
   Metrics* metrics;
   const ServiceOptions* options;
   std::atomic<uint32_t>* open_streams;
+  MemoryBudget* budget;  // --max-buffered-bytes
+  IdleReaper* reaper;    // --stream-idle-timeout-seconds
 };
 
 }  // namespace internal

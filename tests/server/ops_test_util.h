@@ -84,10 +84,12 @@ class ServerProcess {
     }
   }
 
-  // Starts FQ_SERVER_BINARY with `args`; stdout and stderr go to a log file in `log_dir`.
-  void Start(const std::vector<std::string>& args, const std::filesystem::path& log_dir) {
+  // Starts `binary` (default FQ_SERVER_BINARY) with `args`; stdout and stderr go to a log file in
+  // `log_dir`.
+  void Start(const std::vector<std::string>& args, const std::filesystem::path& log_dir,
+             const std::string& binary = FQ_SERVER_BINARY) {
     log_path_ = log_dir / "server.log";
-    std::vector<std::string> argv_store{FQ_SERVER_BINARY};
+    std::vector<std::string> argv_store{binary};
     argv_store.insert(argv_store.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_store) argv.push_back(a.data());
