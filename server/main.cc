@@ -36,8 +36,10 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/data_dir_lock.h"
 #include "server/metrics.h"
 #include "server/options_flags.h"
+#include "server/reflection_v1.h"
 #include "server/security.h"
 #include "server/service.h"
 
@@ -279,6 +281,11 @@ int Run(int argc, char** argv) {
     Log(absl::StrCat("metrics on http://", ml.substr(0, ml.rfind(':')), ":", *port, "/metrics"));
   }
 
+  // Before the service opens the data dir: a second server on the same dir stops here, naming the
+  // holder, instead of sharing (and corrupting) its files.
+  auto data_dir_lock = DataDirLock::Acquire(absl::GetFlag(FLAGS_data_dir));
+  if (!data_dir_lock.ok()) return Fail(data_dir_lock.status());
+
   ServiceOptions options = ServiceOptionsFromFlags();
   if (admin_auth != nullptr) {
     // admin_auth outlives the service (declared earlier in this scope).
@@ -300,7 +307,12 @@ int Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, creds, &port);
+  // gRPC sets SO_REUSEPORT by default, which lets a second server bind the same port and take a
+  // share of the connections. An address in use must be a startup error instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(service->get());
+  ReflectionV1Service reflection_v1(ReflectionV1Service::DefaultServices(kServiceName));
+  builder.RegisterService(&reflection_v1);
   const int max_message = static_cast<int>(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
