@@ -18,9 +18,11 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -117,6 +119,16 @@ constexpr char kUsage[] =
 void Log(const std::string& line) {
   std::fprintf(stderr, "fibquant-server: %s\n", line.c_str());
   std::fflush(stderr);
+}
+
+// The *.json files PreloadDir reads (it fails the startup on any that does not register).
+size_t CountSpecFiles(const std::string& dir) {
+  std::error_code ec;
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".json" && e.is_regular_file(ec)) ++n;
+  }
+  return n;
 }
 
 int Fail(const absl::Status& status) {
@@ -296,10 +308,17 @@ int Run(int argc, char** argv) {
   auto service = KvCompressionServiceImpl::Create(options, &metrics);
   if (!service.ok()) return Fail(service.status());
   if (const std::string dir = absl::GetFlag(FLAGS_preload_dir); !dir.empty()) {
+    const size_t before = (*service)->profile_count();
     if (absl::Status s = (*service)->PreloadDir(dir); !s.ok()) {
       return Fail(absl::Status(s.code(), absl::StrCat("--preload-dir=", dir, ": ", s.message())));
     }
-    Log(absl::StrCat("preloaded ", dir, "; ", (*service)->profile_count(), " profiles registered"));
+    // The registry may already hold profiles from the data dir: say what the preload itself did.
+    const size_t specs = CountSpecFiles(dir);
+    const size_t added = (*service)->profile_count() - before;
+    Log(absl::StrCat("preloaded ", specs, " profile spec", specs == 1 ? "" : "s", " from ", dir,
+                     " (", added, " newly registered, ", specs - std::min(specs, added),
+                     " already in the data dir); ", (*service)->profile_count(),
+                     " profiles registered in total"));
   }
 
   grpc::EnableDefaultHealthCheckService(true);

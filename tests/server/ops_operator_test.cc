@@ -5,6 +5,7 @@
 #include <signal.h>
 
 #include <filesystem>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -90,6 +91,48 @@ TEST(OpsOperatorTest, LockOfAKilledServerIsStaleAndTakenOver) {
   EXPECT_EQ(testing::ReadWholeFile(data / "LOCK"), std::to_string(b.pid()) + "\n");
   b.Signal(SIGTERM);
   EXPECT_EQ(b.WaitForExit(), 0) << b.Log();
+}
+
+// A small, cheap profile (head_dim 64, k = 2, N = 16): builds in milliseconds.
+constexpr char kSmallSpec[] = R"({
+  "profile_id": "ops-operator-small",
+  "shape": {"role": "key", "attention_kind": "mha", "batch": 1, "layers": 1, "kv_heads": 1,
+            "query_heads": 1, "tokens": 64, "head_dim": 64, "dtype": "f32",
+            "rope_state": "pre_rope"},
+  "axis_policy": "per_token",
+  "tokens_per_page": 16,
+  "fibquant": {"block_dim": 2, "codebook_size": 16, "seed": 7}
+})";
+
+// Runs a server to its "serving" line, stops it with SIGTERM, returns its log.
+std::string RunOnce(const std::vector<std::string>& flags, const TempDir& dir) {
+  ServerProcess p;
+  p.Start(flags, dir.path());
+  EXPECT_TRUE(p.WaitForPort().has_value()) << p.Log();
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
+  return p.Log();
+}
+
+TEST(OpsOperatorTest, PreloadLogCountsWhatThePreloadDidNotTheRegistryTotal) {
+  TempDir dir;
+  std::filesystem::create_directories(dir.path() / "preload");
+  testing::WriteWholeFile(dir.path() / "preload" / "small.json", kSmallSpec);
+  auto flags = Flags(dir.path() / "data", "127.0.0.1:0");
+  flags.push_back("--preload-dir=" + (dir.path() / "preload").string());
+  const std::string first = RunOnce(flags, dir);
+  EXPECT_THAT(first, HasSubstr("preloaded 1 profile spec from " + (dir.path() / "preload").string() +
+                               " (1 newly registered, 0 already in the data dir); 1 profiles "
+                               "registered in total"));
+  // Second start: the profile comes from the data dir; the preload registers nothing new.
+  const std::string second = RunOnce(flags, dir);
+  EXPECT_THAT(second, HasSubstr("(0 newly registered, 1 already in the data dir); 1 profiles "
+                                "registered in total"));
+  // One prefix for every line the server writes.
+  std::istringstream lines(second);
+  for (std::string line; std::getline(lines, line);) {
+    EXPECT_TRUE(line.starts_with("fibquant-server: ")) << line;
+  }
 }
 
 namespace v1 = grpc::reflection::v1;
