@@ -2,11 +2,17 @@
 // exclusive listening port (no SO_REUSEPORT sharing), exclusive data dir (LOCK file naming the
 // holder's pid, released on exit, a dead holder's lock taken over), reflection (grpc.reflection.v1
 // and v1alpha) describing every advertised service including grpc.health.v1.Health.
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "google/protobuf/descriptor.pb.h"
@@ -133,6 +139,113 @@ TEST(OpsOperatorTest, PreloadLogCountsWhatThePreloadDidNotTheRegistryTotal) {
   for (std::string line; std::getline(lines, line);) {
     EXPECT_TRUE(line.starts_with("fibquant-server: ")) << line;
   }
+}
+
+// Runs `argv` to completion (bounded), stdout+stderr to `out_file`; returns the exit code.
+int RunCommand(const std::vector<std::string>& argv_in, const std::filesystem::path& out_file) {
+  std::vector<std::string> store = argv_in;
+  std::vector<char*> argv;
+  for (auto& a : store) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string out = out_file.string();
+  const pid_t pid = fork();
+  if (pid == 0) {
+    int fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+      close(fd);
+    }
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + testing::kExitTimeout;
+  int st = 0;
+  while (waitpid(pid, &st, WNOHANG) != pid) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+// The exec probe commands of deploy/overlays/tls/deployment-tls.yaml, as written there (one list
+// item per line after `command:`), in file order: startup, readiness, liveness.
+std::vector<std::vector<std::string>> OverlayProbeCommands() {
+  std::istringstream in(testing::ReadWholeFile(testing::SourceRoot() / "deploy" / "overlays" /
+                                               "tls" / "deployment-tls.yaml"));
+  std::vector<std::vector<std::string>> out;
+  bool in_cmd = false;
+  for (std::string line; std::getline(in, line);) {
+    const size_t start = line.find_first_not_of(' ');
+    const std::string t = start == std::string::npos ? "" : line.substr(start);
+    if (t == "command:" && line.size() - t.size() >= 6) {  // the probes' (indented) command lists
+      in_cmd = true;
+      out.emplace_back();
+      continue;
+    }
+    if (in_cmd && t.starts_with("- ")) {
+      std::string arg = t.substr(2);
+      if (arg == "\"\"") arg.clear();
+      out.back().push_back(arg);
+    } else {
+      in_cmd = false;
+    }
+  }
+  return out;
+}
+
+TEST(OpsOperatorTest, TlsOverlayExecProbesPassAgainstAnMtlsServer) {
+  TempDir dir;
+  const std::string certs = (dir.path() / "certs").string();
+  ASSERT_EQ(std::system(((testing::SourceRoot() / "scripts" / "gen-test-certs").string() + " " +
+                         certs + " > /dev/null 2>&1").c_str()),
+            0);
+  auto flags = Flags(dir.path() / "data", "127.0.0.1:0");
+  flags.push_back("--tls-cert=" + certs + "/server.crt");
+  flags.push_back("--tls-key=" + certs + "/server.key");
+  flags.push_back("--tls-client-ca=" + certs + "/ca.crt");
+  ServerProcess p;
+  p.Start(flags, dir.path());
+  const auto port = p.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << p.Log();
+
+  const auto probes = OverlayProbeCommands();
+  ASSERT_EQ(probes.size(), 3u) << "startup, readiness and liveness exec probes";
+  for (size_t i = 0; i < probes.size(); ++i) {
+    // The overlay's paths and port mapped to this test's files and port; nothing else changed.
+    std::vector<std::string> cmd;
+    for (std::string a : probes[i]) {
+      if (a == "/usr/local/bin/fibquant") a = FQ_CLI_BINARY;
+      if (a == "--server=127.0.0.1:50051") a = "--server=127.0.0.1:" + std::to_string(*port);
+      if (const size_t at = a.find("/etc/fibquant/tls/"); at != std::string::npos) {
+        std::string file = a.substr(at + 18);
+        file = file == "tls.crt" ? "server.crt" : file == "tls.key" ? "server.key" : file;
+        a = a.substr(0, at) + certs + "/" + file;
+      }
+      cmd.push_back(a);
+    }
+    const auto out = dir.path() / ("probe" + std::to_string(i) + ".out");
+    EXPECT_EQ(RunCommand(cmd, out), 0) << testing::ReadWholeFile(out);
+    EXPECT_THAT(testing::ReadWholeFile(out), HasSubstr("\"status\":\"SERVING\"")) << i;
+  }
+  // The same probe without the client certificate is refused by the mTLS port: the probe really
+  // goes through the handshake.
+  std::vector<std::string> bare;
+  for (const auto& a : probes[1]) {
+    if (!a.starts_with("--tls-cert=") && !a.starts_with("--tls-key=")) bare.push_back(a);
+  }
+  bare[0] = FQ_CLI_BINARY;
+  for (auto& a : bare) {
+    if (a.starts_with("--server=")) a = "--server=127.0.0.1:" + std::to_string(*port);
+    if (a.starts_with("--tls-ca=")) a = "--tls-ca=" + certs + "/ca.crt";
+  }
+  EXPECT_EQ(RunCommand(bare, dir.path() / "bare.out"), 1) << testing::ReadWholeFile(dir.path() / "bare.out");
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
 }
 
 namespace v1 = grpc::reflection::v1;
