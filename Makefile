@@ -7,7 +7,7 @@ CMAKE_FLAGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 
-.PHONY: all deps configure build test run bench clean
+.PHONY: all deps configure build test run bench install clean
 
 all: build
 
@@ -55,6 +55,12 @@ run: configure
 	@echo ""
 	$(BUILD_DIR)/server/fibquant-server --listen=127.0.0.1:50051 --data-dir=./fibquant-data \
 	  --preload-dir=server/default-profiles $(RUN_FLAGS)
+
+# `make install [PREFIX=/usr/local] [DESTDIR=...]`: builds, then installs fibquant-server and
+# fibquant (bin/), the default profiles (share/fibquant/profiles/), man pages and docs.
+PREFIX ?= /usr/local
+install: build
+	DESTDIR=$(DESTDIR) cmake --install $(BUILD_DIR) --prefix $(PREFIX)
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -84,7 +84,8 @@ absl::Status KvClient::WithRetries(Fn&& attempt) {
 
 // --- registration and recovery --------------------------------------------------------------
 
-absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequest& req) {
+absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequest& req,
+                                                    bool* already_registered) {
   v1::RegisterProfileResponse resp;
   absl::Status s = WithRetries([&] {
     grpc::ClientContext ctx;
@@ -99,6 +100,7 @@ absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequ
   if (resp.profile().digest().empty()) {
     return absl::InternalError("RegisterProfile: server returned no digest");
   }
+  if (already_registered != nullptr) *already_registered = resp.already_registered();
   absl::MutexLock lock(&mu_);
   held_[resp.profile().digest()] = HeldSpec{req};
   return resp.profile();
@@ -110,10 +112,11 @@ absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfile(const v1::KvProfileSpe
   return Register(req);
 }
 
-absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfileJson(const std::string& spec_json) {
+absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfileJson(const std::string& spec_json,
+                                                               bool* already_registered) {
   v1::RegisterProfileRequest req;
   req.set_spec_json(spec_json);
-  return Register(req);
+  return Register(req, already_registered);
 }
 
 absl::Status KvClient::RecoverProfile(const std::string& digest, const absl::Status& not_found) {

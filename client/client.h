@@ -98,11 +98,12 @@ class KvClient {
   explicit KvClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options = {});
 
   // Registers a profile from a structured spec or from the KV layer's spec JSON, and remembers the
-  // spec for recovery. Returns the server's ProfileInfo (digest = registry key).
+  // spec for recovery. Returns the server's ProfileInfo (digest = registry key);
+  // `already_registered`, when given, receives whether the server already had the profile.
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> RegisterProfile(
       const fibquant::v1::KvProfileSpec& spec);
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> RegisterProfileJson(
-      const std::string& spec_json);
+      const std::string& spec_json, bool* already_registered = nullptr);
 
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> GetProfile(const std::string& digest);
   [[nodiscard]] absl::StatusOr<fibquant::v1::GetCodebookResponse> GetCodebook(
@@ -140,7 +141,7 @@ class KvClient {
   template <typename Fn>
   absl::Status WithRetries(Fn&& attempt);
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> Register(
-      const fibquant::v1::RegisterProfileRequest& req);
+      const fibquant::v1::RegisterProfileRequest& req, bool* already_registered = nullptr);
   // On NOT_FOUND for a held digest: re-registers it. OK means "retry the call".
   absl::Status RecoverProfile(const std::string& digest, const absl::Status& not_found);
   void SetDeadline(grpc::ClientContext& ctx, std::chrono::milliseconds budget) const;
