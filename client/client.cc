@@ -164,8 +164,10 @@ absl::StatusOr<v1::ProfileInfo> KvClient::GetProfile(const std::string& digest) 
     });
   };
   absl::Status s = call();
-  if (absl::IsNotFound(s)) {
-    if (absl::Status r = RecoverProfile(digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;
@@ -187,8 +189,10 @@ absl::StatusOr<v1::GetCodebookResponse> KvClient::GetCodebook(const std::string&
     });
   };
   absl::Status s = call();
-  if (absl::IsNotFound(s)) {
-    if (absl::Status r = RecoverProfile(digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;
@@ -411,8 +415,10 @@ absl::StatusOr<CompressResult> KvClient::CompressPages(const std::string& profil
   };
   auto call = [&] { return WithRetries(attempt); };
   absl::Status s = call();
-  if (absl::IsNotFound(s)) {
-    if (absl::Status r = RecoverProfile(profile_digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(profile_digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;
@@ -458,8 +464,10 @@ absl::StatusOr<DecompressResult> KvClient::DecompressPages(std::span<const std::
   };
   auto call = [&] { return WithRetries(attempt); };
   absl::Status s = call();
-  if (absl::IsNotFound(s) && !profile_digest.empty()) {
-    if (absl::Status r = RecoverProfile(profile_digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && !profile_digest.empty() && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(profile_digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;

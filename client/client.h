@@ -7,8 +7,9 @@
 //     by the spec's digest, and compressing or decompressing the same pages gives the same bytes
 //     (a retried stream may leave one extra receipt behind);
 //   - profile recovery: the client keeps every spec it registered, and when a call fails with
-//     NOT_FOUND for one of those digests (e.g. the server lost its data dir) it registers the spec
-//     again, checks that the digest is unchanged and retries the call once;
+//     NOT_FOUND for one of those digests (e.g. the server lost its data dir, or the call reached
+//     a replica that never saw the spec) it registers the spec again, checks that the digest is
+//     unchanged and retries the call (up to max_profile_recoveries times);
 //   - pipelined streaming: CompressPages/DecompressPages keep up to max_pages_in_flight pages
 //     written but not yet answered, while results are read concurrently and returned in input
 //     order (the order is verified against the server's sequence numbers);
@@ -61,6 +62,10 @@ struct ClientOptions {
   std::string admin_token;
   // Called before each retry (attempt number from 2, the failure); for logs and tests.
   std::function<void(int attempt, const absl::Status& failure)> on_retry;
+  // Profile recovery: re-registrations per call on NOT_FOUND. Behind round_robin over N replicas
+  // each re-registration lands on one replica and the retry on the next, so one is not enough;
+  // a few cover small N, and every recovery leaves one more replica with the profile.
+  int max_profile_recoveries = 6;
 };
 
 struct CompressOptions {
