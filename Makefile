@@ -7,7 +7,7 @@ CMAKE_FLAGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 
-.PHONY: all deps configure build test run bench clean
+.PHONY: all deps configure build test run bench install clean
 
 all: build
 
@@ -46,7 +46,8 @@ run: configure
 	@echo ""
 	@echo "Talk to it from another shell (scripts/buf installs buf from npm on first use):"
 	@echo "  $(BUF_CURL) --list-services http://127.0.0.1:50051"
-	@echo "  $(BUF_CURL) --schema /usr/share/grpc-proto/grpc/health/v1/health.proto -d '{}' http://127.0.0.1:50051/grpc.health.v1.Health/Check"
+	@echo "  $(BUF_CURL) --list-methods http://127.0.0.1:50051"
+	@echo "  $(BUF_CURL) -d '{}' http://127.0.0.1:50051/grpc.health.v1.Health/Check"
 	@echo "  $(BUF_CURL) -d '{}' $(SVC_URL)/GetServerInfo"
 	@echo "  $(BUF_CURL) -d '{}' $(SVC_URL)/ListProfiles"
 	@echo "  curl -s http://127.0.0.1:9464/metrics | grep ^fibquant_"
@@ -54,6 +55,12 @@ run: configure
 	@echo ""
 	$(BUILD_DIR)/server/fibquant-server --listen=127.0.0.1:50051 --data-dir=./fibquant-data \
 	  --preload-dir=server/default-profiles $(RUN_FLAGS)
+
+# `make install [PREFIX=/usr/local] [DESTDIR=...]`: builds, then installs fibquant-server and
+# fibquant (bin/), the default profiles (share/fibquant/profiles/), man pages and docs.
+PREFIX ?= /usr/local
+install: build
+	DESTDIR=$(DESTDIR) cmake --install $(BUILD_DIR) --prefix $(PREFIX)
 
 clean:
 	rm -rf $(BUILD_DIR)

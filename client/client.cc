@@ -84,7 +84,8 @@ absl::Status KvClient::WithRetries(Fn&& attempt) {
 
 // --- registration and recovery --------------------------------------------------------------
 
-absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequest& req) {
+absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequest& req,
+                                                    bool* already_registered) {
   v1::RegisterProfileResponse resp;
   absl::Status s = WithRetries([&] {
     grpc::ClientContext ctx;
@@ -99,6 +100,7 @@ absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequ
   if (resp.profile().digest().empty()) {
     return absl::InternalError("RegisterProfile: server returned no digest");
   }
+  if (already_registered != nullptr) *already_registered = resp.already_registered();
   absl::MutexLock lock(&mu_);
   held_[resp.profile().digest()] = HeldSpec{req};
   return resp.profile();
@@ -110,10 +112,11 @@ absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfile(const v1::KvProfileSpe
   return Register(req);
 }
 
-absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfileJson(const std::string& spec_json) {
+absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfileJson(const std::string& spec_json,
+                                                               bool* already_registered) {
   v1::RegisterProfileRequest req;
   req.set_spec_json(spec_json);
-  return Register(req);
+  return Register(req, already_registered);
 }
 
 absl::Status KvClient::RecoverProfile(const std::string& digest, const absl::Status& not_found) {
@@ -161,8 +164,10 @@ absl::StatusOr<v1::ProfileInfo> KvClient::GetProfile(const std::string& digest) 
     });
   };
   absl::Status s = call();
-  if (absl::IsNotFound(s)) {
-    if (absl::Status r = RecoverProfile(digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;
@@ -184,8 +189,10 @@ absl::StatusOr<v1::GetCodebookResponse> KvClient::GetCodebook(const std::string&
     });
   };
   absl::Status s = call();
-  if (absl::IsNotFound(s)) {
-    if (absl::Status r = RecoverProfile(digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;
@@ -408,8 +415,10 @@ absl::StatusOr<CompressResult> KvClient::CompressPages(const std::string& profil
   };
   auto call = [&] { return WithRetries(attempt); };
   absl::Status s = call();
-  if (absl::IsNotFound(s)) {
-    if (absl::Status r = RecoverProfile(profile_digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(profile_digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;
@@ -455,8 +464,10 @@ absl::StatusOr<DecompressResult> KvClient::DecompressPages(std::span<const std::
   };
   auto call = [&] { return WithRetries(attempt); };
   absl::Status s = call();
-  if (absl::IsNotFound(s) && !profile_digest.empty()) {
-    if (absl::Status r = RecoverProfile(profile_digest, s); !r.ok()) return r;
+  // Behind a load balancer each re-registration reaches one replica and the retry may reach
+  // another that lacks the profile too: recover again, a bounded number of times.
+  for (int r = 0; absl::IsNotFound(s) && !profile_digest.empty() && r < options_.max_profile_recoveries; ++r) {
+    if (absl::Status rs = RecoverProfile(profile_digest, s); !rs.ok()) return rs;
     s = call();
   }
   if (!s.ok()) return s;

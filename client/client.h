@@ -7,8 +7,9 @@
 //     by the spec's digest, and compressing or decompressing the same pages gives the same bytes
 //     (a retried stream may leave one extra receipt behind);
 //   - profile recovery: the client keeps every spec it registered, and when a call fails with
-//     NOT_FOUND for one of those digests (e.g. the server lost its data dir) it registers the spec
-//     again, checks that the digest is unchanged and retries the call once;
+//     NOT_FOUND for one of those digests (e.g. the server lost its data dir, or the call reached
+//     a replica that never saw the spec) it registers the spec again, checks that the digest is
+//     unchanged and retries the call (up to max_profile_recoveries times);
 //   - pipelined streaming: CompressPages/DecompressPages keep up to max_pages_in_flight pages
 //     written but not yet answered, while results are read concurrently and returned in input
 //     order (the order is verified against the server's sequence numbers);
@@ -61,6 +62,10 @@ struct ClientOptions {
   std::string admin_token;
   // Called before each retry (attempt number from 2, the failure); for logs and tests.
   std::function<void(int attempt, const absl::Status& failure)> on_retry;
+  // Profile recovery: re-registrations per call on NOT_FOUND. Behind round_robin over N replicas
+  // each re-registration lands on one replica and the retry on the next, so one is not enough;
+  // a few cover small N, and every recovery leaves one more replica with the profile.
+  int max_profile_recoveries = 6;
 };
 
 struct CompressOptions {
@@ -98,11 +103,12 @@ class KvClient {
   explicit KvClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options = {});
 
   // Registers a profile from a structured spec or from the KV layer's spec JSON, and remembers the
-  // spec for recovery. Returns the server's ProfileInfo (digest = registry key).
+  // spec for recovery. Returns the server's ProfileInfo (digest = registry key);
+  // `already_registered`, when given, receives whether the server already had the profile.
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> RegisterProfile(
       const fibquant::v1::KvProfileSpec& spec);
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> RegisterProfileJson(
-      const std::string& spec_json);
+      const std::string& spec_json, bool* already_registered = nullptr);
 
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> GetProfile(const std::string& digest);
   [[nodiscard]] absl::StatusOr<fibquant::v1::GetCodebookResponse> GetCodebook(
@@ -140,7 +146,7 @@ class KvClient {
   template <typename Fn>
   absl::Status WithRetries(Fn&& attempt);
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> Register(
-      const fibquant::v1::RegisterProfileRequest& req);
+      const fibquant::v1::RegisterProfileRequest& req, bool* already_registered = nullptr);
   // On NOT_FOUND for a held digest: re-registers it. OK means "retry the call".
   absl::Status RecoverProfile(const std::string& digest, const absl::Status& not_found);
   void SetDeadline(grpc::ClientContext& ctx, std::chrono::milliseconds budget) const;

@@ -550,6 +550,12 @@ function crossChecks(objs, name, flags, entrypoint) {
     }
   }
 
+  // The image is pinned: a tag other than latest (or a digest).
+  const image = String(ctr.image ?? '');
+  if (!/@sha256:[0-9a-f]{64}$/.test(image) && !/:[A-Za-z0-9_][A-Za-z0-9_.-]*$/.test(image.split('/').pop())) {
+    fail(dw, `image '${image}' has no tag (pin it)`);
+  } else if (image.endsWith(':latest')) fail(dw, `image '${image}' uses the tag latest (pin it)`);
+
   // Security context: non-root with a numeric uid (the image's USER is numeric too).
   const psc = ps.securityContext ?? {};
   if (psc.runAsNonRoot !== true || !(psc.runAsUser > 0)) fail(dw, 'pod must run as a non-root numeric uid');
@@ -565,6 +571,31 @@ function crossChecks(objs, name, flags, entrypoint) {
     }
     const act = p.grpc ?? p.tcpSocket ?? p.httpGet;
     if (act && resolvePort(act.port) === undefined) fail(dw, `${pn} port ${act.port} is not a container port`);
+    // With TLS only an exec probe can ask the health service (the kubelet's gRPC probe is
+    // plaintext; a TCP probe cannot see NOT_SERVING): `fibquant health` with mounted certificates.
+    if (tls && !p.exec) fail(dw, `${pn}: a TLS deployment needs an exec probe (fibquant health)`);
+    if (p.exec) {
+      const cmd = p.exec.command ?? [];
+      const opt = (f) => cmd.find((a) => a.startsWith(`--${f}=`))?.slice(f.length + 3);
+      if (cmd[0] !== '/usr/local/bin/fibquant' || cmd[1] !== 'health') {
+        fail(dw, `${pn}: exec probe must run /usr/local/bin/fibquant health, got ${cmd.slice(0, 2).join(' ')}`);
+      }
+      const svc = cmd.length > 2 && !cmd[2].startsWith('--') ? cmd[2] : 'fibquant.v1.KvCompressionService';
+      if (pn !== 'livenessProbe' && svc !== 'fibquant.v1.KvCompressionService') {
+        fail(dw, `${pn} must check service fibquant.v1.KvCompressionService`);
+      }
+      const target = Number((opt('server') ?? '').split(':').pop());
+      if (target !== listenPort) fail(dw, `${pn}: --server port ${target} is not the --listen port ${listenPort}`);
+      if (tls) {
+        for (const f of ['tls-ca', 'tls-cert', 'tls-key']) {
+          const v = opt(f);
+          if (v === undefined) fail(dw, `${pn}: exec probe without --${f} on a TLS port`);
+          else if (!under(v)) fail(dw, `${pn}: --${f}=${v} is not on a mounted volume`);
+        }
+        if (flagVal('tls-cert') !== opt('tls-cert')) fail(dw, `${pn}: the probe should present the pod's own certificate (--tls-cert)`);
+      }
+      if (!(p.timeoutSeconds >= 2)) fail(dw, `${pn}: an exec probe needs timeoutSeconds >= 2 (process start + handshake)`);
+    }
     if (p.grpc) {
       if (tls && resolvePort(p.grpc.port) === listenPort) fail(dw, `${pn}: gRPC probe on the TLS port cannot work`);
       if (pn !== 'livenessProbe' && p.grpc.service !== 'fibquant.v1.KvCompressionService') {

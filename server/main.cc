@@ -18,9 +18,11 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -37,8 +39,10 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/data_dir_lock.h"
 #include "server/metrics.h"
 #include "server/options_flags.h"
+#include "server/reflection_v1.h"
 #include "server/security.h"
 #include "server/service.h"
 
@@ -139,6 +143,16 @@ constexpr char kUsage[] =
 void Log(const std::string& line) {
   std::fprintf(stderr, "fibquant-server: %s\n", line.c_str());
   std::fflush(stderr);
+}
+
+// The *.json files PreloadDir reads (it fails the startup on any that does not register).
+size_t CountSpecFiles(const std::string& dir) {
+  std::error_code ec;
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".json" && e.is_regular_file(ec)) ++n;
+  }
+  return n;
 }
 
 int Fail(const absl::Status& status) {
@@ -396,6 +410,11 @@ int Run(int argc, char** argv) {
     Log(absl::StrCat("metrics on http://", ml.substr(0, ml.rfind(':')), ":", *port, "/metrics"));
   }
 
+  // Before the service opens the data dir: a second server on the same dir stops here, naming the
+  // holder, instead of sharing (and corrupting) its files.
+  auto data_dir_lock = DataDirLock::Acquire(absl::GetFlag(FLAGS_data_dir));
+  if (!data_dir_lock.ok()) return Fail(data_dir_lock.status());
+
   ServiceOptions options = ServiceOptionsFromFlags();
   if (admin_auth != nullptr) {
     // admin_auth outlives the service (declared earlier in this scope).
@@ -410,10 +429,17 @@ int Run(int argc, char** argv) {
   auto service = KvCompressionServiceImpl::Create(options, &metrics);
   if (!service.ok()) return Fail(service.status());
   if (const std::string dir = absl::GetFlag(FLAGS_preload_dir); !dir.empty()) {
+    const size_t before = (*service)->profile_count();
     if (absl::Status s = (*service)->PreloadDir(dir); !s.ok()) {
       return Fail(absl::Status(s.code(), absl::StrCat("--preload-dir=", dir, ": ", s.message())));
     }
-    Log(absl::StrCat("preloaded ", dir, "; ", (*service)->profile_count(), " profiles registered"));
+    // The registry may already hold profiles from the data dir: say what the preload itself did.
+    const size_t specs = CountSpecFiles(dir);
+    const size_t added = (*service)->profile_count() - before;
+    Log(absl::StrCat("preloaded ", specs, " profile spec", specs == 1 ? "" : "s", " from ", dir,
+                     " (", added, " newly registered, ", specs - std::min(specs, added),
+                     " already in the data dir); ", (*service)->profile_count(),
+                     " profiles registered in total"));
   }
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -421,7 +447,12 @@ int Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, creds, &port);
+  // gRPC sets SO_REUSEPORT by default, which lets a second server bind the same port and take a
+  // share of the connections. An address in use must be a startup error instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(service->get());
+  ReflectionV1Service reflection_v1(ReflectionV1Service::DefaultServices(kServiceName));
+  builder.RegisterService(&reflection_v1);
   const int max_message = static_cast<int>(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);

@@ -310,7 +310,7 @@ void Registry::Quarantine(const std::string& path, const absl::Status& why) {
                  absl::StrCat(src.filename().string(), ".", NowUnixSeconds());
   std::error_code ec;
   fs::rename(src, dst, ec);
-  std::fprintf(stderr, "fibquant registry: quarantined %s -> %s: %s%s\n", path.c_str(), dst.c_str(),
+  std::fprintf(stderr, "fibquant-server: registry: quarantined %s -> %s: %s%s\n", path.c_str(), dst.c_str(),
                std::string(why.message()).c_str(), ec ? (" (move failed: " + ec.message() + ")").c_str() : "");
   {
     absl::MutexLock lock(&mu_);
@@ -574,7 +574,7 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt
                                          SerializeReceipt(receipt, seq));
     if (!w.ok()) {
       receipt.set_persisted(false);
-      std::fprintf(stderr, "fibquant registry: receipt %s kept in memory only: %s\n", receipt.receipt_id().c_str(),
+      std::fprintf(stderr, "fibquant-server: registry: receipt %s kept in memory only: %s\n", receipt.receipt_id().c_str(),
                    std::string(w.message()).c_str());
     }
   }

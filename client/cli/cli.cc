@@ -20,6 +20,7 @@
 #include "client/cli/progress.h"
 #include "client/cli/rpc.h"
 #include "client/cli/tensor_io.h"
+#include "client/cli/tls_diagnose.h"
 #include "client/client.h"
 #include "core/kv_profile.h"
 #include "google/protobuf/util/json_util.h"
@@ -45,14 +46,14 @@ constexpr const char* kUsage =
     "usage: fibquant <command> [flags]\n"
     "Commands:\n"
     "  profile register <spec.json>   register a KV profile spec; prints the ProfileInfo JSON\n"
-    "  profile get <digest>           one registered profile\n"
+    "  profile get <digest|id>        one registered profile\n"
     "  profile list                   all registered profiles\n"
-    "  compress --profile DIGEST --in FILE --out FILE.fqc [--format npy|safetensors|raw]\n"
+    "  compress --profile DIGEST|ID --in FILE --out FILE.fqc [--format npy|safetensors|raw]\n"
     "           [--tensor NAME] [--raw-dtype f32|f16|bf16 --shape D0,D1,..] [--npy-bf16]\n"
     "           [--label TEXT] [--window N]\n"
     "  decompress --in FILE.fqc --out FILE [--dtype f16|bf16|f32] [--format npy|raw] [--window N]\n"
     "  receipt <id>                   one stored receipt\n"
-    "  eval (--profile DIGEST | --candidate SPEC.json)... --keys FILE [--values FILE]\n"
+    "  eval (--profile DIGEST|ID | --candidate SPEC.json)... --keys FILE [--values FILE]\n"
     "       [--queries FILE] [--layer L] [--head H] [--top-k K] [--max-logit-mse X]\n"
     "       [--max-attention-tv X] [--max-topk-disagreement X] [--max-value-aggregation-mse X]\n"
     "       [--keys-tensor|--values-tensor|--queries-tensor NAME] [--format, --raw-dtype, --shape,\n"
@@ -61,7 +62,7 @@ constexpr const char* kUsage =
     "  health [SERVICE]               grpc.health.v1 check (default fibquant.v1.KvCompressionService);\n"
     "                                 exit 0 only when SERVING\n"
     "  bench [--streams N] [--pages M] [--page-tokens T] [--head-dim D] [--dtype f32|f16|bf16]\n"
-    "        [--profile DIGEST | --spec FILE] [--window W] [--max-seconds S] [--max-rel-mse X]\n"
+    "        [--profile DIGEST|ID | --spec FILE] [--window W] [--max-seconds S] [--max-rel-mse X]\n"
     "        [--seed S]                loopback load generator with round-trip checks\n"
     "Exit codes: 0 ok, 1 failure, 2 usage error, 3 eval over budget.\n";
 
@@ -307,16 +308,85 @@ struct Env {
   bool progress() const { return StderrIsTerminal() && !args.Has("quiet"); }
 };
 
+// A failed call: with TLS, an UNAVAILABLE (gRPC says only "Socket closed" or "failed to connect")
+// is explained by repeating the handshake with the same files (client/cli/tls_diagnose.h).
+int Failure(Env& env, const absl::Status& status) {
+  absl::Status s = status;
+  const ConnectionFlags& f = env.conn_flags;
+  if (s.code() == absl::StatusCode::kUnavailable && !f.tls_ca.empty()) {
+    TlsProbeConfig probe;
+    probe.target = f.server;
+    probe.server_name = f.tls_server_name;
+    auto ca = ReadFile(f.tls_ca, 1 << 20);
+    auto cert = f.tls_cert.empty() ? absl::StatusOr<std::string>("") : ReadFile(f.tls_cert, 1 << 20);
+    auto key = f.tls_key.empty() ? absl::StatusOr<std::string>("") : ReadFile(f.tls_key, 1 << 20);
+    if (ca.ok() && cert.ok() && key.ok()) {
+      probe.ca_pem = *ca;
+      probe.cert_pem = *cert;
+      probe.key_pem = *key;
+      if (std::string why = DiagnoseTls(probe); !why.empty()) {
+        s = absl::Status(s.code(), absl::StrCat(why, " (gRPC: ", s.message(), ")"));
+      }
+    }
+  }
+  return Failure(env.err, env.command, s);
+}
+
 int Connected(Env& env, Connection* conn) {
   auto c = Connect(env.conn_flags);
   if (!c.ok()) {
     if (c.status().code() == absl::StatusCode::kInvalidArgument) {
       return Usage(env.err, env.command, std::string(c.status().message()));
     }
-    return Failure(env.err, env.command, c.status());
+    return Failure(env, c.status());
   }
   *conn = std::move(*c);
   return kExitOk;
+}
+
+// Every registered profile (ListProfiles, all pages).
+absl::StatusOr<v1::ListProfilesResponse> ListAllProfiles(Connection& conn) {
+  v1::ListProfilesResponse all;
+  std::string token;
+  // Bounded: the server caps its registry; 10000 pages of 1000 is far above any limit.
+  for (int page = 0; page < 10000; ++page) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + conn.unary_deadline);
+    v1::ListProfilesRequest req;
+    req.set_page_size(1000);
+    req.set_page_token(token);
+    v1::ListProfilesResponse resp;
+    grpc::Status st = conn.stub->ListProfiles(&ctx, req, &resp);
+    if (!st.ok()) return client::ToAbslStatus(st, "ListProfiles");
+    for (auto& p : *resp.mutable_profiles()) *all.add_profiles() = std::move(p);
+    token = resp.next_page_token();
+    if (token.empty()) break;
+  }
+  return all;
+}
+
+// --profile takes a digest ("sha256:...") or a registered profile id. An id is looked up with
+// ListProfiles: NotFound when no profile has it, FailedPrecondition naming the digests when several
+// registered specs share it (ids are labels, digests are the identity).
+absl::StatusOr<std::string> ResolveProfile(Connection& conn, const std::string& ref) {
+  if (ref.starts_with("sha256:")) return ref;
+  auto all = ListAllProfiles(conn);
+  if (!all.ok()) return all.status();
+  std::vector<std::string> hits;
+  for (const auto& p : all->profiles()) {
+    if (p.profile_id() == ref) hits.push_back(p.digest());
+  }
+  if (hits.empty()) {
+    return absl::NotFoundError(absl::StrCat("--profile ", ref, ": no registered profile has this id (",
+                                            all->profiles_size(),
+                                            " registered; a digest is written sha256:<64 hex>)"));
+  }
+  if (hits.size() > 1) {
+    return absl::FailedPreconditionError(absl::StrCat("--profile ", ref, ": ", hits.size(),
+                                                      " registered profiles have this id (",
+                                                      absl::StrJoin(hits, ", "), "); pass a digest"));
+  }
+  return hits[0];
 }
 
 int CmdProfile(Env& env) {
@@ -328,43 +398,34 @@ int CmdProfile(Env& env) {
   if (sub == "register") {
     if (pos.size() != 2) return Usage(env.err, env.command, "needs exactly one spec file");
     auto spec = ReadFile(pos[1], 1 << 20);
-    if (!spec.ok()) return Failure(env.err, env.command, spec.status());
+    if (!spec.ok()) return Failure(env, spec.status());
     if (int rc = Connected(env, &conn)) return rc;
     client::KvClient kv(conn.channel, conn.client_options);
-    auto info = kv.RegisterProfileJson(*spec);
-    if (!info.ok()) return Failure(env.err, env.command, info.status());
+    bool already = false;
+    auto info = kv.RegisterProfileJson(*spec, &already);
+    if (!info.ok()) return Failure(env, info.status());
     env.out << ToJson(*info) << "\n";
-    env.err << "registered " << info->profile_id() << " as " << info->digest() << "\n";
+    env.err << (already ? "already registered: " : "registered ") << info->profile_id() << " as "
+            << info->digest() << (already ? " (same spec, nothing was built)" : "") << "\n";
     return kExitOk;
   }
   if (sub == "get") {
-    if (pos.size() != 2) return Usage(env.err, env.command, "needs exactly one digest");
+    if (pos.size() != 2) return Usage(env.err, env.command, "needs exactly one digest or profile id");
     if (int rc = Connected(env, &conn)) return rc;
+    auto digest = ResolveProfile(conn, pos[1]);
+    if (!digest.ok()) return Failure(env, digest.status());
     client::KvClient kv(conn.channel, conn.client_options);
-    auto info = kv.GetProfile(pos[1]);
-    if (!info.ok()) return Failure(env.err, env.command, info.status());
+    auto info = kv.GetProfile(*digest);
+    if (!info.ok()) return Failure(env, info.status());
     env.out << ToJson(*info) << "\n";
     return kExitOk;
   }
   if (sub == "list") {
     if (pos.size() != 1) return Usage(env.err, env.command, "takes no arguments");
     if (int rc = Connected(env, &conn)) return rc;
-    v1::ListProfilesResponse all;
-    std::string token;
-    // Bounded: the server caps its registry; 10000 pages of 1000 is far above any limit.
-    for (int page = 0; page < 10000; ++page) {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + conn.unary_deadline);
-      v1::ListProfilesRequest req;
-      req.set_page_size(1000);
-      req.set_page_token(token);
-      v1::ListProfilesResponse resp;
-      grpc::Status st = conn.stub->ListProfiles(&ctx, req, &resp);
-      if (!st.ok()) return Failure(env.err, env.command, client::ToAbslStatus(st, "ListProfiles"));
-      for (auto& p : *resp.mutable_profiles()) *all.add_profiles() = std::move(p);
-      token = resp.next_page_token();
-      if (token.empty()) break;
-    }
+    auto listed = ListAllProfiles(conn);
+    if (!listed.ok()) return Failure(env, listed.status());
+    const v1::ListProfilesResponse& all = *listed;
     env.out << ToJson(all) << "\n";
     env.err << all.profiles_size() << " profile(s)\n";
     return kExitOk;
@@ -385,16 +446,21 @@ int CmdCompress(Env& env) {
   if (*window < 1 || *window > 1024) return Usage(env.err, env.command, "--window must be in [1, 1024]");
   auto tensor = LoadTensor(*in, TensorFlagsOf(a));
   if (auto* u = std::get_if<UsageError>(&tensor)) return Usage(env.err, env.command, u->message);
-  if (auto* s = std::get_if<absl::Status>(&tensor)) return Failure(env.err, env.command, *s);
+  if (auto* s = std::get_if<absl::Status>(&tensor)) return Failure(env, *s);
   Tensor& t = std::get<Tensor>(tensor);
   auto layout = LayoutOf(t.shape, *in);
-  if (!layout.ok()) return Failure(env.err, env.command, layout.status());
+  if (!layout.ok()) return Failure(env, layout.status());
 
   Connection conn;
   if (int rc = Connected(env, &conn)) return rc;
+  {
+    auto resolved = ResolveProfile(conn, *digest);
+    if (!resolved.ok()) return Failure(env, resolved.status());
+    digest = *resolved;
+  }
   client::KvClient kv(conn.channel, conn.client_options);
   auto info = kv.GetProfile(*digest);
-  if (!info.ok()) return Failure(env.err, env.command, info.status());
+  if (!info.ok()) return Failure(env, info.status());
   auto profile = KvCompressionProfile::FromJson(info->profile_json());
   if (!profile.ok()) {
     return Failure(env.err, env.command,
@@ -404,7 +470,7 @@ int CmdCompress(Env& env) {
   const uint32_t tpp = profile->page_geometry.tokens_per_page;
   const DType page_dtype = profile->shape.dtype;
   absl::Status fit = CheckLayoutFitsProfile(*layout, profile->shape, tpp, *in);
-  if (!fit.ok()) return Failure(env.err, env.command, fit);
+  if (!fit.ok()) return Failure(env, fit);
 
   std::vector<KvPageCoords> plan = PlanPages(*layout, tpp);
   std::vector<v1::RawPage> pages;
@@ -434,7 +500,7 @@ int CmdCompress(Env& env) {
   auto result = CompressStream(*conn.stub, header, pages, StreamOptions{conn.stream_deadline, *window},
                                [&](uint64_t n, uint64_t b) { progress.Update(n, b); });
   progress.Finish();
-  if (!result.ok()) return Failure(env.err, env.command, result.status());
+  if (!result.ok()) return Failure(env, result.status());
 
   nlohmann::json meta = {
       {"schema", "fq_cli_container_meta_v1"},
@@ -453,9 +519,9 @@ int CmdCompress(Env& env) {
   }
   c.receipt_json = ToCompactJson(result->receipt);
   auto encoded = EncodeContainer(c);
-  if (!encoded.ok()) return Failure(env.err, env.command, encoded.status());
+  if (!encoded.ok()) return Failure(env, encoded.status());
   absl::Status w = WriteFileAtomically(*out_path, *encoded);
-  if (!w.ok()) return Failure(env.err, env.command, w);
+  if (!w.ok()) return Failure(env, w);
   env.out << ToJson(result->receipt) << "\n";
   env.err << "compressed " << pages.size() << " pages of " << *in << ": " << raw_bytes << " -> " << frame_bytes
           << " bytes (" << absl::StrFormat("%.2fx", frame_bytes ? double(raw_bytes) / double(frame_bytes) : 0.0)
@@ -483,16 +549,16 @@ int CmdDecompress(Env& env) {
   }
   const ContainerLimits limits;
   auto bytes = ReadFile(*in, limits.max_container_bytes);
-  if (!bytes.ok()) return Failure(env.err, env.command, bytes.status());
+  if (!bytes.ok()) return Failure(env, bytes.status());
   auto c = DecodeContainer(*bytes, limits);
   if (!c.ok()) {
-    return Failure(env.err, env.command, absl::Status(c.status().code(), absl::StrCat(*in, ": ", c.status().message())));
+    return Failure(env, absl::Status(c.status().code(), absl::StrCat(*in, ": ", c.status().message())));
   }
   bytes->clear();
   bytes->shrink_to_fit();
   nlohmann::json meta = nlohmann::json::parse(c->metadata_json);
   auto bad_meta = [&](const std::string& what) {
-    return Failure(env.err, env.command, absl::DataLossError(absl::StrCat(*in, ": container metadata: ", what)));
+    return Failure(env, absl::DataLossError(absl::StrCat(*in, ": container metadata: ", what)));
   };
   if (!meta.contains("profile_digest") || !meta["profile_digest"].is_string()) return bad_meta("no profile_digest");
   if (!meta.contains("source") || !meta["source"].is_object() || !meta["source"].contains("shape") ||
@@ -539,19 +605,19 @@ int CmdDecompress(Env& env) {
   auto result = DecompressStream(*conn.stub, header, c->frames, StreamOptions{conn.stream_deadline, *window},
                                  [&](uint64_t n, uint64_t b) { progress.Update(n, b); });
   progress.Finish();
-  if (!result.ok()) return Failure(env.err, env.command, result.status());
+  if (!result.ok()) return Failure(env, result.status());
   TensorAssembler assembler(*layout, shape, tpp, dtype);
   for (const auto& p : result->pages) {
     const auto& pc = p.coordinates();
     absl::Status st = assembler.Add(
         KvPageCoords{pc.batch(), pc.layer(), pc.kv_head(), pc.token_start(), pc.token_count()}, p.data());
-    if (!st.ok()) return Failure(env.err, env.command, st);
+    if (!st.ok()) return Failure(env, st);
   }
   auto tensor = assembler.Finish();
-  if (!tensor.ok()) return Failure(env.err, env.command, tensor.status());
+  if (!tensor.ok()) return Failure(env, tensor.status());
   const std::string file = format == "npy" ? EncodeNpy(*tensor) : tensor->data;
   absl::Status w = WriteFileAtomically(*out_path, file);
-  if (!w.ok()) return Failure(env.err, env.command, w);
+  if (!w.ok()) return Failure(env, w);
   nlohmann::json compress_receipt = nlohmann::json::parse(c->receipt_json);
   nlohmann::json summary = {{"out", *out_path},
                             {"format", format},
@@ -573,7 +639,7 @@ int CmdReceipt(Env& env) {
   if (int rc = Connected(env, &conn)) return rc;
   client::KvClient kv(conn.channel, conn.client_options);
   auto r = kv.GetReceipt(env.args.positionals[0]);
-  if (!r.ok()) return Failure(env.err, env.command, r.status());
+  if (!r.ok()) return Failure(env, r.status());
   env.out << ToJson(*r) << "\n";
   return kExitOk;
 }
@@ -588,7 +654,7 @@ int CmdHealth(Env& env) {
   if (int rc = Connected(env, &conn)) return rc;
   client::KvClient kv(conn.channel, conn.client_options);
   auto serving = kv.CheckHealth(service);
-  if (!serving.ok()) return Failure(env.err, env.command, serving.status());
+  if (!serving.ok()) return Failure(env, serving.status());
   nlohmann::json j = {{"service", service}, {"status", *serving ? "SERVING" : "NOT_SERVING"}};
   env.out << j.dump() << "\n";
   return *serving ? kExitOk : kExitFailure;
@@ -600,7 +666,7 @@ int CmdInfo(Env& env) {
   if (int rc = Connected(env, &conn)) return rc;
   client::KvClient kv(conn.channel, conn.client_options);
   auto r = kv.GetServerInfo();
-  if (!r.ok()) return Failure(env.err, env.command, r.status());
+  if (!r.ok()) return Failure(env, r.status());
   env.out << ToJson(*r) << "\n";
   return kExitOk;
 }
@@ -657,17 +723,16 @@ int CmdEval(Env& env) {
                  "budget flags apply to --candidate specs (a registered profile keeps its own budget)");
   }
   v1::EvaluateQualityRequest req;
-  for (const auto& d : digests) req.add_profile_digests(d);
   for (const auto& path : candidates) {
     auto spec = ReadFile(path, 1 << 20);
-    if (!spec.ok()) return Failure(env.err, env.command, spec.status());
+    if (!spec.ok()) return Failure(env, spec.status());
     if (budget.empty()) {
       req.add_candidate_spec_jsons(*spec);
       continue;
     }
     nlohmann::json j = nlohmann::json::parse(*spec, nullptr, false);
     if (j.is_discarded() || !j.is_object()) {
-      return Failure(env.err, env.command, absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object")));
+      return Failure(env, absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object")));
     }
     for (const auto& [k, v] : budget) j["quality_budget"][k] = v;
     req.add_candidate_spec_jsons(j.dump());
@@ -684,21 +749,26 @@ int CmdEval(Env& env) {
     if (!path) continue;
     auto tensor = LoadTensor(*path, TensorFlagsOf(a, in.tensor_flag));
     if (auto* u = std::get_if<UsageError>(&tensor)) return Usage(env.err, env.command, u->message);
-    if (auto* s = std::get_if<absl::Status>(&tensor)) return Failure(env.err, env.command, *s);
+    if (auto* s = std::get_if<absl::Status>(&tensor)) return Failure(env, *s);
     auto rows = SampleRows(std::get<Tensor>(tensor), *path, *layer, *head);
-    if (!rows.ok()) return Failure(env.err, env.command, rows.status());
+    if (!rows.ok()) return Failure(env, rows.status());
     in.dest->Add(rows->begin(), rows->end());
   }
   req.set_top_k(*top_k);
 
   Connection conn;
   if (int rc = Connected(env, &conn)) return rc;
+  for (const auto& d : digests) {
+    auto resolved = ResolveProfile(conn, d);
+    if (!resolved.ok()) return Failure(env, resolved.status());
+    req.add_profile_digests(*resolved);
+  }
   grpc::ClientContext ctx;
   // Candidates are built on the server like registrations, hence the registration budget.
   ctx.set_deadline(std::chrono::system_clock::now() + conn.client_options.register_timeout);
   v1::EvaluateQualityResponse resp;
   grpc::Status st = conn.stub->EvaluateQuality(&ctx, req, &resp);
-  if (!st.ok()) return Failure(env.err, env.command, client::ToAbslStatus(st, "EvaluateQuality"));
+  if (!st.ok()) return Failure(env, client::ToAbslStatus(st, "EvaluateQuality"));
   env.out << ToJson(resp) << "\n";
   bool all_within = true;
   for (const auto& r : resp.reports()) {
@@ -747,8 +817,13 @@ int CmdBench(Env& env) {
   if (!valid.ok()) return Usage(env.err, env.command, std::string(valid.message()));
   Connection conn;
   if (int rc = Connected(env, &conn)) return rc;
+  if (!o.profile_digest.empty()) {
+    auto resolved = ResolveProfile(conn, o.profile_digest);
+    if (!resolved.ok()) return Failure(env, resolved.status());
+    o.profile_digest = *resolved;
+  }
   auto report = RunBench(o, conn, env.conn_flags.server);
-  if (!report.ok()) return Failure(env.err, env.command, report.status());
+  if (!report.ok()) return Failure(env, report.status());
   env.out << report->dump(2) << "\n";
   const auto& c = (*report)["compress"];
   env.err << absl::StrFormat(

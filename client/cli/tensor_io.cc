@@ -113,11 +113,14 @@ std::string ShapeText(const std::vector<uint64_t>& shape) {
 
 // Checks a declared payload of `need` bytes at `offset` against the source and the limits, in the
 // order that makes a lying header cheap: truncation first (DataLoss), then the memory limit.
+// `declared_by` says where `need` comes from ("the header declares", or the flags for raw files,
+// which have no header).
 absl::Status CheckPayload(std::string_view name, uint64_t offset, uint64_t need, uint64_t have_total,
-                          const TensorLimits& limits) {
+                          const TensorLimits& limits,
+                          std::string_view declared_by = "the header declares") {
   const uint64_t have = have_total > offset ? have_total - offset : 0;
   if (need > have) {
-    return absl::DataLossError(absl::StrCat(std::string(name), ": truncated: the header declares ",
+    return absl::DataLossError(absl::StrCat(std::string(name), ": truncated: ", std::string(declared_by), " ",
                                             need, " data bytes but the file has ", have));
   }
   if (need > limits.max_data_bytes) {
@@ -476,7 +479,9 @@ absl::StatusOr<Tensor> ReadRaw(const std::string& path, DType dtype, const std::
   }
   auto bytes = ByteSize(path, shape, DTypeSize(dtype));
   if (!bytes.ok()) return bytes.status();
-  absl::Status st = CheckPayload(path, 0, *bytes, src.size(), limits);
+  const std::string declared = absl::StrCat("--shape ", ShapeText(shape), " of ",
+                                            std::string(DTypeName(dtype)), " needs");
+  absl::Status st = CheckPayload(path, 0, *bytes, src.size(), limits, declared);
   if (!st.ok()) return st;
   if (src.size() != *bytes) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": file has ", src.size(), " bytes but --shape ",

@@ -215,6 +215,26 @@ TEST_F(CliE2eTest, EvalVerdictAndExitCodes) {
   EXPECT_THAT(over.err, HasSubstr("OVER BUDGET"));
 }
 
+TEST_F(CliE2eTest, ProfileByIdAndAlreadyRegistered) {
+  RunResult again = Run({"profile", "register", Path("spec.json")});
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_THAT(again.err, HasSubstr("already registered: cli-e2e-l1-keys as " + digest_));
+  EXPECT_EQ(nlohmann::json::parse(again.out).at("digest"), digest_);
+  // --profile and `profile get` take the id as well as the digest.
+  RunResult get = Run({"profile", "get", "cli-e2e-l1-keys"});
+  ASSERT_EQ(get.code, 0) << get.err;
+  EXPECT_EQ(nlohmann::json::parse(get.out).at("digest"), digest_);
+  WriteWholeFile(Path("id.npy"), EncodeNpy(*keys_));
+  RunResult c = Run({"compress", "--profile", "cli-e2e-l1-keys", "--in", Path("id.npy"), "--out",
+                     Path("id.fqc")});
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_EQ(nlohmann::json::parse(c.out).at("profileDigest"), digest_);
+  RunResult missing = Run({"compress", "--profile", "no-such-id", "--in", Path("id.npy"), "--out",
+                           Path("none.fqc")});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("NOT_FOUND: --profile no-such-id: no registered profile has this id"));
+}
+
 TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   RunResult get = Run({"profile", "get", digest_});
   ASSERT_EQ(get.code, 0) << get.err;
@@ -369,6 +389,58 @@ TEST(CliTlsE2eTest, MutualTlsAndAdminToken) {
   RunResult missing = run({"info", addr, "--tls-ca=" + (dir.path() / "nope.pem").string()});
   EXPECT_EQ(missing.code, 1);
   EXPECT_THAT(missing.err, HasSubstr("--tls-ca"));
+}
+
+// TLS refusals are explained (gRPC alone says "Socket closed" or "failed to connect"): the CLI
+// repeats the handshake with the same files and names what is wrong.
+TEST(CliTlsE2eTest, TlsFailuresSayWhatIsWrong) {
+  TempDir dir;
+  const auto certs = dir.path() / "certs";
+  const std::string gen = (fibquant::server::testing::SourceRoot() / "scripts" / "gen-test-certs").string();
+  ASSERT_EQ(std::system((gen + " --negative " + certs.string() + " >/dev/null 2>&1").c_str()), 0);
+  ServerProcess server;
+  server.Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=1",
+                "--data-dir=" + (dir.path() / "data").string(), "--tls-cert=" + (certs / "server.crt").string(),
+                "--tls-key=" + (certs / "server.key").string(), "--tls-client-ca=" + (certs / "ca.crt").string()},
+               dir.path());
+  auto port = server.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << server.Log();
+  const std::string addr = "--server=localhost:" + std::to_string(*port);
+  auto file = [&](const std::string& name) { return (certs / name).string(); };
+  auto run = [&](const std::vector<std::string>& args) {
+    const std::string out = (dir.path() / "out").string(), err = (dir.path() / "err").string();
+    std::string cmd = std::string("timeout 120 ") + FQ_CLI_BINARY + " info '" + addr + "' --deadline=3s";
+    for (const auto& a : args) cmd += " '" + a + "'";
+    cmd += " >" + out + " 2>" + err;
+    const int st = std::system(cmd.c_str());
+    return RunResult{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ReadWholeFile(out), ReadWholeFile(err)};
+  };
+  RunResult no_cert = run({"--tls-ca=" + file("ca.crt")});
+  EXPECT_EQ(no_cert.code, 1);
+  EXPECT_THAT(no_cert.err, HasSubstr("UNAVAILABLE: the server requires a client certificate (mTLS) and "
+                                     "none was presented: pass --tls-cert and --tls-key"));
+  RunResult other = run({"--tls-ca=" + file("ca.crt"), "--tls-cert=" + file("other-client.crt"),
+                         "--tls-key=" + file("other-client.key")});
+  EXPECT_EQ(other.code, 1);
+  EXPECT_THAT(other.err, HasSubstr("the server refused the client certificate --tls-cert: it is issued by "
+                                   "CN=fibquant other CA, but the server accepts client certificates "
+                                   "only from CN=fibquant test CA"));
+  RunResult expired = run({"--tls-ca=" + file("ca.crt"), "--tls-cert=" + file("expired-client.crt"),
+                           "--tls-key=" + file("expired-client.key")});
+  EXPECT_EQ(expired.code, 1);
+  EXPECT_THAT(expired.err, HasSubstr("the server refused the client certificate --tls-cert: it has expired"));
+  RunResult wrong_ca = run({"--tls-ca=" + file("other-ca.crt"), "--tls-cert=" + file("client.crt"),
+                            "--tls-key=" + file("client.key")});
+  EXPECT_EQ(wrong_ca.code, 1);
+  EXPECT_THAT(wrong_ca.err, HasSubstr("the server's certificate did not verify against --tls-ca"));
+  RunResult wrong_name = run({"--tls-ca=" + file("ca.crt"), "--tls-cert=" + file("client.crt"),
+                              "--tls-key=" + file("client.key"), "--tls-server-name=other.example"});
+  EXPECT_EQ(wrong_name.code, 1);
+  EXPECT_THAT(wrong_name.err, HasSubstr("does not cover the name 'other.example'"));
+  // The explanation never hides a working setup.
+  RunResult good = run({"--tls-ca=" + file("ca.crt"), "--tls-cert=" + file("client.crt"),
+                        "--tls-key=" + file("client.key")});
+  EXPECT_EQ(good.code, 0) << good.err;
 }
 
 }  // namespace

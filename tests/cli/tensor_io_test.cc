@@ -224,6 +224,9 @@ TEST_F(TensorIoTest, RawFiles) {
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->data, t.data);
   EXPECT_EQ(ReadRaw(path, DType::kF32, {64, 4, 4}).status().code(), absl::StatusCode::kDataLoss);
+  // Raw files have no header: the message names the flags that declared the size.
+  EXPECT_EQ(ReadRaw(path, DType::kF32, {64, 4, 4}).status().message(),
+            path + ": truncated: --shape [64, 4, 4] of f32 needs 4096 data bytes but the file has 2048");
   EXPECT_EQ(ReadRaw(path, DType::kF32, {64, 4, 1}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ReadRaw(path, DType::kF32, {1ull << 40, 1ull << 40}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseShapeFlag("64,0").status().code(), absl::StatusCode::kInvalidArgument);

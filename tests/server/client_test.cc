@@ -607,16 +607,19 @@ TEST(ClientFake, NotFoundReRegistersHeldSpecOnce) {
   EXPECT_EQ(fake.service.register_calls.load(), 3);
 }
 
-TEST(ClientFake, NotFoundRecoveryIsAttemptedOnlyOnce) {
+TEST(ClientFake, NotFoundRecoveryIsBoundedByMaxProfileRecoveries) {
   FakeServer fake;
-  KvClient client(fake.Channel(), FastRetries());
+  ClientOptions opts = FastRetries();
+  opts.max_profile_recoveries = 3;
+  KvClient client(fake.Channel(), opts);
   ASSERT_TRUE(client.RegisterProfile(KeySpec()).ok());
-  // Re-registration "succeeds" but the profile stays unknown: one recovery, then the NOT_FOUND.
+  // Re-registration "succeeds" but the profile stays unknown (as when every retry reaches another
+  // replica): max_profile_recoveries recoveries, then the NOT_FOUND.
   fake.service.known = false;
   fake.service.register_forgets = true;
   auto cb = client.GetCodebook(kFakeDigest);
   EXPECT_EQ(cb.status().code(), absl::StatusCode::kNotFound) << cb.status();
-  EXPECT_EQ(fake.service.register_calls.load(), 2);
+  EXPECT_EQ(fake.service.register_calls.load(), 1 + 3);
 }
 
 TEST(ClientFake, PipelinesUpToTheWindowAndNoFurther) {

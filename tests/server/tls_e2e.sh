@@ -50,9 +50,6 @@ ensure_tool curl curl || fail "curl is required (Debian package curl)"
 ensure_tool node nodejs || fail "node is required (Debian package nodejs)"
 "$buf" --version >/dev/null || fail "scripts/buf could not install @bufbuild/buf from npm"
 
-health_proto=/usr/share/grpc-proto/grpc/health/v1/health.proto
-[[ -f "$health_proto" ]] || fail "$health_proto missing (Debian package grpc-proto)"
-
 step "certificates and admin token"
 "$src/scripts/gen-test-certs" "$work/certs" >/dev/null
 token="e2e-admin-token-$(openssl rand -hex 16)"
@@ -86,13 +83,21 @@ json() { node -e "$1" "$2"; }
 step "list services through reflection"
 services="$(bcurl --list-services "$url")"
 echo "$services"
-for s in "$svc" grpc.health.v1.Health grpc.reflection.v1alpha.ServerReflection; do
+for s in "$svc" grpc.health.v1.Health grpc.reflection.v1.ServerReflection \
+  grpc.reflection.v1alpha.ServerReflection; do
   grep -qx "$s" <<<"$services" || fail "service $s not listed"
 done
 
-step "health (overall and $svc)"
+step "list methods through reflection (every listed service must be described)"
+methods="$(bcurl --list-methods "$url")" || fail "buf curl --list-methods failed: $methods"
+for m in "$svc/CompressPages" grpc.health.v1.Health/Check grpc.health.v1.Health/Watch \
+  grpc.reflection.v1.ServerReflection/ServerReflectionInfo; do
+  grep -qx "$m" <<<"$methods" || fail "method $m not listed: $methods"
+done
+
+step "health (overall and $svc) described by reflection, no --schema"
 for name in "" "$svc"; do
-  out="$(bcurl --schema "$health_proto" -d "{\"service\":\"$name\"}" "$url/grpc.health.v1.Health/Check")"
+  out="$(bcurl -d "{\"service\":\"$name\"}" "$url/grpc.health.v1.Health/Check")"
   grep -q '"status": "SERVING"' <<<"$out" || fail "health '$name' not SERVING: $out"
 done
 
