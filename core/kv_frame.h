@@ -23,12 +23,17 @@
 namespace fibquant {
 
 inline constexpr std::array<uint8_t, 4> kKvFrameMagic = {'F', 'Q', 'K', 'V'};
-inline constexpr uint16_t kKvFrameVersion = 1;
+inline constexpr uint16_t kKvFrameVersion = 2;
 inline constexpr size_t kKvFrameHeaderBytes = 96;
 inline constexpr size_t kKvFrameChecksumBytes = 8;
-// Flag bit 0: vectors are channels (per-channel page); bits 1..15 reserved, must be zero.
+// Flag bit 0: vectors are channels (per-channel page); other bits reserved, must be zero.
 inline constexpr uint16_t kKvFrameFlagChannelAxis = 1u << 0;
-inline constexpr uint16_t kKvFrameKnownFlags = kKvFrameFlagChannelAxis;
+// Flag bit 1 (version 2): the coded vectors were centred by a per-page channel mean, stored as
+// vector_len f32 values in a mean section after the raw section (docs/format/kv.md, "Centering").
+inline constexpr uint16_t kKvFrameFlagCentered = 1u << 1;
+inline constexpr uint16_t kKvFrameKnownFlags = kKvFrameFlagChannelAxis | kKvFrameFlagCentered;
+// The flags a version-1 frame may carry (version 1 frames stay readable).
+inline constexpr uint16_t kKvFrameV1Flags = kKvFrameFlagChannelAxis;
 
 struct KvPageCoords {
   uint32_t batch = 0;
@@ -82,8 +87,11 @@ struct KvFrameView {
   absl::Span<const uint8_t> bitmap;  // ceil(vector_count/8) bytes, bit i (LSB-first) = vector i raw
   absl::Span<const uint8_t> codes;   // coded * code_bytes, in vector order
   absl::Span<const uint8_t> raw;     // raw_total * vector_len * DTypeSize(raw_dtype), in vector order
+  absl::Span<const uint8_t> mean;    // vector_len f32 when flags has kKvFrameFlagCentered, else empty
   uint64_t checksum = 0;
   bool IsRaw(uint32_t i) const { return (bitmap[i >> 3] >> (i & 7)) & 1u; }
+  // Element j of the mean section (flags has kKvFrameFlagCentered, j < vector_len).
+  float MeanAt(uint32_t j) const;
   // Number of raw vectors before vector i (popcount of the bitmap prefix).
   uint32_t RawRank(uint32_t i) const;
 };
@@ -96,7 +104,8 @@ struct KvFrameView {
 [[nodiscard]] absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& header,
                                                        absl::Span<const uint8_t> bitmap,
                                                        absl::Span<const uint8_t> codes,
-                                                       absl::Span<const uint8_t> raw);
+                                                       absl::Span<const uint8_t> raw,
+                                                       absl::Span<const uint8_t> mean = {});
 
 // Parses and verifies a frame (docs/format/kv.md "Decoder checks", in that order): length, magic,
 // version, checksum, flags, dtype, axis, reserved bytes, header counts vs limits, exact size
