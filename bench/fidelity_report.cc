@@ -510,7 +510,7 @@ int Run(int argc, char** argv) {
             }
           }
         }
-        name = "kivi-style int" + std::to_string(s.bits) + " (K per-channel/128 tok, V per-token)";
+        name = "kivi-style int" + std::to_string(s.bits) + " (K per-channel/128 tok; V per-token)";
         family = "kivi";
         index_bits = s.bits;
         // Per vector: d * bits / 8 + keys 4 d / 128 (channel scale+zero per chunk), values 4; mean of both.
