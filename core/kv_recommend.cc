@@ -18,7 +18,7 @@ namespace fibquant {
 namespace {
 
 absl::Status Interrupted(const KvRecommendRequest& r) {
-  if (r.cancel && r.cancel->load(std::memory_order_relaxed)) return absl::CancelledError("recommendation cancelled");
+  if (r.cancelled && r.cancelled()) return absl::CancelledError("recommendation cancelled");
   if (r.deadline && std::chrono::steady_clock::now() > *r.deadline) {
     return absl::DeadlineExceededError("recommendation deadline exceeded");
   }
@@ -152,6 +152,10 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
     auto ep = KvCompressionProfile::FromSpecJson(eval_spec.dump());
     if (!ep.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("recommend: candidate ", rp.profile_id, ": ", ep.status().message()));
+    }
+    if (r.check_profile) {
+      absl::Status st = r.check_profile(*ep);
+      if (!st.ok()) return absl::Status(st.code(), absl::StrCat("candidate ", rp.profile_id, ": ", st.message()));
     }
     const nlohmann::json target_spec = SpecFor(r, c, target, rp.profile_id, cal->digest);
     {

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -58,7 +59,10 @@ struct KvRecommendRequest {
   std::vector<KvRecommendCandidate> candidates;  // empty: DefaultRecommendCandidates()
   int threads = 1;                               // codebook build threads
   std::optional<std::chrono::steady_clock::time_point> deadline;
-  const std::atomic<bool>* cancel = nullptr;
+  std::function<bool()> cancelled;  // polled between candidates (e.g. the RPC's IsCancelled)
+  // Called with each candidate's profile before its codebook is built (e.g. a server's build-cost
+  // limit); an error fails the recommendation with that status, prefixed with the candidate id.
+  std::function<absl::Status(const KvCompressionProfile&)> check_profile;
 };
 
 struct KvRecommendedProfile {

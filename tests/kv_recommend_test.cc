@@ -136,10 +136,16 @@ TEST(KvRecommend, ImpossibleBudgetIsAnAnswerNotAnError) {
 TEST(KvRecommend, CancelAndValidation) {
   const Sample s = MakeSample();
   KvRecommendRequest r = Request(s);
-  std::atomic<bool> cancel{true};
-  r.cancel = &cancel;
+  r.cancelled = [] { return true; };
   EXPECT_EQ(RecommendKvProfile(r).status().code(), StatusCode::kCancelled);
-  r.cancel = nullptr;
+  r.cancelled = nullptr;
+  r.check_profile = [](const KvCompressionProfile& p) {
+    return p.fib_profile->codebook_size > 16 ? absl::ResourceExhaustedError("too costly") : absl::OkStatus();
+  };
+  auto limited = RecommendKvProfile(r);
+  EXPECT_EQ(limited.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(limited.status().message().find("recommended.k8n256.cal: too costly"), std::string::npos) << limited.status();
+  r.check_profile = nullptr;
   r.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
   EXPECT_EQ(RecommendKvProfile(r).status().code(), StatusCode::kDeadlineExceeded);
   r.deadline.reset();
