@@ -169,7 +169,8 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
           codecs.push_back(existing->codec);
           continue;
         }
-        FQ_ASSIGN_OR_RETURN(auto codec, KvCodec::Build(std::move(c), options_.build_threads));
+        FQ_ASSIGN_OR_RETURN(auto calibration, CalibrationFor(c));
+        FQ_ASSIGN_OR_RETURN(auto codec, KvCodec::Build(std::move(c), options_.build_threads, std::move(calibration)));
         codecs.push_back(std::move(codec));
       }
       for (const auto& codec : codecs) {

@@ -49,14 +49,28 @@ absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v
                             : KvCompressionProfile::FromSpecJson(*spec_json);
   if (!p.ok()) return p.status();
   FQ_RETURN_IF_ERROR(CheckBuildCost(*p, options_.max_profile_build_cost));
+  FQ_RETURN_IF_ERROR(CalibrationFor(*p).status());  // a calibrated spec needs its artifact registered
   return p;
+}
+
+absl::StatusOr<std::shared_ptr<const KvCalibration>> KvCompressionServiceImpl::CalibrationFor(
+    const KvCompressionProfile& profile) const {
+  if (profile.channel_transform != KvChannelTransform::kCalibration) return std::shared_ptr<const KvCalibration>();
+  auto c = registry_->LookupCalibration(profile.calibration_digest);
+  if (!c.ok()) {
+    return absl::NotFoundError(absl::StrCat("kv_profile.calibration_digest: calibration ", profile.calibration_digest,
+                                            " is not registered (RegisterCalibration first)"));
+  }
+  return c;
 }
 
 KvCompressionServiceImpl::BuildResult KvCompressionServiceImpl::BuildAndStore(KvCompressionProfile profile,
                                                                              bool* inserted) {
   builds_started_.fetch_add(1);
   const auto t0 = Clock::now();
-  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec, KvCodec::Build(std::move(profile), options_.build_threads));
+  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCalibration> calibration, CalibrationFor(profile));
+  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec,
+                      KvCodec::Build(std::move(profile), options_.build_threads, std::move(calibration)));
   const double seconds = SecondsSince(t0);
   if (metrics_) metrics_->ObserveBuildSeconds(seconds);
   ProfileEntry e;

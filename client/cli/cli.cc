@@ -60,6 +60,7 @@ constexpr const char* kUsage =
     "  recommend --keys FILE [--queries FILE] [--values FILE] [--role key|value] [--layer L]\n"
     "       [--head H] [--max-attention-tv X ...] [--min-ratio R] [--calibration-fraction F]\n"
     "       [--tokens-per-page T] [--prefix ID] [--target-shape SHAPE.json] [--store-calibration]\n"
+    "       [--max-codebook-size N]\n"
     "                                 calibrate on part of the sample, rank candidate profiles\n"
     "                                 measured on the rest (exit 3: none meets the budget)\n"
     "  info                           server version, formats and limits\n"
@@ -738,12 +739,14 @@ int CmdRecommend(Env& env) {
   auto tpp = head ? ParseUint<uint32_t>(a, "tokens-per-page", 0, &error) : std::nullopt;
   auto min_ratio = tpp ? ParseDouble(a, "min-ratio", 0, &error) : std::nullopt;
   auto fraction = min_ratio ? ParseDouble(a, "calibration-fraction", 0, &error) : std::nullopt;
-  if (!fraction) return Usage(env.err, env.command, error);
+  auto max_n = fraction ? ParseUint<uint32_t>(a, "max-codebook-size", 0, &error) : std::nullopt;
+  if (!max_n) return Usage(env.err, env.command, error);
   v1::RecommendProfileRequest req;
   req.set_role(role);
   req.set_min_ratio(*min_ratio);
   req.set_calibration_fraction(*fraction);
   req.set_tokens_per_page(*tpp);
+  req.set_max_codebook_size(*max_n);
   req.set_profile_id_prefix(a.GetOr("prefix", ""));
   req.set_store_calibration(a.Has("store-calibration"));
   if (auto t = a.Get("target-shape")) {
@@ -885,7 +888,7 @@ std::map<std::string, Command> Commands() {
        {CmdRecommend,
         {{"format", "raw-dtype", "shape", "keys", "values", "queries", "keys-tensor", "values-tensor",
           "queries-tensor", "layer", "head", "role", "tokens-per-page", "min-ratio", "calibration-fraction",
-          "prefix", "target-shape", "max-logit-mse", "max-attention-tv", "max-topk-disagreement",
+          "prefix", "target-shape", "max-codebook-size", "max-logit-mse", "max-attention-tv", "max-topk-disagreement",
           "max-value-aggregation-mse"},
          {},
          {"npy-bf16", "store-calibration"}}}},
