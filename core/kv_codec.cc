@@ -1,6 +1,7 @@
 #include "core/kv_codec.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -95,7 +96,8 @@ std::array<uint8_t, 32> KvPageSourceDigest(const KvPageCoords& c, DType dtype, a
 }
 
 absl::StatusOr<std::shared_ptr<const KvCodec>> KvCodec::Create(KvCompressionProfile profile,
-                                                               std::shared_ptr<const Quantizer> quantizer) {
+                                                               std::shared_ptr<const Quantizer> quantizer,
+                                                               std::shared_ptr<const KvCalibration> calibration) {
   if (profile.axis_policy == KvAxisPolicy::kRaw) {
     if (quantizer) return absl::InvalidArgumentError("KvCodec: axis_policy raw takes no quantizer");
   } else {
@@ -129,21 +131,36 @@ absl::StatusOr<std::shared_ptr<const KvCodec>> KvCodec::Create(KvCompressionProf
     }
   }
   FQ_RETURN_IF_ERROR(profile.Validate());
+  if (profile.channel_transform == KvChannelTransform::kCalibration) {
+    if (!calibration) {
+      return absl::InvalidArgumentError(absl::StrCat("KvCodec: channel_transform calibration needs the calibration ",
+                                                     profile.calibration_digest));
+    }
+    if (calibration->digest != profile.calibration_digest) {
+      return absl::InvalidArgumentError(absl::StrCat("kv_profile.calibration_digest ", profile.calibration_digest,
+                                                     " differs from the calibration's digest ", calibration->digest));
+    }
+    FQ_RETURN_IF_ERROR(calibration->CheckShape(profile.shape));
+  } else {
+    calibration = nullptr;  // not used by this profile
+  }
   std::shared_ptr<KvCodec> c(new KvCodec());
   FQ_ASSIGN_OR_RETURN(c->digest_, profile.Digest());
   if (!ParseDigest(c->digest_, &c->digest_raw_)) return absl::InternalError("KvCodec: digest does not parse");
   c->profile_ = std::move(profile);
   c->quantizer_ = std::move(quantizer);
+  c->calibration_ = std::move(calibration);
   return std::shared_ptr<const KvCodec>(std::move(c));
 }
 
 absl::StatusOr<std::shared_ptr<const KvCodec>> KvCodec::Build(KvCompressionProfile profile, int threads,
-                                                              const CancelToken* cancel) {
+                                                              const CancelToken* cancel,
+                                                              std::shared_ptr<const KvCalibration> calibration) {
   if (profile.axis_policy == KvAxisPolicy::kRaw) return Create(std::move(profile), nullptr);
   FQ_RETURN_IF_ERROR(profile.Validate());
   FQ_ASSIGN_OR_RETURN(Codebook cb, Codebook::Build(*profile.fib_profile, threads, cancel));
   FQ_ASSIGN_OR_RETURN(std::shared_ptr<const Quantizer> q, Quantizer::Create(std::move(cb)));
-  return Create(std::move(profile), std::move(q));
+  return Create(std::move(profile), std::move(q), std::move(calibration));
 }
 
 absl::Status KvCodec::CheckCoords(const KvPageCoords& c) const {
@@ -259,6 +276,8 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
   std::vector<uint8_t> codes(size_t{n} * cb, 0);  // slot per vector while building; compacted later
   std::vector<float> recon(size_t{n} * len);
   std::memcpy(recon.data(), V, recon.size() * sizeof(float));
+  const bool centered = profile_.centering == KvCentering::kPage;
+  std::vector<float> page_mean(centered ? len : 0, 0.0f);
   {
     std::vector<uint32_t> todo;
     for (uint32_t i = 0; i < n; ++i) {
@@ -267,7 +286,22 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
     if (!todo.empty()) {
       std::vector<float> src(todo.size() * len);
       for (size_t j = 0; j < todo.size(); ++j) {
-        std::memcpy(&src[j * len], V + size_t{todo[j]} * len, len * sizeof(float));
+        if (calibration_) {
+          calibration_->Forward(in.coords.layer, in.coords.kv_head, V + size_t{todo[j]} * len, &src[j * len]);
+        } else {
+          std::memcpy(&src[j * len], V + size_t{todo[j]} * len, len * sizeof(float));
+        }
+      }
+      if (centered) {
+        // Channel mean of the coded vectors (f64 sums in vector order, stored as f32), subtracted.
+        std::vector<double> sum(len, 0.0);
+        for (size_t j = 0; j < todo.size(); ++j) {
+          for (uint32_t c = 0; c < len; ++c) sum[c] += src[j * len + c];
+        }
+        for (uint32_t c = 0; c < len; ++c) page_mean[c] = static_cast<float>(sum[c] / static_cast<double>(todo.size()));
+        for (size_t j = 0; j < todo.size(); ++j) {
+          for (uint32_t c = 0; c < len; ++c) src[j * len + c] -= page_mean[c];
+        }
       }
       std::vector<uint8_t> enc(todo.size() * cb);
       std::vector<VectorFailure> failures;
@@ -299,6 +333,7 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
       std::vector<float> dec(ok_idx.size() * len);
       if (!ok_idx.empty()) {
         FQ_RETURN_IF_ERROR(quantizer_->DecodeF32(ok_codes, ok_idx.size(), dec.data(), opt.path));
+        UndoTransform(in.coords, centered ? page_mean.data() : nullptr, dec.data(), ok_idx.size());
       }
       for (size_t j = 0; j < ok_idx.size(); ++j) {
         std::memcpy(&codes[size_t{ok_idx[j]} * cb], &ok_codes[j * cb], cb);
@@ -403,6 +438,9 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
   // Assemble the frame.
   KvFrameHeader h;
   h.flags = channel ? kKvFrameFlagChannelAxis : 0;
+  if (centered) h.flags |= kKvFrameFlagCentered;
+  // Version 2 only when a version-2 feature is used: other frames stay byte-identical to version 1.
+  h.version = (h.flags & ~kKvFrameV1Flags) ? kKvFrameVersion : 1;
   h.raw_dtype = in.dtype;
   h.axis_policy = profile_.axis_policy;
   h.profile_digest = digest_raw_;
@@ -437,12 +475,41 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
       }
     }
   }
-  FQ_ASSIGN_OR_RETURN(out.frame, BuildKvFrame(h, bitmap, code_sec, raw_sec));
+  std::vector<uint8_t> mean_sec(page_mean.size() * 4);
+  for (size_t c = 0; c < page_mean.size(); ++c) {
+    const uint32_t u = std::bit_cast<uint32_t>(page_mean[c]);
+    for (int b = 0; b < 4; ++b) mean_sec[c * 4 + b] = static_cast<uint8_t>(u >> (8 * b));
+  }
+  FQ_ASSIGN_OR_RETURN(out.frame, BuildKvFrame(h, bitmap, code_sec, raw_sec, mean_sec));
   out.counts = h.counts;
   Sha256Hasher fh;
   fh.Update(out.frame);
   out.frame_digest = fh.FinishRaw();
   return out;
+}
+
+std::vector<float> KvCodec::FrameMean(const KvFrameView& v) const {
+  std::vector<float> m;
+  if (!(v.header.flags & kKvFrameFlagCentered)) return m;
+  m.resize(v.header.vector_len);
+  for (uint32_t c = 0; c < v.header.vector_len; ++c) m[c] = v.MeanAt(c);
+  return m;
+}
+
+void KvCodec::UndoTransform(const KvPageCoords& coords, const float* page_mean, float* y, size_t count) const {
+  const uint32_t len = profile_.shape.head_dim;
+  if (!page_mean && !calibration_) return;
+  std::vector<float> tmp(len);
+  for (size_t j = 0; j < count; ++j) {
+    float* v = y + j * len;
+    if (page_mean) {
+      for (uint32_t c = 0; c < len; ++c) v[c] += page_mean[c];
+    }
+    if (calibration_) {
+      calibration_->Inverse(coords.layer, coords.kv_head, v, tmp.data());
+      std::memcpy(v, tmp.data(), len * sizeof(float));
+    }
+  }
 }
 
 absl::StatusOr<KvFrameView> KvCodec::VerifyFrame(absl::Span<const uint8_t> frame) const {
@@ -460,6 +527,9 @@ absl::StatusOr<KvFrameView> KvCodec::VerifyFrame(absl::Span<const uint8_t> frame
   }
   if (h.vector_axis() != vector_axis()) {
     return absl::DataLossError("frame flags: the channel-axis bit does not match the profile's vector axis");
+  }
+  if (((h.flags & kKvFrameFlagCentered) != 0) != (profile_.centering == KvCentering::kPage)) {
+    return absl::DataLossError("frame flags: the centered bit does not match the profile's centering");
   }
   if (h.raw_dtype != profile_.shape.dtype) {
     return absl::DataLossError(absl::StrCat("frame raw_dtype ", std::string(DTypeName(h.raw_dtype)),
@@ -528,6 +598,8 @@ absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame
   if (h.counts.coded > 0) {
     absl::Status st = quantizer_->DecodeF32(v.codes, h.counts.coded, dec.data(), path);
     if (!st.ok()) return absl::Status(st.code(), absl::StrCat("frame code section: ", st.message()));
+    std::vector<float> mean = FrameMean(v);
+    UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), dec.data(), h.counts.coded);
   }
   DecodedPage page;
   page.coords = h.coords;
@@ -578,6 +650,8 @@ absl::StatusOr<std::vector<uint8_t>> KvCodec::DecodeVector(absl::Span<const uint
   std::vector<float> dec(len);
   absl::Status st = quantizer_->DecodeF32(v.codes.subspan(size_t{ci} * h.code_bytes, h.code_bytes), 1, dec.data(), path);
   if (!st.ok()) return absl::Status(st.code(), absl::StrCat("frame code of vector ", index, ": ", st.message()));
+  std::vector<float> mean = FrameMean(v);
+  UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), dec.data(), 1);
   for (uint32_t j = 0; j < len; ++j) StoreSaturating(out, dec[j], res.data(), j);
   return res;
 }

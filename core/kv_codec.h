@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/codec.h"
+#include "core/kv_calib.h"
 #include "core/kv_frame.h"
 #include "core/kv_metrics.h"
 #include "core/kv_profile.h"
@@ -79,17 +80,21 @@ class KvCodec {
   // `quantizer` must be null for the raw axis policy, else match the profile: fib profile equal,
   // codebook/rotation digests equal when the profile has them (InvalidArgument naming the field),
   // else filled in from the quantizer (resolving a spec profile). Then ValidateDeep-equivalent.
+  // `calibration` is required iff channel_transform is "calibration": its digest must equal the
+  // profile's calibration_digest and it must fit the shape (InvalidArgument otherwise).
   [[nodiscard]] static absl::StatusOr<std::shared_ptr<const KvCodec>> Create(
-      KvCompressionProfile profile, std::shared_ptr<const Quantizer> quantizer);
+      KvCompressionProfile profile, std::shared_ptr<const Quantizer> quantizer,
+      std::shared_ptr<const KvCalibration> calibration = nullptr);
   // Builds the codebook (Codebook::Build with `threads`) and calls Create.
-  [[nodiscard]] static absl::StatusOr<std::shared_ptr<const KvCodec>> Build(KvCompressionProfile profile,
-                                                                          int threads = 0,
-                                                                          const CancelToken* cancel = nullptr);
+  [[nodiscard]] static absl::StatusOr<std::shared_ptr<const KvCodec>> Build(
+      KvCompressionProfile profile, int threads = 0, const CancelToken* cancel = nullptr,
+      std::shared_ptr<const KvCalibration> calibration = nullptr);
 
   const KvCompressionProfile& profile() const { return profile_; }
   const std::string& profile_digest() const { return digest_; }
   const std::array<uint8_t, 32>& profile_digest_raw() const { return digest_raw_; }
   const std::shared_ptr<const Quantizer>& quantizer() const { return quantizer_; }
+  const std::shared_ptr<const KvCalibration>& calibration() const { return calibration_; }
   KvVectorAxis vector_axis() const { return profile_.vector_axis(); }
 
   // Coordinates on the page grid of the shape: batch/layer/kv_head in range, token_start a
@@ -122,10 +127,16 @@ class KvCodec {
  private:
   KvCodec() = default;
   absl::StatusOr<KvFrameView> VerifyFrame(absl::Span<const uint8_t> frame) const;
+  // The frame's mean section as floats (empty when not centred).
+  std::vector<float> FrameMean(const KvFrameView& v) const;
+  // Decoded token vectors y [count, head_dim] back to data space: + page mean, then the
+  // calibration's inverse transform (each only when present).
+  void UndoTransform(const KvPageCoords& coords, const float* page_mean, float* y, size_t count) const;
   KvCompressionProfile profile_;
   std::string digest_;
   std::array<uint8_t, 32> digest_raw_{};
   std::shared_ptr<const Quantizer> quantizer_;
+  std::shared_ptr<const KvCalibration> calibration_;  // set iff channel_transform == calibration
 };
 
 // SHA-256 of one page input's canonical bytes (domain "fq_kv_source_page_v1").

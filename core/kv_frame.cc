@@ -1,6 +1,7 @@
 #include "core/kv_frame.h"
 
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -39,7 +40,7 @@ bool MulAdd(uint64_t* acc, uint64_t a, uint64_t b) {
 }
 
 struct Sizes {
-  uint64_t bitmap = 0, codes = 0, raw = 0, total = 0;
+  uint64_t bitmap = 0, codes = 0, raw = 0, mean = 0, total = 0;
 };
 
 // Building: a header past a limit is ResourceExhausted. Parsing: the frame's real length is already
@@ -71,9 +72,10 @@ absl::StatusOr<Sizes> ComputeSizes(const KvFrameHeader& h, const KvFrameLimits& 
     return limit_error("frame raw section size overflows u64");
   }
   s.raw = raw;
+  s.mean = (h.flags & kKvFrameFlagCentered) ? uint64_t{h.vector_len} * 4 : 0;
   uint64_t total = kKvFrameHeaderBytes + kKvFrameChecksumBytes + s.bitmap +
                    ((h.flags & kKvFrameFlagAuthenticated) ? kKvFrameTagBytes : 0);
-  if (!MulAdd(&total, 1, s.codes) || !MulAdd(&total, 1, s.raw)) {
+  if (!MulAdd(&total, 1, s.codes) || !MulAdd(&total, 1, s.raw) || !MulAdd(&total, 1, s.mean)) {
     return limit_error("frame size overflows u64");
   }
   if (total > limits.max_frame_bytes) {
@@ -85,6 +87,8 @@ absl::StatusOr<Sizes> ComputeSizes(const KvFrameHeader& h, const KvFrameLimits& 
 }
 
 }  // namespace
+
+float KvFrameView::MeanAt(uint32_t j) const { return std::bit_cast<float>(GetU32(mean.data() + size_t{j} * 4)); }
 
 uint32_t KvFrameView::RawRank(uint32_t i) const {
   uint32_t r = 0;
@@ -109,15 +113,24 @@ absl::StatusOr<uint64_t> KvFrameSize(const KvFrameHeader& h, const KvFrameLimits
 }
 
 absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& h, absl::Span<const uint8_t> bitmap,
-                                         absl::Span<const uint8_t> codes, absl::Span<const uint8_t> raw) {
+                                         absl::Span<const uint8_t> codes, absl::Span<const uint8_t> raw,
+                                         absl::Span<const uint8_t> mean) {
   if (h.flags & kKvFrameFlagAuthenticated) {
     return absl::InvalidArgumentError("BuildKvFrame: the authenticated flag is added by SealKvFrame");
   }
+  if (h.version != 1 && h.version != kKvFrameVersion) {
+    return absl::InvalidArgumentError(absl::StrCat("BuildKvFrame: version ", h.version, " is not 1 or ", kKvFrameVersion));
+  }
+  if ((h.flags & ~(h.version == 1 ? kKvFrameV1Flags : kKvFrameKnownFlags)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("BuildKvFrame: flags 0x", absl::Hex(h.flags),
+                                                   " not defined for version ", h.version));
+  }
   FQ_ASSIGN_OR_RETURN(Sizes s, ComputeSizes(h, KvFrameLimits{}, false));
-  if (bitmap.size() != s.bitmap || codes.size() != s.codes || raw.size() != s.raw) {
+  if (bitmap.size() != s.bitmap || codes.size() != s.codes || raw.size() != s.raw || mean.size() != s.mean) {
     return absl::InvalidArgumentError(absl::StrCat("BuildKvFrame: section sizes (bitmap ", bitmap.size(), ", codes ",
-                                                   codes.size(), ", raw ", raw.size(), ") do not match the header (",
-                                                   s.bitmap, ", ", s.codes, ", ", s.raw, ")"));
+                                                   codes.size(), ", raw ", raw.size(), ", mean ", mean.size(),
+                                                   ") do not match the header (", s.bitmap, ", ", s.codes, ", ",
+                                                   s.raw, ", ", s.mean, ")"));
   }
   std::string out;
   out.reserve(s.total);
@@ -136,6 +149,7 @@ absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& h, absl::Span<cons
   out.append(reinterpret_cast<const char*>(bitmap.data()), bitmap.size());
   out.append(reinterpret_cast<const char*>(codes.data()), codes.size());
   out.append(reinterpret_cast<const char*>(raw.data()), raw.size());
+  out.append(reinterpret_cast<const char*>(mean.data()), mean.size());
   PutU64(&out, KvFrameChecksum(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(out.data()), out.size())));
   return out;
 }
@@ -157,8 +171,8 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
   KvFrameView v;
   KvFrameHeader& h = v.header;
   h.version = GetU16(p + 4);
-  if (h.version < 1 || h.version > kKvFrameVersion) {
-    return absl::DataLossError(absl::StrCat("frame version ", h.version, " is not supported (expected 1..",
+  if (h.version != 1 && h.version != kKvFrameVersion) {
+    return absl::DataLossError(absl::StrCat("frame version ", h.version, " is not supported (expected 1 or ",
                                             kKvFrameVersion, ")"));
   }
   // The checksum covers every other field, so it is verified before any of them is interpreted.
@@ -178,6 +192,9 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
   }
   if (h.flags & ~(h.version == 1 ? kKvFrameKnownFlagsV1 : kKvFrameKnownFlags)) {
     return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set reserved bits"));
+  }
+  if (h.version == 1 && (h.flags & ~kKvFrameV1Flags)) {
+    return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set bits a version-1 frame cannot carry"));
   }
   if (p[8] > 2) return absl::DataLossError(absl::StrCat("frame raw_dtype ", int{p[8]}, " is not 0 (f32), 1 (f16) or 2 (bf16)"));
   h.raw_dtype = static_cast<DType>(p[8]);
@@ -238,6 +255,12 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
   off += s.codes;
   v.raw = f.subspan(off, s.raw);
   off += s.raw;
+  v.mean = f.subspan(off, s.mean);
+  off += s.mean;
+  for (uint64_t i = 0; i < s.mean; i += 4) {
+    const float m = std::bit_cast<float>(GetU32(v.mean.data() + i));
+    if (!std::isfinite(m)) return absl::DataLossError(absl::StrCat("frame mean section value ", i / 4, " is not finite"));
+  }
   if (h.authenticated()) v.auth_tag = f.subspan(off, kKvFrameTagBytes);
   uint64_t pop = 0;
   for (uint8_t b : v.bitmap) pop += static_cast<uint64_t>(std::popcount(static_cast<unsigned>(b)));

@@ -28,14 +28,20 @@ inline constexpr std::array<uint8_t, 4> kKvFrameMagic = {'F', 'Q', 'K', 'V'};
 inline constexpr uint16_t kKvFrameVersion = 2;
 inline constexpr size_t kKvFrameHeaderBytes = 96;
 inline constexpr size_t kKvFrameChecksumBytes = 8;
-// Flag bit 0: vectors are channels (per-channel page). Bit 2 (version 2 only): authenticated, the
-// header's u16 at offset 10 is the key id (non-zero) and a kKvFrameTagBytes HMAC-SHA256 tag sits
-// between the raw section and the checksum. Other bits reserved, must be zero. A writer emits
-// version 1 unless a version-2 flag is set, so unauthenticated frames keep their version-1 bytes.
+// Flag bit 0: vectors are channels (per-channel page). Version-2 flags: bit 1 centered (the coded
+// vectors were centred by a per-page channel mean, stored as vector_len f32 values in a mean section
+// after the raw section; docs/format/kv.md "Centering"); bit 2 authenticated (the header's u16 at
+// offset 10 is the key id (non-zero) and a kKvFrameTagBytes HMAC-SHA256 tag sits between the mean
+// (or raw) section and the checksum). Other bits reserved, must be zero. A writer emits version 1
+// unless a version-2 flag is set, so plain frames keep their version-1 bytes.
 inline constexpr uint16_t kKvFrameFlagChannelAxis = 1u << 0;
+inline constexpr uint16_t kKvFrameFlagCentered = 1u << 1;
 inline constexpr uint16_t kKvFrameFlagAuthenticated = 1u << 2;
+// The flags a version-1 frame may carry (version 1 frames stay readable).
 inline constexpr uint16_t kKvFrameKnownFlagsV1 = kKvFrameFlagChannelAxis;
-inline constexpr uint16_t kKvFrameKnownFlags = kKvFrameFlagChannelAxis | kKvFrameFlagAuthenticated;
+inline constexpr uint16_t kKvFrameV1Flags = kKvFrameKnownFlagsV1;
+inline constexpr uint16_t kKvFrameKnownFlags =
+    kKvFrameFlagChannelAxis | kKvFrameFlagCentered | kKvFrameFlagAuthenticated;
 inline constexpr size_t kKvFrameTagBytes = 32;
 
 struct KvPageCoords {
@@ -92,9 +98,12 @@ struct KvFrameView {
   absl::Span<const uint8_t> bitmap;  // ceil(vector_count/8) bytes, bit i (LSB-first) = vector i raw
   absl::Span<const uint8_t> codes;   // coded * code_bytes, in vector order
   absl::Span<const uint8_t> raw;     // raw_total * vector_len * DTypeSize(raw_dtype), in vector order
+  absl::Span<const uint8_t> mean;    // vector_len f32 when flags has kKvFrameFlagCentered, else empty
   absl::Span<const uint8_t> auth_tag;  // authenticated frames: the stored tag (not verified here)
   uint64_t checksum = 0;
   bool IsRaw(uint32_t i) const { return (bitmap[i >> 3] >> (i & 7)) & 1u; }
+  // Element j of the mean section (flags has kKvFrameFlagCentered, j < vector_len).
+  float MeanAt(uint32_t j) const;
   // Number of raw vectors before vector i (popcount of the bitmap prefix).
   uint32_t RawRank(uint32_t i) const;
 };
@@ -109,7 +118,8 @@ struct KvFrameView {
 [[nodiscard]] absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& header,
                                                        absl::Span<const uint8_t> bitmap,
                                                        absl::Span<const uint8_t> codes,
-                                                       absl::Span<const uint8_t> raw);
+                                                       absl::Span<const uint8_t> raw,
+                                                       absl::Span<const uint8_t> mean = {});
 
 // Parses and verifies a frame (docs/format/kv.md "Decoder checks", in that order): length, magic,
 // version, checksum, flags, dtype, axis, reserved bytes, header counts vs limits, exact size

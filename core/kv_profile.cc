@@ -228,7 +228,40 @@ absl::Status KvCompressionProfile::Validate() const {
     return absl::InvalidArgumentError(
         "kv_profile.calibration_digest must be \"missing:calibration\" or a \"sha256:\" digest");
   }
+  if (static_cast<uint8_t>(centering) > 1) return absl::InvalidArgumentError("kv_profile.centering is not a known mode");
+  if (static_cast<uint8_t>(channel_transform) > 1) {
+    return absl::InvalidArgumentError("kv_profile.channel_transform is not a known mode");
+  }
+  if ((centering != KvCentering::kNone || channel_transform != KvChannelTransform::kNone) &&
+      (axis_policy == KvAxisPolicy::kRaw || vector_axis() != KvVectorAxis::kToken)) {
+    return absl::InvalidArgumentError(
+        "kv_profile.centering / channel_transform apply to token vectors only (axis_policy per_token, or "
+        "role_aware_kivi_style for values)");
+  }
+  if (channel_transform == KvChannelTransform::kCalibration && calibration_digest == kMissingCalibration) {
+    return absl::InvalidArgumentError(
+        "kv_profile.channel_transform \"calibration\" requires calibration_digest to name a calibration");
+  }
   return absl::OkStatus();
+}
+
+std::string_view KvCenteringName(KvCentering v) { return v == KvCentering::kPage ? "page" : "none"; }
+
+absl::StatusOr<KvCentering> ParseKvCentering(std::string_view s) {
+  if (s == "none") return KvCentering::kNone;
+  if (s == "page") return KvCentering::kPage;
+  return absl::InvalidArgumentError(absl::StrCat("kv_profile.centering must be \"none\" or \"page\"; got \"", S(s), "\""));
+}
+
+std::string_view KvChannelTransformName(KvChannelTransform v) {
+  return v == KvChannelTransform::kCalibration ? "calibration" : "none";
+}
+
+absl::StatusOr<KvChannelTransform> ParseKvChannelTransform(std::string_view s) {
+  if (s == "none") return KvChannelTransform::kNone;
+  if (s == "calibration") return KvChannelTransform::kCalibration;
+  return absl::InvalidArgumentError(
+      absl::StrCat("kv_profile.channel_transform must be \"none\" or \"calibration\"; got \"", S(s), "\""));
 }
 
 absl::Status KvCompressionProfile::ValidateDeep() const {
@@ -282,6 +315,10 @@ absl::StatusOr<std::string> KvCompressionProfile::CanonicalBytes() const {
   w.OptF64(b.max_value_aggregation_mse.has_value(), b.max_value_aggregation_mse.value_or(0));
   w.Str(KvFallbackModeName(b.fallback_on_violation));
   w.Str(calibration_digest);
+  if (centering != KvCentering::kNone || channel_transform != KvChannelTransform::kNone) {
+    w.Str(KvCenteringName(centering));
+    w.Str(KvChannelTransformName(channel_transform));
+  }
   return w.bytes();
 }
 
@@ -328,6 +365,8 @@ std::string KvCompressionProfile::ToJson(int indent) const {
   b["fallback_on_violation"] = S(KvFallbackModeName(quality_budget.fallback_on_violation));
   j["quality_budget"] = b;
   j["calibration_digest"] = calibration_digest;
+  if (centering != KvCentering::kNone) j["centering"] = S(KvCenteringName(centering));
+  if (channel_transform != KvChannelTransform::kNone) j["channel_transform"] = S(KvChannelTransformName(channel_transform));
   return j.dump(indent);
 }
 
@@ -411,6 +450,20 @@ absl::StatusOr<KvTensorShape> ParseShapeValue(nlohmann::json s, bool lenient_sch
   return KvTensorShape::FromJson(s.dump());
 }
 
+// The optional "centering" and "channel_transform" strings (absent: "none").
+absl::Status ParseCenteringFields(const nlohmann::json& j, std::string_view ctx, KvCompressionProfile* p) {
+  using namespace kv_internal;
+  if (j.contains("centering")) {
+    FQ_ASSIGN_OR_RETURN(std::string c, GetString(j, ctx, "centering"));
+    FQ_ASSIGN_OR_RETURN(p->centering, ParseKvCentering(c));
+  }
+  if (j.contains("channel_transform")) {
+    FQ_ASSIGN_OR_RETURN(std::string c, GetString(j, ctx, "channel_transform"));
+    FQ_ASSIGN_OR_RETURN(p->channel_transform, ParseKvChannelTransform(c));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromJson(std::string_view json) {
@@ -421,7 +474,12 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromJson(std::string_
       "schema_version", "profile_id",    "shape",           "shape_digest",     "fib_profile",
       "fib_profile_digest", "codebook_digest", "rotation_digest", "role_policy", "axis_policy",
       "page_geometry", "protected_policy", "fallback_policy", "quality_budget", "calibration_digest"};
-  FQ_RETURN_IF_ERROR(CheckKeys(j, kCtx, fields, fields));
+  std::initializer_list<const char*> allowed = {
+      "schema_version", "profile_id",    "shape",           "shape_digest",     "fib_profile",
+      "fib_profile_digest", "codebook_digest", "rotation_digest", "role_policy", "axis_policy",
+      "page_geometry", "protected_policy", "fallback_policy", "quality_budget", "calibration_digest",
+      "centering", "channel_transform"};
+  FQ_RETURN_IF_ERROR(CheckKeys(j, kCtx, allowed, fields));
   KvCompressionProfile p;
   FQ_ASSIGN_OR_RETURN(p.schema_version, GetString(j, kCtx, "schema_version"));
   FQ_ASSIGN_OR_RETURN(p.profile_id, GetString(j, kCtx, "profile_id"));
@@ -455,6 +513,7 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromJson(std::string_
   FQ_ASSIGN_OR_RETURN(p.fallback_policy, ParseFallback(j.at("fallback_policy"), true));
   FQ_ASSIGN_OR_RETURN(p.quality_budget, ParseBudget(j.at("quality_budget"), true));
   FQ_ASSIGN_OR_RETURN(p.calibration_digest, GetString(j, kCtx, "calibration_digest"));
+  FQ_RETURN_IF_ERROR(ParseCenteringFields(j, kCtx, &p));
   FQ_RETURN_IF_ERROR(p.Validate());
   return p;
 }
@@ -466,7 +525,7 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromSpecJson(std::str
   FQ_RETURN_IF_ERROR(CheckKeys(j, kCtx,
                                {"profile_id", "shape", "axis_policy", "tokens_per_page", "fibquant", "fib_profile",
                                 "reserved_vector_bytes", "protected", "fallback", "quality_budget",
-                                "calibration_digest"},
+                                "calibration_digest", "centering", "channel_transform"},
                                {"profile_id", "shape", "axis_policy", "tokens_per_page"}));
   KvCompressionProfile p;
   FQ_ASSIGN_OR_RETURN(p.profile_id, GetString(j, kCtx, "profile_id"));
@@ -525,6 +584,7 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromSpecJson(std::str
   if (j.contains("calibration_digest")) {
     FQ_ASSIGN_OR_RETURN(p.calibration_digest, GetString(j, kCtx, "calibration_digest"));
   }
+  FQ_RETURN_IF_ERROR(ParseCenteringFields(j, kCtx, &p));
   if (j.contains("reserved_vector_bytes")) {
     FQ_ASSIGN_OR_RETURN(p.page_geometry.reserved_vector_bytes, GetU32(j, kCtx, "reserved_vector_bytes"));
   } else {

@@ -66,6 +66,18 @@ struct KvQualityBudget {
   friend bool operator==(const KvQualityBudget&, const KvQualityBudget&) = default;
 };
 
+// Centering (docs/format/kv.md, "Centering and calibration"): "none", or "page" = subtract the
+// page's channel mean (over its coded token vectors, after any calibration transform) before
+// normalisation and store it in the frame (flag bit 1, frame version 2). Token axis only.
+enum class KvCentering : uint8_t { kNone = 0, kPage = 1 };
+std::string_view KvCenteringName(KvCentering v);
+[[nodiscard]] absl::StatusOr<KvCentering> ParseKvCentering(std::string_view s);
+// "none", or "calibration" = apply the calibration artifact named by calibration_digest
+// (core/kv_calib.h: static channel mean and scale) to every coded token vector. Token axis only.
+enum class KvChannelTransform : uint8_t { kNone = 0, kCalibration = 1 };
+std::string_view KvChannelTransformName(KvChannelTransform v);
+[[nodiscard]] absl::StatusOr<KvChannelTransform> ParseKvChannelTransform(std::string_view s);
+
 struct KvCompressionProfile {
   std::string schema_version = std::string(kKvProfileSchema);
   std::string profile_id;
@@ -84,6 +96,9 @@ struct KvCompressionProfile {
   KvFallbackPolicy fallback_policy;
   KvQualityBudget quality_budget;
   std::string calibration_digest = std::string(kMissingCalibration);
+  // Both optional in JSON and only digested when not "none", so older profiles keep their digests.
+  KvCentering centering = KvCentering::kNone;
+  KvChannelTransform channel_transform = KvChannelTransform::kNone;
 
   KvVectorAxis vector_axis() const { return ResolveVectorAxis(axis_policy, shape.role); }
   bool resolved() const { return axis_policy == KvAxisPolicy::kRaw || !codebook_digest.empty(); }

@@ -189,7 +189,9 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::EvaluateQuality(grpc::Callba
         // The caller is the only one waiting for this build: it stops when the caller goes away
         // (or the drain ends) instead of holding the build pool for nobody.
         const CancelToken cancel(&builds_cancel_, [ctx] { return ctx->IsCancelled(); });
-        FQ_ASSIGN_OR_RETURN(auto codec, KvCodec::Build(std::move(c), options_.build_threads, &cancel));
+        FQ_ASSIGN_OR_RETURN(auto calibration, CalibrationFor(c));
+        FQ_ASSIGN_OR_RETURN(auto codec, KvCodec::Build(std::move(c), options_.build_threads, &cancel,
+                                                       std::move(calibration)));
         codecs.push_back(std::move(codec));
       }
       for (const auto& codec : codecs) {

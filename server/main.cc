@@ -93,6 +93,8 @@ ABSL_FLAG(uint32_t, receipt_retention, kDefaults.receipt_retention,
           "Receipts kept; the oldest are dropped first.");
 ABSL_FLAG(uint32_t, max_profiles, kDefaults.max_profiles,
           "Profiles kept in the registry; registering more gets RESOURCE_EXHAUSTED.");
+ABSL_FLAG(uint32_t, max_calibrations, kDefaults.max_calibrations,
+          "Calibration artifacts kept in the registry; registering more gets RESOURCE_EXHAUSTED.");
 ABSL_FLAG(uint32_t, worker_queue_capacity, kDefaults.worker_queue_capacity,
           "Tasks queued on the worker pool beyond which new work is refused or not read.");
 ABSL_FLAG(int32_t, build_threads, kDefaults.build_threads,
@@ -210,6 +212,7 @@ ServiceOptions ServiceOptionsFromFlags() {
   o.max_profile_build_cost = absl::GetFlag(FLAGS_max_profile_build_cost);
   o.receipt_retention = absl::GetFlag(FLAGS_receipt_retention);
   o.max_profiles = absl::GetFlag(FLAGS_max_profiles);
+  o.max_calibrations = absl::GetFlag(FLAGS_max_calibrations);
   o.worker_threads = absl::GetFlag(FLAGS_workers);
   o.worker_queue_capacity = absl::GetFlag(FLAGS_worker_queue_capacity);
   o.build_threads = absl::GetFlag(FLAGS_build_threads);

@@ -92,7 +92,19 @@ absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v
           options_.max_build_memory_bytes));
     }
   }
+  FQ_RETURN_IF_ERROR(CalibrationFor(*p).status());  // a calibrated spec needs its artifact registered
   return p;
+}
+
+absl::StatusOr<std::shared_ptr<const KvCalibration>> KvCompressionServiceImpl::CalibrationFor(
+    const KvCompressionProfile& profile) const {
+  if (profile.channel_transform != KvChannelTransform::kCalibration) return std::shared_ptr<const KvCalibration>();
+  auto c = registry_->LookupCalibration(profile.calibration_digest);
+  if (!c.ok()) {
+    return absl::NotFoundError(absl::StrCat("kv_profile.calibration_digest: calibration ", profile.calibration_digest,
+                                            " is not registered (RegisterCalibration first)"));
+  }
+  return c;
 }
 
 KvCompressionServiceImpl::BuildResult KvCompressionServiceImpl::BuildAndStore(KvCompressionProfile profile,
@@ -100,9 +112,10 @@ KvCompressionServiceImpl::BuildResult KvCompressionServiceImpl::BuildAndStore(Kv
                                                                              const CancelToken* cancel) {
   builds_started_.fetch_add(1);
   const auto t0 = Clock::now();
+  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCalibration> calibration, CalibrationFor(profile));
   FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec,
                       KvCodec::Build(std::move(profile), options_.build_threads,
-                                     cancel != nullptr ? cancel : &builds_cancel_));
+                                     cancel != nullptr ? cancel : &builds_cancel_, std::move(calibration)));
   const double seconds = SecondsSince(t0);
   if (metrics_) metrics_->ObserveBuildSeconds(seconds);
   ProfileEntry e;

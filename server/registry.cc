@@ -287,7 +287,7 @@ absl::StatusOr<std::unique_ptr<Registry>> Registry::Open(const RegistryOptions& 
         return FileError(errno, absl::StrCat("cannot create data dir ", options.data_dir));
       }
     }
-    for (const char* sub : {"profiles", "receipts", "quarantine"}) {
+    for (const char* sub : {"profiles", "receipts", "quarantine", "calibrations"}) {
       const fs::path d = root / sub;
       if (::mkdir(d.c_str(), 0700) != 0 && errno != EEXIST) {
         return FileError(errno, absl::StrCat("cannot create data dir ", options.data_dir, "/", sub));
@@ -300,6 +300,7 @@ absl::StatusOr<std::unique_ptr<Registry>> Registry::Open(const RegistryOptions& 
 }
 
 absl::Status Registry::Load() {
+  FQ_RETURN_IF_ERROR(LoadCalibrations());
   FQ_RETURN_IF_ERROR(LoadProfiles());
   return LoadReceipts();
 }
@@ -374,7 +375,13 @@ absl::StatusOr<ProfileEntry> Registry::ReadProfileFile(const std::string& path) 
     }
     FQ_ASSIGN_OR_RETURN(quantizer, Quantizer::Create(*std::move(codebook)));
   }
-  auto codec = KvCodec::Create(*std::move(profile), std::move(quantizer));
+  std::shared_ptr<const KvCalibration> calibration;
+  if (profile->channel_transform == KvChannelTransform::kCalibration) {
+    auto c = LookupCalibration(profile->calibration_digest);
+    if (!c.ok()) return absl::DataLossError(absl::StrCat("stored profile: its calibration ", c.status().message()));
+    calibration = *std::move(c);
+  }
+  auto codec = KvCodec::Create(*std::move(profile), std::move(quantizer), std::move(calibration));
   if (!codec.ok()) return absl::DataLossError(absl::StrCat("stored profile: ", codec.status().message()));
   if ((*codec)->profile_digest() != e.digest) return absl::DataLossError("compiled profile digest differs");
   e.codec = *std::move(codec);
@@ -408,6 +415,79 @@ absl::Status Registry::LoadProfiles() {
     profiles_[key] = std::make_shared<const ProfileEntry>(*std::move(e));
   }
   return absl::OkStatus();
+}
+
+absl::Status Registry::LoadCalibrations() {
+  fs::path dir = fs::path(options_.data_dir) / "calibrations";
+  std::error_code ec;
+  std::vector<std::string> files;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    if (it->path().filename().string().find(".tmp.") != std::string::npos) {
+      fs::remove(it->path(), ec);
+      ec.clear();
+      continue;
+    }
+    if (it->path().extension() == ".json") files.push_back(it->path().string());
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
+  std::sort(files.begin(), files.end());
+  for (const std::string& f : files) {
+    absl::StatusOr<KvCalibration> c = [&]() -> absl::StatusOr<KvCalibration> {
+      FQ_ASSIGN_OR_RETURN(std::string text, ReadFileBounded(f));
+      auto cal = KvCalibration::FromJson(text);  // digest recomputed
+      if (!cal.ok()) return absl::DataLossError(absl::StrCat("calibration file: ", cal.status().message()));
+      if (EntryFileName(cal->digest) != fs::path(f).filename().string()) {
+        return absl::DataLossError("calibration file name does not match its digest");
+      }
+      return cal;
+    }();
+    if (!c.ok()) {
+      Quarantine(f, c.status());
+      continue;
+    }
+    absl::MutexLock lock(&mu_);
+    std::string key = c->digest;
+    calibrations_[key] = std::make_shared<const KvCalibration>(*std::move(c));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const KvCalibration>> Registry::LookupCalibration(const std::string& digest) const {
+  absl::MutexLock lock(&mu_);
+  auto it = calibrations_.find(digest);
+  if (it == calibrations_.end()) return absl::NotFoundError(absl::StrCat("calibration ", digest, " is not registered"));
+  return it->second;
+}
+
+absl::StatusOr<std::shared_ptr<const KvCalibration>> Registry::InsertCalibration(KvCalibration calibration,
+                                                                               bool* inserted) {
+  *inserted = false;
+  absl::MutexLock io(&io_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = calibrations_.find(calibration.digest);
+    if (it != calibrations_.end()) return it->second;
+    if (calibrations_.size() >= options_.max_calibrations) {
+      return absl::ResourceExhaustedError(absl::StrCat("registry holds ", calibrations_.size(),
+                                                       " calibrations, the limit max_calibrations is ",
+                                                       options_.max_calibrations));
+    }
+  }
+  if (!options_.data_dir.empty()) {
+    FQ_RETURN_IF_ERROR(WriteFileAtomically(
+        (fs::path(options_.data_dir) / "calibrations" / EntryFileName(calibration.digest)).string(),
+        calibration.ToJson()));
+  }
+  auto shared = std::make_shared<const KvCalibration>(std::move(calibration));
+  absl::MutexLock lock(&mu_);
+  calibrations_[shared->digest] = shared;
+  *inserted = true;
+  return shared;
+}
+
+size_t Registry::calibration_count() const {
+  absl::MutexLock lock(&mu_);
+  return calibrations_.size();
 }
 
 absl::StatusOr<fibquant::v1::Receipt> Registry::ReadReceiptFile(const std::string& path) const {

@@ -51,6 +51,7 @@ struct RegistryOptions {
   std::string data_dir;  // empty: memory only
   uint32_t max_profiles = 256;
   uint32_t receipt_retention = 1000;
+  uint32_t max_calibrations = 256;
 };
 
 class Registry {
@@ -96,6 +97,16 @@ class Registry {
                                                  size_t limit, bool* more) const;
   size_t receipt_count() const;
 
+  // Calibration artifacts (<data_dir>/calibrations/<hex>.json, the artifact's JSON; verified at load
+  // like profiles, loaded before them because calibrated profiles need theirs). NotFound naming the
+  // digest; Insert returns the stored one (and *inserted false) for a known digest,
+  // ResourceExhausted naming max_calibrations when full.
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<const KvCalibration>> LookupCalibration(
+      const std::string& digest) const;
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<const KvCalibration>> InsertCalibration(KvCalibration calibration,
+                                                                                     bool* inserted);
+  size_t calibration_count() const;
+
   // Files moved to quarantine/ since Open (for tests and logs).
   uint64_t quarantined() const;
 
@@ -107,6 +118,7 @@ class Registry {
   absl::Status Load();
   absl::Status LoadProfiles();
   absl::Status LoadReceipts();
+  absl::Status LoadCalibrations();
   [[nodiscard]] absl::StatusOr<ProfileEntry> ReadProfileFile(const std::string& path) const;
   [[nodiscard]] absl::StatusOr<fibquant::v1::Receipt> ReadReceiptFile(const std::string& path) const;
   void Quarantine(const std::string& path, const absl::Status& why);
@@ -118,6 +130,7 @@ class Registry {
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const ProfileEntry>> profiles_ ABSL_GUARDED_BY(mu_);
   std::deque<fibquant::v1::Receipt> receipts_ ABSL_GUARDED_BY(mu_);  // oldest first
+  std::map<std::string, std::shared_ptr<const KvCalibration>> calibrations_ ABSL_GUARDED_BY(mu_);
   uint64_t receipt_counter_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t quarantined_ ABSL_GUARDED_BY(mu_) = 0;
   // Serialises file writes so a drop never races a write of the same receipt.

@@ -124,6 +124,7 @@ absl::Status KvCompressionServiceImpl::Initialize() {
   RegistryOptions ro;
   ro.data_dir = options_.data_dir;
   ro.max_profiles = options_.max_profiles;
+  ro.max_calibrations = options_.max_calibrations;
   ro.receipt_retention = options_.receipt_retention;
   FQ_ASSIGN_OR_RETURN(registry_, Registry::Open(ro, metrics_));
   // Restored profiles are known specs too: registering one again must not rebuild it.

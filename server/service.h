@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "core/cancel.h"
+#include "core/kv_calib.h"
 #include "core/kv_frame_auth.h"
 #include "core/kv_profile.h"
 #include "fibquant/v1/kv_compression.grpc.pb.h"
@@ -111,7 +112,10 @@ struct ServiceOptions {
   // (others are DATA_LOSS). Null or returning null: frames are neither sealed nor verified. Called
   // once per stream (a reload takes effect for new streams).
   std::function<std::shared_ptr<const KvFrameKeyRing>()> frame_keys;
-  // Admin check run first by RegisterProfile (the only RPC that changes server state on request),
+  // Calibration artifacts kept in the registry (RegisterCalibration beyond it: ResourceExhausted).
+  uint32_t max_calibrations = 256;
+  // Admin check run first by RegisterProfile and RegisterCalibration (the RPCs that change server
+  // state on request; RecommendProfile with store_calibration too),
   // e.g. the bearer token of server/security.h. Its status is returned as is (Unauthenticated,
   // PermissionDenied). Null: registration is open.
   std::function<absl::Status(const grpc::ServerContextBase&)> authorize_admin;
@@ -193,6 +197,16 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const fibquant::v1::GetServerInfoRequest* req,
                                           fibquant::v1::GetServerInfoResponse* resp) override;
+  // calibration_rpcs.cc: calibration artifacts and profile recommendation.
+  grpc::ServerUnaryReactor* RegisterCalibration(grpc::CallbackServerContext* ctx,
+                                                const fibquant::v1::RegisterCalibrationRequest* req,
+                                                fibquant::v1::RegisterCalibrationResponse* resp) override;
+  grpc::ServerUnaryReactor* GetCalibration(grpc::CallbackServerContext* ctx,
+                                           const fibquant::v1::GetCalibrationRequest* req,
+                                           fibquant::v1::GetCalibrationResponse* resp) override;
+  grpc::ServerUnaryReactor* RecommendProfile(grpc::CallbackServerContext* ctx,
+                                             const fibquant::v1::RecommendProfileRequest* req,
+                                             fibquant::v1::RecommendProfileResponse* resp) override;
 
  private:
   KvCompressionServiceImpl(const ServiceOptions& options, Metrics* metrics);
@@ -229,6 +243,10 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // `cancel` (null: the service's builds_cancel_) stops it with Cancelled.
   [[nodiscard]] BuildResult BuildAndStore(KvCompressionProfile profile, bool* inserted,
                                           const CancelToken* cancel = nullptr);
+  // The registered calibration a profile's channel_transform needs (null when it needs none);
+  // NotFound naming the digest when it is not registered.
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<const KvCalibration>> CalibrationFor(
+      const KvCompressionProfile& profile) const;
   // The registered entry of an identical spec, if any (no build needed).
   std::shared_ptr<const ProfileEntry> FindSpec(const KvCompressionProfile& profile) const;
 

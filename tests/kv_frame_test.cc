@@ -1,5 +1,6 @@
 // Page frame structure with synthetic code bytes: round trip, and one named test per corrupted
 // field (each corruption re-seals the checksum so the specific check, not the checksum, fires).
+#include <bit>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@ using absl::StatusCode;
 
 KvFrameHeader Header() {
   KvFrameHeader h;
+  h.version = 1;  // the version-1 layout stays pinned by GoldenChecksum
   h.raw_dtype = DType::kF32;
   h.axis_policy = KvAxisPolicy::kPerToken;
   for (int i = 0; i < 32; ++i) h.profile_digest[i] = static_cast<uint8_t>(i * 7);
@@ -126,15 +128,79 @@ TEST(KvFrameCorrupt, Magic) {
 
 TEST(KvFrameCorrupt, Version) {
   std::string f = Frame();
-  f[4] = 2;
+  f[4] = 3;
   Reseal(&f);
   EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
   EXPECT_NE(ParseStatus(f).message().find("version"), std::string::npos);
 }
 
-TEST(KvFrameCorrupt, ReservedFlags) {
+TEST(KvFrameCorrupt, CenteredFlagInVersion1Frame) {
   std::string f = Frame();
   f[6] = 0x02;
+  Reseal(&f);
+  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
+  EXPECT_NE(ParseStatus(f).message().find("version-1"), std::string::npos) << ParseStatus(f);
+}
+
+// Version 2, flag bit 1: a mean section of vector_len f32 after the raw section.
+std::string CenteredFrame() {
+  KvFrameHeader h = Header();
+  h.version = 2;
+  h.flags = kKvFrameFlagCentered;
+  std::vector<uint8_t> bitmap = {0x05};
+  std::vector<uint8_t> codes(10, 0xA5);
+  std::vector<uint8_t> raw(2 * 3 * 4, 0x11);
+  std::vector<uint8_t> mean;
+  for (float m : {1.5f, -2.0f, 0.25f}) {
+    const uint32_t u = std::bit_cast<uint32_t>(m);
+    for (int b = 0; b < 4; ++b) mean.push_back(static_cast<uint8_t>(u >> (8 * b)));
+  }
+  auto f = BuildKvFrame(h, bitmap, codes, raw, mean);
+  EXPECT_TRUE(f.ok()) << f.status();
+  return *f;
+}
+
+TEST(KvFrame, CenteredVersion2RoundTripAndGolden) {
+  const std::string f = CenteredFrame();
+  EXPECT_EQ(f.size(), kKvFrameHeaderBytes + 1 + 10 + 24 + 12 + kKvFrameChecksumBytes);
+  auto v = ParseKvFrame(Bytes(f));
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->header.version, 2);
+  EXPECT_EQ(v->header.flags, kKvFrameFlagCentered);
+  ASSERT_EQ(v->mean.size(), 12u);
+  EXPECT_EQ(v->MeanAt(0), 1.5f);
+  EXPECT_EQ(v->MeanAt(1), -2.0f);
+  EXPECT_EQ(v->MeanAt(2), 0.25f);
+  EXPECT_EQ(v->checksum, 0x3fdc93a9dc4a5967ull) << std::hex << v->checksum;
+}
+
+TEST(KvFrameCorrupt, CenteredMeanNotFinite) {
+  std::string f = CenteredFrame();
+  const size_t off = f.size() - kKvFrameChecksumBytes - 8;  // mean[1]
+  PutU32(&f, off, 0x7fc00000u);                                 // NaN
+  Reseal(&f);
+  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
+  EXPECT_NE(ParseStatus(f).message().find("mean section"), std::string::npos) << ParseStatus(f);
+}
+
+TEST(KvFrameCorrupt, CenteredMeanSectionMissing) {
+  std::string f = CenteredFrame();
+  f.erase(f.size() - kKvFrameChecksumBytes - 12, 12);
+  Reseal(&f);
+  EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
+  EXPECT_NE(ParseStatus(f).message().find("truncated"), std::string::npos) << ParseStatus(f);
+}
+
+TEST(KvFrame, BuildRejectsCenteredVersion1) {
+  KvFrameHeader h = Header();
+  h.flags = kKvFrameFlagCentered;
+  std::vector<uint8_t> bitmap = {0x05}, codes(10), raw(24), mean(12);
+  EXPECT_EQ(BuildKvFrame(h, bitmap, codes, raw, mean).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(KvFrameCorrupt, ReservedFlags) {
+  std::string f = Frame();
+  f[6] = static_cast<char>(0x80);
   Reseal(&f);
   EXPECT_EQ(ParseStatus(f).code(), StatusCode::kDataLoss);
   EXPECT_NE(ParseStatus(f).message().find("flags"), std::string::npos);

@@ -58,13 +58,19 @@ constexpr const char* kUsage =
     "       [--max-attention-tv X] [--max-topk-disagreement X] [--max-value-aggregation-mse X]\n"
     "       [--keys-tensor|--values-tensor|--queries-tensor NAME] [--format, --raw-dtype, --shape,\n"
     "       --npy-bf16 as for compress]\n"
+    "  recommend --keys FILE [--queries FILE] [--values FILE] [--role key|value] [--layer L]\n"
+    "       [--head H] [--max-attention-tv X ...] [--min-ratio R] [--calibration-fraction F]\n"
+    "       [--tokens-per-page T] [--prefix ID] [--target-shape SHAPE.json] [--store-calibration]\n"
+    "       [--max-codebook-size N]\n"
+    "                                 calibrate on part of the sample, rank candidate profiles\n"
+    "                                 measured on the rest (exit 3: none meets the budget)\n"
     "  info                           server version, formats and limits\n"
     "  health [SERVICE]               grpc.health.v1 check (default fibquant.v1.KvCompressionService);\n"
     "                                 exit 0 only when SERVING\n"
     "  bench [--streams N] [--pages M] [--page-tokens T] [--head-dim D] [--dtype f32|f16|bf16]\n"
     "        [--profile DIGEST|ID | --spec FILE] [--window W] [--max-seconds S] [--max-rel-mse X]\n"
     "        [--seed S]                loopback load generator with round-trip checks\n"
-    "Exit codes: 0 ok, 1 failure, 2 usage error, 3 eval over budget.\n";
+    "Exit codes: 0 ok, 1 failure, 2 usage error, 3 eval over budget / no recommendation meets it.\n";
 
 // ---- argument parsing
 
@@ -784,6 +790,95 @@ int CmdEval(Env& env) {
   return all_within ? kExitOk : kExitOverBudget;
 }
 
+// `fibquant recommend`: one (layer, head) of sample keys (values, queries) to RecommendProfile; the
+// ranked candidates as JSON on stdout, a table and the verdict on stderr. Exit 0 with a
+// recommendation, kExitOverBudget when no candidate meets the budget (an answer, not a failure).
+int CmdRecommend(Env& env) {
+  const Args& a = env.args;
+  if (!a.positionals.empty()) return Usage(env.err, env.command, absl::StrCat("unexpected argument '", a.positionals[0], "'"));
+  auto keys_path = a.Get("keys");
+  auto values_path = a.Get("values");
+  const std::string role = a.GetOr("role", keys_path ? "key" : "value");
+  if (role != "key" && role != "value") return Usage(env.err, env.command, "--role must be key or value");
+  if (role == "key" ? !keys_path : !values_path) {
+    return Usage(env.err, env.command, role == "key" ? "needs --keys (the sample to compress)" : "needs --values");
+  }
+  std::string error;
+  auto layer = ParseUint<uint32_t>(a, "layer", 0, &error);
+  auto head = layer ? ParseUint<uint32_t>(a, "head", 0, &error) : std::nullopt;
+  auto tpp = head ? ParseUint<uint32_t>(a, "tokens-per-page", 0, &error) : std::nullopt;
+  auto min_ratio = tpp ? ParseDouble(a, "min-ratio", 0, &error) : std::nullopt;
+  auto fraction = min_ratio ? ParseDouble(a, "calibration-fraction", 0, &error) : std::nullopt;
+  auto max_n = fraction ? ParseUint<uint32_t>(a, "max-codebook-size", 0, &error) : std::nullopt;
+  if (!max_n) return Usage(env.err, env.command, error);
+  v1::RecommendProfileRequest req;
+  req.set_role(role);
+  req.set_min_ratio(*min_ratio);
+  req.set_calibration_fraction(*fraction);
+  req.set_tokens_per_page(*tpp);
+  req.set_max_codebook_size(*max_n);
+  req.set_profile_id_prefix(a.GetOr("prefix", ""));
+  req.set_store_calibration(a.Has("store-calibration"));
+  if (auto t = a.Get("target-shape")) {
+    auto text = ReadFile(*t, 1 << 20);
+    if (!text.ok()) return Failure(env.err, env.command, text.status());
+    req.set_target_shape_json(*text);
+  }
+  for (const char* m : {"max-logit-mse", "max-attention-tv", "max-topk-disagreement", "max-value-aggregation-mse"}) {
+    if (!a.Get(m)) continue;
+    auto v = ParseDouble(a, m, 0, &error);
+    if (!v) return Usage(env.err, env.command, error);
+    const std::string name(m);
+    v1::QualityBudget* b = req.mutable_budget();
+    if (name == "max-logit-mse") b->set_max_logit_mse(*v);
+    if (name == "max-attention-tv") b->set_max_attention_tv(*v);
+    if (name == "max-topk-disagreement") b->set_max_topk_disagreement(*v);
+    if (name == "max-value-aggregation-mse") b->set_max_value_aggregation_mse(*v);
+  }
+  struct Input {
+    const char* flag;
+    const char* tensor_flag;
+    google::protobuf::RepeatedField<float>* dest;
+  };
+  uint32_t head_dim = 0;
+  for (const Input& in : {Input{"keys", "keys-tensor", req.mutable_keys()},
+                          Input{"values", "values-tensor", req.mutable_values()},
+                          Input{"queries", "queries-tensor", req.mutable_queries()}}) {
+    auto path = a.Get(in.flag);
+    if (!path) continue;
+    auto tensor = LoadTensor(*path, TensorFlagsOf(a, in.tensor_flag));
+    if (auto* u = std::get_if<UsageError>(&tensor)) return Usage(env.err, env.command, u->message);
+    if (auto* s = std::get_if<absl::Status>(&tensor)) return Failure(env.err, env.command, *s);
+    auto l = LayoutOf(std::get<Tensor>(tensor).shape, *path);
+    if (!l.ok()) return Failure(env.err, env.command, l.status());
+    head_dim = l->head_dim;
+    auto rows = SampleRows(std::get<Tensor>(tensor), *path, *layer, *head);
+    if (!rows.ok()) return Failure(env.err, env.command, rows.status());
+    in.dest->Add(rows->begin(), rows->end());
+  }
+  req.set_head_dim(head_dim);
+
+  Connection conn;
+  if (int rc = Connected(env, &conn)) return rc;
+  grpc::ClientContext ctx;
+  // Candidate codebooks are built on the server like registrations, hence the registration budget.
+  ctx.set_deadline(std::chrono::system_clock::now() + conn.client_options.register_timeout);
+  v1::RecommendProfileResponse resp;
+  grpc::Status st = conn.stub->RecommendProfile(&ctx, req, &resp);
+  if (!st.ok()) return Failure(env.err, env.command, client::ToAbslStatus(st, "RecommendProfile"));
+  env.out << ToJson(resp) << "\n";
+  env.err << absl::StrFormat("calibrated on %u tokens, measured on %u held-out tokens in %.1f s; calibration %s%s\n",
+                             resp.calibration_tokens(), resp.evaluation_tokens(), resp.seconds(),
+                             resp.calibration_digest(), resp.calibration_stored() ? " (stored)" : "");
+  for (int i = 0; i < resp.candidates_size(); ++i) {
+    const auto& c = resp.candidates(i);
+    env.err << absl::StrFormat("%s %-36s ratio %6.2fx  %s%s\n", i == resp.best_index() ? "*" : " ", c.profile_id(),
+                               c.compression_ratio(), c.qualifies() ? "qualifies" : "no: ", c.reason());
+  }
+  env.err << resp.summary() << "\n";
+  return resp.best_index() >= 0 ? kExitOk : kExitOverBudget;
+}
+
 int CmdBench(Env& env) {
   const Args& a = env.args;
   if (!a.positionals.empty()) return Usage(env.err, env.command, absl::StrCat("unexpected argument '", a.positionals[0], "'"));
@@ -864,6 +959,14 @@ std::map<std::string, Command> Commands() {
       {"info", {CmdInfo, {}}},
       {"health", {CmdHealth, {}}},
       {"eval", {CmdEval, eval}},
+      {"recommend",
+       {CmdRecommend,
+        {{"format", "raw-dtype", "shape", "keys", "values", "queries", "keys-tensor", "values-tensor",
+          "queries-tensor", "layer", "head", "role", "tokens-per-page", "min-ratio", "calibration-fraction",
+          "prefix", "target-shape", "max-codebook-size", "max-logit-mse", "max-attention-tv", "max-topk-disagreement",
+          "max-value-aggregation-mse"},
+         {},
+         {"npy-bf16", "store-calibration"}}}},
       {"bench",
        {CmdBench,
         {{"streams", "pages", "page-tokens", "head-dim", "dtype", "profile", "spec", "window", "max-seconds",
