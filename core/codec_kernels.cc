@@ -2,7 +2,7 @@
 //
 // Every kernel computes the same f32 score per codeword with the same operations (no FMA) and
 // returns the lexicographic (score, index) minimum, so the choice of kernel (scalar, AVX2 brute
-// force over 4 blocks at a time, AVX2 pruned) never changes an index. Pruned traversals are
+// force with blocks across lanes, AVX2 pruned) never changes an index. Pruned traversals are
 // written out in each kernel because a target("avx2") function can inline plain helpers but not
 // the other way round.
 #include "core/codec_kernels.h"
@@ -147,6 +147,16 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
         std::lower_bound(t.group_hi_.begin(), t.group_hi_.end(), edge) - t.group_hi_.begin());
     t.start_lut_[b] = static_cast<uint32_t>(std::min<size_t>(g, t.groups_ - 1));
   }
+  t.cw_.assign(codewords, codewords + static_cast<size_t>(n) * k);
+  t.cw_n2_.resize(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    double n2d = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const double c = codewords[static_cast<size_t>(i) * k + j];
+      n2d += c * c;
+    }
+    t.cw_n2_[i] = static_cast<float>(n2d);
+  }
   return t;
 }
 
@@ -173,7 +183,7 @@ bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
   t.Nearest(queries.data(), count, out.data(), Isa::kScalar);
   const double visited = static_cast<double>(t_groups_visited) / static_cast<double>(count);
   t_groups_visited = saved;
-  return 25.0 + 4.0 * visited < static_cast<double>(groups);
+  return 50.0 + 8.0 * visited < static_cast<double>(groups);
 }
 
 uint64_t SearchTable::GroupsVisitedOnThisThread() { return t_groups_visited; }
@@ -311,65 +321,74 @@ struct SearchKernels {
     t_groups_visited += visited;
   }
 
-  // Brute force over a table in index order, NB blocks at a time: each codeword group is loaded
-  // once for NB blocks, and the NB (best, index) chains are independent, which hides the
-  // compare/blend latency. Within a lane the indices increase with g, so a strict < keeps the
-  // lowest index; PickLane settles ties across lanes.
-  template <uint32_t K, uint32_t NB>
-  __attribute__((target("avx2"))) static void Avx2BruteBlocks(const SearchTable& t, const float* y,
-                                                              uint32_t* out) {
-    const uint32_t k = K != 0 ? K : t.k_;
-    __m256 m[NB][K != 0 ? K : 1];
-    __m256 best[NB];
-    __m256i best_g[NB];
+  // 0, 1, ..., n-1: the ids of a table in index order (grown once per thread).
+  static const int32_t* FullIds(uint32_t n) {
+    thread_local std::vector<int32_t> ids;
+    if (ids.size() < n) {
+      ids.resize(n);
+      std::iota(ids.begin(), ids.end(), 0);
+    }
+    return ids.data();
+  }
+
+  // Blocks across lanes: 16 blocks (two registers of 8) against m codewords taken in order, each
+  // broadcast. Per lane, a strict < over increasing positions keeps the first minimum; callers
+  // pass codewords in increasing index order, so that is the lowest index. Scores are the same
+  // f32 operations as every other kernel. out_score may be null.
+  template <uint32_t K>
+  __attribute__((target("avx2"))) static void Avx2Lanes(const float* cw, const float* n2,
+                                                        const int32_t* ids, uint32_t m, uint32_t kk,
+                                                        const float* y, size_t count, uint32_t* out,
+                                                        float* out_score) {
+    const uint32_t k = K != 0 ? K : kk;
     const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    for (uint32_t b = 0; b < NB; ++b) {
-      if constexpr (K != 0) {
-        for (uint32_t j = 0; j < K; ++j) m[b][j] = _mm256_set1_ps(-2.0f * y[b * K + j]);
-      }
-      best[b] = inf;
-      best_g[b] = _mm256_setzero_si256();
-    }
-    const float* c = t.soa_.data();
-    const float* n2 = t.norm2_.data();
-    __m256i gv = _mm256_setzero_si256();
-    const __m256i one = _mm256_set1_epi32(1);
-    for (uint32_t g = 0; g < t.groups_; ++g, c += static_cast<size_t>(k) * 8, n2 += 8) {
-      const __m256 base = _mm256_loadu_ps(n2);
-      __m256 s[NB];
-      for (uint32_t b = 0; b < NB; ++b) s[b] = base;
+    alignas(32) float tmp[2][8];
+    alignas(32) int32_t tid[2][8];
+    __m256 mv[2][K != 0 ? K : 256];
+    for (size_t b0 = 0; b0 < count; b0 += 16) {
+      const size_t nb = std::min<size_t>(16, count - b0);
       for (uint32_t j = 0; j < k; ++j) {
-        const __m256 cj = _mm256_loadu_ps(c + j * 8);
-        for (uint32_t b = 0; b < NB; ++b) {
-          const __m256 mj = K != 0 ? m[b][j] : _mm256_set1_ps(-2.0f * y[b * k + j]);
-          s[b] = _mm256_add_ps(s[b], _mm256_mul_ps(mj, cj));
+        for (size_t l = 0; l < 16; ++l) {
+          tmp[l / 8][l % 8] = l < nb ? -2.0f * y[(b0 + l) * k + j] : 0.0f;
         }
+        mv[0][j] = _mm256_load_ps(tmp[0]);
+        mv[1][j] = _mm256_load_ps(tmp[1]);
       }
-      for (uint32_t b = 0; b < NB; ++b) {
-        const __m256 lt = _mm256_cmp_ps(s[b], best[b], _CMP_LT_OQ);
-        best[b] = _mm256_min_ps(s[b], best[b]);  // == blend(best, s, s < best); one uop cheaper
-        best_g[b] = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(best_g[b]), _mm256_castsi256_ps(gv), lt));
+      __m256 best0 = inf, best1 = inf;
+      __m256i bi0 = _mm256_setzero_si256(), bi1 = _mm256_setzero_si256();
+      const float* c = cw;
+      for (uint32_t i = 0; i < m; ++i, c += k) {
+        const __m256 base = _mm256_broadcast_ss(n2 + i);
+        __m256 s0 = base, s1 = base;
+        for (uint32_t j = 0; j < k; ++j) {
+          const __m256 cj = _mm256_broadcast_ss(c + j);
+          s0 = _mm256_add_ps(s0, _mm256_mul_ps(mv[0][j], cj));
+          s1 = _mm256_add_ps(s1, _mm256_mul_ps(mv[1][j], cj));
+        }
+        const __m256i id = _mm256_set1_epi32(ids[i]);
+        const __m256 lt0 = _mm256_cmp_ps(s0, best0, _CMP_LT_OQ);
+        const __m256 lt1 = _mm256_cmp_ps(s1, best1, _CMP_LT_OQ);
+        best0 = _mm256_min_ps(s0, best0);  // == blend(best, s, s < best)
+        best1 = _mm256_min_ps(s1, best1);
+        bi0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi0),
+                                                   _mm256_castsi256_ps(id), lt0));
+        bi1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi1),
+                                                   _mm256_castsi256_ps(id), lt1));
       }
-      gv = _mm256_add_epi32(gv, one);
-    }
-    alignas(32) float lane_best[8];
-    alignas(32) int32_t lane_g[8];
-    int32_t lane_idx[8];
-    for (uint32_t b = 0; b < NB; ++b) {
-      _mm256_store_ps(lane_best, best[b]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_g), best_g[b]);
-      for (int l = 0; l < 8; ++l) lane_idx[l] = t.index_[static_cast<size_t>(lane_g[l]) * 8 + l];
-      out[b] = PickLane(lane_best, lane_idx, t.n_);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[0]), bi0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[1]), bi1);
+      for (size_t l = 0; l < nb; ++l) out[b0 + l] = static_cast<uint32_t>(tid[l / 8][l % 8]);
+      if (out_score != nullptr) {
+        _mm256_store_ps(tmp[0], best0);
+        _mm256_store_ps(tmp[1], best1);
+        for (size_t l = 0; l < nb; ++l) out_score[b0 + l] = tmp[l / 8][l % 8];
+      }
     }
   }
 
   template <uint32_t K>
-  static void Avx2Brute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
-    const uint32_t k = K != 0 ? K : t.k_;
-    size_t b = 0;
-    for (; b + 4 <= count; b += 4) Avx2BruteBlocks<K, 4>(t, y + b * k, out + b);
-    for (; b < count; ++b) Avx2BruteBlocks<K, 1>(t, y + b * k, out + b);
+  static void Avx2LaneBrute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
+    Avx2Lanes<K>(t.cw_.data(), t.cw_n2_.data(), FullIds(t.n_), t.n_, t.k_, y, count, out, nullptr);
     t_groups_visited += count * t.groups_;
   }
 };
@@ -377,11 +396,11 @@ struct SearchKernels {
 void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && !prune_) {
     switch (k_) {
-      case 1: return SearchKernels::Avx2Brute<1>(*this, y, count, out);
-      case 2: return SearchKernels::Avx2Brute<2>(*this, y, count, out);
-      case 4: return SearchKernels::Avx2Brute<4>(*this, y, count, out);
-      case 8: return SearchKernels::Avx2Brute<8>(*this, y, count, out);
-      default: return SearchKernels::Avx2Brute<0>(*this, y, count, out);
+      case 1: return SearchKernels::Avx2LaneBrute<1>(*this, y, count, out);
+      case 2: return SearchKernels::Avx2LaneBrute<2>(*this, y, count, out);
+      case 4: return SearchKernels::Avx2LaneBrute<4>(*this, y, count, out);
+      case 8: return SearchKernels::Avx2LaneBrute<8>(*this, y, count, out);
+      default: return SearchKernels::Avx2LaneBrute<0>(*this, y, count, out);
     }
   }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) {

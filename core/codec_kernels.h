@@ -11,6 +11,12 @@
 //    on, groups are visited outward from the one holding ||y||, and a direction stops once the
 //    norm bound (|y| - |c|)^2 exceeds the best distance by a margin that covers every f32 rounding
 //    error of the score, so pruning never changes the result.
+// Without pruning, the AVX2 kernel puts 16 *blocks* across the lanes of two registers and walks
+// the codewords in index order, one broadcast codeword at a time: no per-block horizontal
+// reduction, and a strict < keeps the lowest index. (Tried and measured slower on the reference
+// machine, so not kept: a neighbour-graph search — coarse start, descent over 8-nearest-neighbour
+// groups, triangle-inequality check within 2 sqrt(best distance) — which visits 4x fewer
+// codewords at k=4 N=256 but pays more in per-block reductions and branches than it saves.)
 // Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
 // reentrant. The ISA override is a process-wide test hook (atomic).
 #ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
@@ -40,8 +46,8 @@ class SearchTable {
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
   // pruned search on midpoints of codeword pairs (a deterministic sample of at most 512) and
-  // compares the groups it visits with a cost model measured on this kernel family (a pruned
-  // block costs about 25 + 4 * visited brute-force group evaluations). Deterministic.
+  // compares the groups it visits with a cost model measured on these kernels (a pruned block
+  // costs about 50 + 8 * visited groups of the blocks-across-lanes brute force). Deterministic.
   static bool PruningPays(const float* codewords, uint32_t n, uint32_t k);
 
   // Nearest codeword index for each of `count` blocks stored contiguously in y (count*k floats).
@@ -61,6 +67,10 @@ class SearchTable {
   uint32_t k_ = 0;
   uint32_t groups_ = 0;
   bool prune_ = false;
+  // Row-major copy (n*k) and ||c||^2 per codeword (f32, as norm2_) for the blocks-across-lanes
+  // kernel, which broadcasts one codeword at a time.
+  std::vector<float> cw_;
+  std::vector<float> cw_n2_;
   std::vector<float> soa_;         // groups * k * 8: [g][j][lane]
   std::vector<float> norm2_;       // groups * 8: ||c||^2 in f32 (+inf in padding lanes)
   std::vector<int32_t> index_;     // groups * 8: original index (INT32_MAX in padding lanes)

@@ -190,8 +190,20 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   EXPECT_EQ(brute_groups, count * brute.group_count());
   EXPECT_LT(pruned_groups * 3, brute_groups) << "pruning visited " << pruned_groups << " of "
                                              << brute_groups << " groups";
-  // The cost model turns pruning on for this shell-structured codebook and off for a small one.
-  EXPECT_TRUE(SearchTable::PruningPays(cw.data(), n, k));
+  // The cost model (against the blocks-across-lanes brute force, which is about twice as fast per
+  // codeword as the per-block kernel) turns pruning on for thin shells in R^2, where the norm
+  // bound leaves a few groups, and off for a small codebook.
+  const uint32_t shells2 = 512, dirs2 = 8, n2 = shells2 * dirs2;
+  std::vector<float> cw2(n2 * 2);
+  for (uint32_t s = 0; s < shells2; ++s) {
+    for (uint32_t d = 0; d < dirs2; ++d) {
+      const double phi = rng.NextDouble() * 6.283185307179586;
+      const double r = (s + 0.5) / shells2;
+      cw2[(s * dirs2 + d) * 2] = static_cast<float>(r * std::cos(phi));
+      cw2[(s * dirs2 + d) * 2 + 1] = static_cast<float>(r * std::sin(phi));
+    }
+  }
+  EXPECT_TRUE(SearchTable::PruningPays(cw2.data(), n2, 2));
   EXPECT_FALSE(SearchTable::PruningPays(cw.data(), 64, k));
 }
 
