@@ -47,6 +47,7 @@ struct Scratch {
   std::vector<double> xd, ud, yd;
   std::vector<uint8_t> ok;
   std::vector<float> nu;
+  std::vector<double> sumsq;
 };
 
 Scratch& ThreadScratch() {
@@ -104,7 +105,10 @@ absl::Status CheckBatchArgs(BatchOp op, DType dtype, CodecPath path, size_t n, u
 }
 
 // The norm rule shared by both paths: every element finite, nu = sqrt(sum x_i^2) in f64 summed
-// left to right, nu > 0, and nu narrowed f64 -> f32 -> binary16 finite and > 0.
+// left to right, nu > 0, and nu narrowed f64 -> f32 -> binary16 finite and > 0. CheckNorm is the
+// part after the sum (`sumsq`, from SumSquaresF64 or CheckVector's own loop).
+absl::Status CheckNorm(double sumsq, size_t v, double* nu, uint16_t* half);
+
 absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint16_t* half) {
   double s = 0;
   for (uint32_t i = 0; i < d; ++i) {
@@ -114,7 +118,11 @@ absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint1
     }
     s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
   }
-  const double n = std::sqrt(s);
+  return CheckNorm(s, v, nu, half);
+}
+
+absl::Status CheckNorm(double sumsq, size_t v, double* nu, uint16_t* half) {
+  const double n = std::sqrt(sumsq);
   if (n == 0) return absl::InvalidArgumentError(absl::StrFormat("vector %d: zero norm", v));
   const uint16_t h = FloatToHalf(static_cast<float>(n));
   const float back = HalfToFloat(h);
@@ -196,6 +204,7 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
   Grow(s.idx, tile * blocks);
   Grow(s.ok, tile);
   Grow(s.nu, tile);
+  Grow(s.sumsq, tile);
   uint16_t half_tile[kTile];
   if (path == CodecPath::kReference) {
     Grow(s.xd, d);
@@ -206,10 +215,14 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
   for (size_t t0 = 0; t0 < n; t0 += tile) {
     const size_t tn = std::min(tile, n - t0);
     ToF32(dtype, in.data() + t0 * d * es, tn * d, s.x.data(), isa);
+    codec_internal::SumSquaresF64(s.x.data(), tn, d, s.sumsq.data(), isa);
     for (size_t v = 0; v < tn; ++v) {
       double nu = 0;
       uint16_t h = 0;
-      absl::Status st = CheckVector(s.x.data() + v * d, d, t0 + v, &nu, &h);
+      // A non-finite sum means a non-finite element: CheckVector finds it for the message.
+      absl::Status st = std::isfinite(s.sumsq[v])
+                            ? CheckNorm(s.sumsq[v], t0 + v, &nu, &h)
+                            : CheckVector(s.x.data() + v * d, d, t0 + v, &nu, &h);
       s.ok[v] = st.ok();
       if (!st.ok()) {
         if (failures == nullptr) return st;

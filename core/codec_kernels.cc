@@ -415,6 +415,56 @@ void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) 
   SearchKernels::Scalar(*this, y, count, out);
 }
 
+// ---- sums of squares ---------------------------------------------------------------------------
+
+namespace {
+
+void SumSquaresScalar(const float* x, size_t count, uint32_t d, double* out) {
+  for (size_t v = 0; v < count; ++v) {
+    const float* xv = x + v * d;
+    double s = 0;
+    for (uint32_t i = 0; i < d; ++i) s += static_cast<double>(xv[i]) * static_cast<double>(xv[i]);
+    out[v] = s;
+  }
+}
+
+// Four vectors per step, lane l of the f64 accumulator holding vector v0 + l: a 4x4 transpose of
+// four consecutive elements of each vector feeds element i of all four chains at once.
+__attribute__((target("avx2"))) void SumSquaresAvx2(const float* x, size_t count, uint32_t d,
+                                                    double* out) {
+  size_t v0 = 0;
+  for (; v0 + 4 <= count; v0 += 4) {
+    const float* p0 = x + v0 * d;
+    const float* p1 = p0 + d;
+    const float* p2 = p1 + d;
+    const float* p3 = p2 + d;
+    __m256d acc = _mm256_setzero_pd();
+    uint32_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+      __m128 r0 = _mm_loadu_ps(p0 + i), r1 = _mm_loadu_ps(p1 + i);
+      __m128 r2 = _mm_loadu_ps(p2 + i), r3 = _mm_loadu_ps(p3 + i);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_j = element i + j of the four vectors
+      for (__m128 r : {r0, r1, r2, r3}) {
+        const __m256d e = _mm256_cvtps_pd(r);
+        acc = _mm256_add_pd(acc, _mm256_mul_pd(e, e));
+      }
+    }
+    for (; i < d; ++i) {
+      const __m256d e = _mm256_cvtps_pd(_mm_setr_ps(p0[i], p1[i], p2[i], p3[i]));
+      acc = _mm256_add_pd(acc, _mm256_mul_pd(e, e));
+    }
+    _mm256_storeu_pd(out + v0, acc);
+  }
+  SumSquaresScalar(x + v0 * d, count - v0, d, out + v0);
+}
+
+}  // namespace
+
+void SumSquaresF64(const float* x, size_t count, uint32_t d, double* out, Isa isa) {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) return SumSquaresAvx2(x, count, d, out);
+  SumSquaresScalar(x, count, d, out);
+}
+
 // ---- element conversions ----------------------------------------------------------------------
 
 namespace {

@@ -86,6 +86,13 @@ class SearchTable {
   friend struct SearchKernels;
 };
 
+// Sum of squares of each of `count` vectors of d f32 values, in f64, each summed left to right
+// from element 0 (the codec's norm rule): out[v] is bit-identical to the plain loop for every
+// kernel (the products of two f32 are exact in f64, and each vector keeps its own sequential
+// chain; the AVX2 kernel only runs four vectors' chains side by side). A non-finite element
+// makes out[v] non-finite.
+void SumSquaresF64(const float* x, size_t count, uint32_t d, double* out, Isa isa);
+
 // Element conversions for the fast path. Same results as half.h's scalar conversions; f16 uses
 // F16C when available. The *Saturating stores clamp to the largest finite value of the type
 // first (f16: 65504, bf16: 0x7F7F = 3.3895314e38) so a large reconstruction never becomes inf.

@@ -278,3 +278,41 @@ TEST(Conversions, Bf16StoreSaturates) {
 
 }  // namespace
 }  // namespace fibquant::codec_internal
+
+namespace fibquant::codec_internal {
+namespace {
+
+// The codec's norm rule sums each vector's squares left to right in f64; the AVX2 kernel runs four
+// vectors' chains side by side and must give the same bits, for every d (transpose tail included),
+// every count (scalar tail included), real-scale, tiny and huge values, and propagate non-finite.
+TEST(SumSquares, Avx2IsBitIdenticalToTheLeftToRightLoop) {
+  Rng rng(77);
+  for (uint32_t d : {1u, 3u, 4u, 7u, 64u, 100u, 128u, 300u}) {
+    for (size_t count : {size_t{1}, size_t{3}, size_t{4}, size_t{9}, size_t{33}}) {
+      std::vector<float> x(count * d);
+      for (size_t i = 0; i < x.size(); ++i) {
+        const double scale = (i % 7 == 0) ? 1e30 : (i % 5 == 0 ? 1e-30 : 1.0);
+        x[i] = static_cast<float>(rng.Normal() * scale);
+      }
+      std::vector<double> want(count), got(count);
+      for (size_t v = 0; v < count; ++v) {
+        double s = 0;
+        for (uint32_t i = 0; i < d; ++i) s += static_cast<double>(x[v * d + i]) * x[v * d + i];
+        want[v] = s;
+      }
+      for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+        SumSquaresF64(x.data(), count, d, got.data(), isa);
+        for (size_t v = 0; v < count; ++v) {
+          ASSERT_EQ(std::memcmp(&got[v], &want[v], sizeof(double)), 0)
+              << "d=" << d << " count=" << count << " v=" << v << " isa=" << static_cast<int>(isa);
+        }
+      }
+      x[count * d - 1] = std::numeric_limits<float>::infinity();
+      SumSquaresF64(x.data(), count, d, got.data(), ActiveIsa());
+      EXPECT_FALSE(std::isfinite(got[count - 1]));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fibquant::codec_internal
