@@ -86,6 +86,30 @@ bool UnpackRaw(const uint8_t* bytes, size_t count, uint32_t width, uint32_t* out
   const size_t total_bits = count * width;
   const size_t nbytes = (total_bits + 7) / 8;
   const uint64_t mask = (uint64_t{1} << width) - 1;
+  if (width == 8 || width == 4 || width == 2) {  // byte-aligned: the same values, no window loads
+    size_t e = 0;
+    if (width == 8) {
+      for (; e < count; ++e) out[e] = bytes[e];
+    } else if (width == 4) {
+      for (; e + 2 <= count; e += 2) {
+        out[e] = bytes[e / 2] & 0xFu;
+        out[e + 1] = bytes[e / 2] >> 4;
+      }
+    } else {
+      for (; e + 4 <= count; e += 4) {
+        const uint32_t b = bytes[e / 4];
+        out[e] = b & 3u;
+        out[e + 1] = (b >> 2) & 3u;
+        out[e + 2] = (b >> 4) & 3u;
+        out[e + 3] = b >> 6;
+      }
+    }
+    for (; e < count; ++e) {  // the last, partial byte
+      out[e] = static_cast<uint32_t>(bytes[(e * width) / 8] >> ((e * width) % 8)) & mask;
+    }
+    const uint32_t used = static_cast<uint32_t>(total_bits & 7);
+    return used == 0 || (bytes[nbytes - 1] >> used) == 0;
+  }
   size_t i = 0;
   size_t p = 0;
   // Fast part: an 8-byte window starting at byte p/8 holds bits [p, p + 57) >= p + width.

@@ -7,6 +7,8 @@
 // nothing.
 #include "core/codec.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -150,6 +152,28 @@ void FromF32(DType dtype, const float* in, size_t count, uint8_t* out, Isa isa) 
     case DType::kF32: std::memcpy(out, in, count * 4); return;
     case DType::kF16: codec_internal::StoreF16Saturating(in, count, out, isa); return;
     case DType::kBF16: codec_internal::StoreBf16Saturating(in, count, out); return;
+  }
+}
+
+// Decode's first step on the fast path: y = nu * codeword for every block of `tn` vectors.
+template <uint32_t K>
+void GatherScaled(const float* cw, const uint32_t* idx, const float* nu, size_t tn, uint32_t blocks,
+                  uint32_t kk, float* y) {
+  const uint32_t k = K != 0 ? K : kk;
+  for (size_t v = 0; v < tn; ++v) {
+    const float n = nu[v];
+    const __m128 n4 = _mm_set1_ps(n);  // SSE2 is baseline x86-64: no dispatch; same f32 products
+    for (uint32_t j = 0; j < blocks; ++j) {
+      const float* c = cw + static_cast<size_t>(idx[v * blocks + j]) * k;
+      float* o = y + (v * blocks + j) * k;
+      if constexpr (K == 4 || K == 8) {
+        for (uint32_t q = 0; q < K; q += 4) {
+          _mm_storeu_ps(o + q, _mm_mul_ps(_mm_loadu_ps(c + q), n4));
+        }
+      } else {
+        for (uint32_t c2 = 0; c2 < k; ++c2) o[c2] = c[c2] * n;
+      }
+    }
   }
 }
 
@@ -300,7 +324,7 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
         return absl::DataLossError(
             absl::StrFormat("code %d: index field has a non-zero padding bit", t0 + v));
       }
-      for (uint32_t j = 0; j < blocks; ++j) {
+      for (uint32_t j = 0; j < blocks && nc < (uint64_t{1} << w); ++j) {  // else w bits < N
         if (idx[j] >= nc) {
           return absl::DataLossError(absl::StrFormat(
               "code %d: index field: block %d index %d >= codebook size %d", t0 + v, j, idx[j], nc));
@@ -322,15 +346,12 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
       }
       FromF32(dtype, s.z.data(), tn * d, dst, Isa::kScalar);
     } else {
-      for (size_t v = 0; v < tn; ++v) {
-        const uint32_t* idx = s.idx.data() + v * blocks;
-        const float nu = s.nu[v];
-        float* yv = s.y.data() + v * d;
-        for (uint32_t j = 0; j < blocks; ++j) {
-          const float* c = cw + static_cast<size_t>(idx[j]) * k;
-          float* o = yv + static_cast<size_t>(j) * k;
-          for (uint32_t c2 = 0; c2 < k; ++c2) o[c2] = c[c2] * nu;
-        }
+      switch (k) {  // a constant k lets the compiler turn each block into one vector multiply
+        case 1: GatherScaled<1>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        case 2: GatherScaled<2>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        case 4: GatherScaled<4>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        case 8: GatherScaled<8>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        default: GatherScaled<0>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
       }
       rotation_.ApplyInverseBatch(s.y.data(), s.z.data(), tn);
       FromF32(dtype, s.z.data(), tn * d, dst, isa);
