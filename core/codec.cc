@@ -202,8 +202,12 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
   std::shared_ptr<Quantizer> q(new Quantizer(std::move(codebook), std::move(rotation)));
   auto index = std::make_shared<SearchIndex>();
   const float* cw = q->codebook_.codewords().data();
-  index->table = SearchTable::Build(cw, p.codebook_size, p.block_dim,
-                                    SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
+  // Large codebooks with 2 <= k <= 4 get the clustered search, which beats the norm pruning there.
+  const bool clustered =
+      p.block_dim >= 2 && p.block_dim <= 4 && p.codebook_size >= SearchTable::kClusterMinN;
+  index->table = SearchTable::Build(
+      cw, p.codebook_size, p.block_dim,
+      !clustered && SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
   q->search_ = std::move(index);
   return std::shared_ptr<const Quantizer>(std::move(q));
 }
@@ -360,7 +364,9 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
   return absl::OkStatus();
 }
 
-bool Quantizer::uses_pruned_search() const { return search_->table.prune(); }
+bool Quantizer::uses_pruned_search() const {
+  return search_->table.prune() || search_->table.clustered();
+}
 
 absl::Status Quantizer::DecodeF32(absl::Span<const uint8_t> codes, size_t n, float* out,
                                   CodecPath path) const {

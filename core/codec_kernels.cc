@@ -157,7 +157,91 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
     }
     t.cw_n2_[i] = static_cast<float>(n2d);
   }
+  if (!prune && k >= 2 && k <= 4 && n >= kClusterMinN) BuildClusters(&t);
   return t;
+}
+
+void SearchTable::BuildClusters(SearchTable* t) {
+  const uint32_t n = t->n_, k = t->k_;
+  const float* cw = t->cw_.data();
+  std::vector<std::vector<uint32_t>> leaves;
+  // Median cuts along the widest coordinate (lowest j on ties), cut points at multiples of 8 so
+  // every cluster but the last is full. Deterministic: stable sorts, ties by index.
+  std::vector<std::pair<uint32_t, uint32_t>> stack;  // [begin, end) into ids
+  std::vector<uint32_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0u);
+  stack.emplace_back(0, n);
+  while (!stack.empty()) {
+    auto [b, e] = stack.back();
+    stack.pop_back();
+    if (e - b <= 8) {
+      leaves.emplace_back(ids.begin() + b, ids.begin() + e);
+      continue;
+    }
+    uint32_t dim = 0;
+    double widest = -1;
+    for (uint32_t j = 0; j < k; ++j) {
+      double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+      for (uint32_t i = b; i < e; ++i) {
+        lo = std::min<double>(lo, cw[static_cast<size_t>(ids[i]) * k + j]);
+        hi = std::max<double>(hi, cw[static_cast<size_t>(ids[i]) * k + j]);
+      }
+      if (hi - lo > widest) {
+        widest = hi - lo;
+        dim = j;
+      }
+    }
+    std::stable_sort(ids.begin() + b, ids.begin() + e, [&](uint32_t x, uint32_t y) {
+      return cw[static_cast<size_t>(x) * k + dim] < cw[static_cast<size_t>(y) * k + dim];
+    });
+    const uint32_t mid = b + std::max<uint32_t>(8, ((e - b) / 2 + 7) / 8 * 8);
+    if (mid >= e) {
+      leaves.emplace_back(ids.begin() + b, ids.begin() + e);
+      continue;
+    }
+    stack.emplace_back(mid, e);  // popped second: left half first
+    stack.emplace_back(b, mid);
+  }
+  const uint32_t c = static_cast<uint32_t>(leaves.size());
+  t->clusters_ = c;
+  t->cl_cw_.assign(static_cast<size_t>(c) * 8 * k, 0.0f);
+  t->cl_n2_.assign(static_cast<size_t>(c) * 8, std::numeric_limits<float>::infinity());
+  t->cl_idx_.assign(static_cast<size_t>(c) * 8, std::numeric_limits<int32_t>::max());
+  t->cl_mu_.assign(static_cast<size_t>(c) * k, 0.0f);
+  t->cl_mu_n2_.assign(c, 0.0f);
+  t->cl_rho_.assign(c, 0.0f);
+  for (uint32_t g = 0; g < c; ++g) {
+    const auto& leaf = leaves[g];
+    double mu[256] = {};
+    for (uint32_t i = 0; i < leaf.size(); ++i) {
+      const uint32_t id = leaf[i];
+      for (uint32_t j = 0; j < k; ++j) {
+        t->cl_cw_[(static_cast<size_t>(g) * 8 + i) * k + j] = cw[static_cast<size_t>(id) * k + j];
+        mu[j] += cw[static_cast<size_t>(id) * k + j];
+      }
+      t->cl_n2_[static_cast<size_t>(g) * 8 + i] = t->cw_n2_[id];
+      t->cl_idx_[static_cast<size_t>(g) * 8 + i] = static_cast<int32_t>(id);
+    }
+    double mu2 = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const float m = static_cast<float>(mu[j] / static_cast<double>(leaf.size()));
+      t->cl_mu_[static_cast<size_t>(g) * k + j] = m;
+      mu2 += static_cast<double>(m) * m;
+    }
+    t->cl_mu_n2_[g] = static_cast<float>(mu2);
+    double rho = 0;
+    for (uint32_t id : leaf) {
+      double d2 = 0;
+      for (uint32_t j = 0; j < k; ++j) {
+        const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) -
+                         t->cl_mu_[static_cast<size_t>(g) * k + j];
+        d2 += d * d;
+      }
+      rho = std::max(rho, std::sqrt(d2));
+    }
+    t->cl_rho_[g] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
+                                   std::numeric_limits<float>::infinity());
+  }
 }
 
 bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
@@ -386,6 +470,128 @@ struct SearchKernels {
     }
   }
 
+  // The clustered search (see codec_kernels.h). Lanes 0-7 and 8-15 are blocks order[r..r+16).
+  template <uint32_t K>
+  __attribute__((target("avx2"))) static void Avx2Clustered(const SearchTable& t, const float* y,
+                                                            size_t count, uint32_t* out) {
+    const uint32_t k = K != 0 ? K : t.k_;
+    const uint32_t nc = t.clusters_;
+    thread_local std::vector<uint32_t> key, order, start, stamp;
+    thread_local std::vector<float> ny2v, slackv;
+    key.resize(count);
+    order.resize(count);
+    ny2v.resize(count);
+    slackv.resize(count);
+    start.assign(nc + 1, 0);
+    if (stamp.size() < nc) stamp.assign(nc, 0);
+    uint32_t run_id = 0;
+    std::fill(stamp.begin(), stamp.begin() + nc, 0u);
+    // Key: the nearest cluster centre (ids 0..nc-1 in order).
+    Avx2Lanes<K>(t.cl_mu_.data(), t.cl_mu_n2_.data(), FullIds(nc), nc, k, y, count, key.data(),
+                 nullptr);
+    for (size_t b = 0; b < count; ++b) {
+      const double ny = BlockNorm(y + b * k, k);
+      ny2v[b] = static_cast<float>(ny * ny);
+      slackv[b] = static_cast<float>(2.0 * PruneSlack(k, ny, t.max_norm_));
+      ++start[key[b] + 1];
+    }
+    for (uint32_t g = 0; g < nc; ++g) start[g + 1] += start[g];
+    for (size_t b = 0; b < count; ++b) order[start[key[b]]++] = static_cast<uint32_t>(b);
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    const __m256 grow = _mm256_set1_ps(1.001f);
+    alignas(32) float tmp[2][8];
+    alignas(32) int32_t tid[2][8];
+    __m256 mv[2][K != 0 ? K : 4];
+    uint64_t visited = 0;
+    for (size_t r = 0; r < count; r += 16) {
+      const size_t nb = std::min<size_t>(16, count - r);
+      ++run_id;
+      for (uint32_t j = 0; j < k; ++j) {
+        for (size_t l = 0; l < 16; ++l) tmp[l / 8][l % 8] = l < nb ? -2.0f * y[order[r + l] * k + j] : 0.0f;
+        mv[0][j] = _mm256_load_ps(tmp[0]);
+        mv[1][j] = _mm256_load_ps(tmp[1]);
+      }
+      __m256 ny2[2], slack[2], valid[2];
+      for (size_t l = 0; l < 16; ++l) tmp[l / 8][l % 8] = l < nb ? ny2v[order[r + l]] : 0.0f;
+      ny2[0] = _mm256_load_ps(tmp[0]);
+      ny2[1] = _mm256_load_ps(tmp[1]);
+      for (size_t l = 0; l < 16; ++l) tmp[l / 8][l % 8] = l < nb ? slackv[order[r + l]] : 0.0f;
+      slack[0] = _mm256_load_ps(tmp[0]);
+      slack[1] = _mm256_load_ps(tmp[1]);
+      for (size_t l = 0; l < 16; ++l) tid[l / 8][l % 8] = l < nb ? -1 : 0;
+      valid[0] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tid[0])));
+      valid[1] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tid[1])));
+      __m256 best[2] = {inf, inf};
+      __m256i bidx[2] = {imax, imax};
+      __m256 rad[2];
+      auto eval = [&](uint32_t g) __attribute__((target("avx2"))) {
+        stamp[g] = run_id;
+        ++visited;
+        const float* c = t.cl_cw_.data() + static_cast<size_t>(g) * 8 * k;
+        for (uint32_t i = 0; i < 8; ++i, c += k) {
+          const size_t slot = static_cast<size_t>(g) * 8 + i;
+          const __m256 base = _mm256_broadcast_ss(t.cl_n2_.data() + slot);
+          const __m256i id = _mm256_set1_epi32(t.cl_idx_[slot]);
+          for (int h = 0; h < 2; ++h) {
+            __m256 sc = base;
+            for (uint32_t j = 0; j < k; ++j) {
+              sc = _mm256_add_ps(sc, _mm256_mul_ps(mv[h][j], _mm256_broadcast_ss(c + j)));
+            }
+            const __m256 lt = _mm256_cmp_ps(sc, best[h], _CMP_LT_OQ);
+            const __m256 eq = _mm256_cmp_ps(sc, best[h], _CMP_EQ_OQ);
+            const __m256 il = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bidx[h], id));
+            const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, il));
+            best[h] = _mm256_blendv_ps(best[h], sc, upd);
+            bidx[h] = _mm256_castps_si256(
+                _mm256_blendv_ps(_mm256_castsi256_ps(bidx[h]), _mm256_castsi256_ps(id), upd));
+          }
+        }
+      };
+      // sqrt(T) per lane, T = max(best + ||y||^2, 0) + slack, grown for the f32 roundings.
+      auto radius = [&]() __attribute__((target("avx2"))) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256 tt = _mm256_add_ps(
+              _mm256_max_ps(_mm256_add_ps(best[h], ny2[h]), _mm256_setzero_ps()), slack[h]);
+          rad[h] = _mm256_mul_ps(_mm256_sqrt_ps(tt), grow);
+        }
+      };
+      for (size_t l = 0; l < nb; ++l) {
+        const uint32_t g = key[order[r + l]];
+        if (stamp[g] != run_id) eval(g);
+      }
+      radius();
+      for (uint32_t g = 0; g < nc; ++g) {
+        if (stamp[g] == run_id) continue;
+        const __m256 mu_n2 = _mm256_broadcast_ss(t.cl_mu_n2_.data() + g);
+        const __m256 rho = _mm256_broadcast_ss(t.cl_rho_.data() + g);
+        const float* mu = t.cl_mu_.data() + static_cast<size_t>(g) * k;
+        int need = 0;
+        for (int h = 0; h < 2; ++h) {
+          __m256 d2 = mu_n2;
+          for (uint32_t j = 0; j < k; ++j) {
+            d2 = _mm256_add_ps(d2, _mm256_mul_ps(mv[h][j], _mm256_broadcast_ss(mu + j)));
+          }
+          d2 = _mm256_add_ps(d2, ny2[h]);  // ||y - mu||^2
+          const __m256 lim = _mm256_add_ps(rho, rad[h]);
+          const __m256 thr = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(lim, lim), grow), slack[h]);
+          need |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(d2, thr, _CMP_LE_OQ), valid[h]));
+        }
+        if (need != 0) {
+          eval(g);
+          radius();
+        }
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[0]), bidx[0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[1]), bidx[1]);
+      for (size_t l = 0; l < nb; ++l) {
+        const int32_t bi = tid[l / 8][l % 8];
+        out[order[r + l]] = static_cast<uint32_t>(bi) < t.n_ ? static_cast<uint32_t>(bi) : 0;
+      }
+    }
+    t_groups_visited += visited * 16 + count * ((nc + 7) / 8);
+  }
+
   template <uint32_t K>
   static void Avx2LaneBrute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
     Avx2Lanes<K>(t.cw_.data(), t.cw_n2_.data(), FullIds(t.n_), t.n_, t.k_, y, count, out, nullptr);
@@ -394,6 +600,13 @@ struct SearchKernels {
 };
 
 void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && clusters_ > 0 && use_clusters_) {
+    switch (k_) {
+      case 2: return SearchKernels::Avx2Clustered<2>(*this, y, count, out);
+      case 4: return SearchKernels::Avx2Clustered<4>(*this, y, count, out);
+      default: return SearchKernels::Avx2Clustered<0>(*this, y, count, out);
+    }
+  }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && !prune_) {
     switch (k_) {
       case 1: return SearchKernels::Avx2LaneBrute<1>(*this, y, count, out);

@@ -42,6 +42,9 @@ double DistanceF64(const float* codewords, uint32_t k, uint32_t index, const dou
 
 class SearchTable {
  public:
+  // Smallest codebook that gets the clustered search (2 <= k <= 4; see below). Measured: below it the
+  // blocks-across-lanes brute force wins.
+  static constexpr uint32_t kClusterMinN = 1024;
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
@@ -56,6 +59,9 @@ class SearchTable {
   uint32_t size() const { return n_; }
   uint32_t dim() const { return k_; }
   bool prune() const { return prune_; }
+  bool clustered() const { return clusters_ > 0 && use_clusters_; }
+  // Benchmark/test hook: run the blocks-across-lanes brute force instead of the clustered search.
+  void DisableClustersForTesting() { use_clusters_ = false; }
   // Groups of 8 codewords visited by the last call on this thread (a diagnostic for tests and
   // benchmarks: how much the pruning saves).
   static uint64_t GroupsVisitedOnThisThread();
@@ -67,6 +73,22 @@ class SearchTable {
   uint32_t k_ = 0;
   uint32_t groups_ = 0;
   bool prune_ = false;
+  // Clustered search (AVX2, tables built without norm pruning, 2 <= k <= 4, n >= kClusterMinN):
+  // the codewords
+  // split into clusters of 8 by recursive median cuts along the widest coordinate, each with its
+  // centre and a radius rounded up. Blocks are keyed by their nearest centre, sorted by key, and
+  // searched 16 at a time (blocks across lanes): their own clusters first, then every cluster
+  // unless, for all 16 blocks, ||y - centre|| > radius + sqrt(T) where T bounds the winner's
+  // squared distance (best f32 score + ||y||^2 + twice the pruning slack). Exact by the triangle
+  // inequality; (score, index) minimum as every kernel.
+  uint32_t clusters_ = 0;
+  bool use_clusters_ = true;
+  std::vector<float> cl_cw_;    // clusters * 8 * k, row-major members (padding: zeros)
+  std::vector<float> cl_n2_;    // clusters * 8 (padding: +inf)
+  std::vector<int32_t> cl_idx_; // clusters * 8 (padding: INT32_MAX)
+  std::vector<float> cl_mu_;    // clusters * k
+  std::vector<float> cl_mu_n2_; // clusters
+  std::vector<float> cl_rho_;   // clusters, rounded up
   // Row-major copy (n*k) and ||c||^2 per codeword (f32, as norm2_) for the blocks-across-lanes
   // kernel, which broadcasts one codeword at a time.
   std::vector<float> cw_;
@@ -83,6 +105,7 @@ class SearchTable {
   std::vector<uint32_t> start_lut_;
   double lut_scale_ = 0;
 
+  static void BuildClusters(SearchTable* t);
   friend struct SearchKernels;
 };
 

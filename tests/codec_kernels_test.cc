@@ -93,7 +93,10 @@ TEST_P(NearestTest, FastIsExactInF32AndNearTieOnlyVersusReference) {
 INSTANTIATE_TEST_SUITE_P(Shapes, NearestTest,
                          ::testing::Values(Case{1, 16}, Case{2, 16}, Case{2, 256}, Case{3, 100},
                                            Case{4, 256}, Case{4, 1000}, Case{8, 256},
-                                           Case{8, 4096}, Case{12, 64}, Case{16, 37}),
+                                           Case{8, 4096}, Case{12, 64}, Case{16, 37},
+                                           // clustered search (2 <= k <= 4, N >= 1024)
+                                           Case{2, 1024}, Case{3, 1500},
+                                           Case{4, 4096}),
                          [](const auto& info) {
                            return absl::StrCat("k", info.param.k, "_n", info.param.n);
                          });
@@ -177,7 +180,9 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   }
   const size_t count = 2000;
   const std::vector<float> y = GaussianBlocks(rng, count, k, 0.25);
-  const SearchTable brute = SearchTable::Build(cw.data(), n, k, false);
+  SearchTable brute = SearchTable::Build(cw.data(), n, k, false);
+  const SearchTable clustered = brute;
+  brute.DisableClustersForTesting();
   const SearchTable pruned = SearchTable::Build(cw.data(), n, k, true);
   std::vector<uint32_t> a(count), b(count);
   SearchTable::ResetGroupsVisitedOnThisThread();
@@ -190,6 +195,17 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   EXPECT_EQ(brute_groups, count * brute.group_count());
   EXPECT_LT(pruned_groups * 3, brute_groups) << "pruning visited " << pruned_groups << " of "
                                              << brute_groups << " groups";
+  // The clustered search (chosen for this k and N) finds the same indices with fewer groups.
+  ASSERT_TRUE(clustered.clustered());
+  std::vector<uint32_t> c(count);
+  SearchTable::ResetGroupsVisitedOnThisThread();
+  clustered.Nearest(y.data(), count, c.data(), ActiveIsa());
+  const uint64_t clustered_groups = SearchTable::GroupsVisitedOnThisThread();
+  EXPECT_EQ(a, c);
+  if (ActiveIsa() == Isa::kAvx2) {
+    EXPECT_LT(clustered_groups * 2, brute_groups) << "clustered search visited " << clustered_groups
+                                                  << " of " << brute_groups << " groups";
+  }
   // The cost model (against the blocks-across-lanes brute force, which is about twice as fast per
   // codeword as the per-block kernel) turns pruning on for thin shells in R^2, where the norm
   // bound leaves a few groups, and off for a small codebook.
