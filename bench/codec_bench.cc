@@ -204,7 +204,7 @@ void RegisterAll() {
   struct SearchCase {
     uint32_t k, n;
   };
-  for (SearchCase c : {SearchCase{2, 256}, SearchCase{2, 1024}, SearchCase{4, 256},
+  for (SearchCase c : {SearchCase{2, 16}, SearchCase{2, 256}, SearchCase{2, 1024}, SearchCase{4, 256},
                        SearchCase{4, 4096}, SearchCase{8, 256}, SearchCase{8, 4096}}) {
     for (bool prune : {false, true}) {
       const std::string name =

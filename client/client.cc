@@ -18,10 +18,14 @@ namespace v1 = fibquant::v1;
 
 // gRPC's default receive limit (4 MiB) is below the server's page and message limits; the server
 // enforces its own, so the client accepts whatever the server is willing to send.
-grpc::ChannelArguments DefaultChannelArgs() {
+grpc::ChannelArguments DefaultChannelArgs(int connection) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
+  if (connection != 0) {
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("fibquant.connection", connection);
+  }
   return args;
 }
 
@@ -39,18 +43,18 @@ absl::Status ToAbslStatus(const grpc::Status& status, const char* method) {
                       absl::StrCat(method, ": ", status.error_message()));
 }
 
-std::shared_ptr<grpc::Channel> MakeInsecureChannel(const std::string& target) {
+std::shared_ptr<grpc::Channel> MakeInsecureChannel(const std::string& target, int connection) {
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(),
-                                   DefaultChannelArgs());
+                                   DefaultChannelArgs(connection));
 }
 
 std::shared_ptr<grpc::Channel> MakeTlsChannel(const std::string& target,
-                                              const TlsChannelConfig& config) {
+                                              const TlsChannelConfig& config, int connection) {
   grpc::SslCredentialsOptions ssl;
   ssl.pem_root_certs = config.root_certs_pem;
   ssl.pem_cert_chain = config.client_cert_chain_pem;
   ssl.pem_private_key = config.client_key_pem;
-  grpc::ChannelArguments args = DefaultChannelArgs();
+  grpc::ChannelArguments args = DefaultChannelArgs(connection);
   if (!config.server_name_override.empty()) {
     args.SetSslTargetNameOverride(config.server_name_override);
   }

@@ -88,7 +88,10 @@ struct DecompressResult {
 };
 
 // Channel helpers. Plaintext is for loopback and trusted networks; TLS takes PEM contents.
-std::shared_ptr<grpc::Channel> MakeInsecureChannel(const std::string& target);
+// `connection` != 0 gives the channel its own TCP connection (a local subchannel pool and a
+// distinct channel argument), e.g. for a load generator spreading streams over connections;
+// 0 lets gRPC share one connection between channels to the same target.
+std::shared_ptr<grpc::Channel> MakeInsecureChannel(const std::string& target, int connection = 0);
 struct TlsChannelConfig {
   std::string root_certs_pem;         // CA bundle that signed the server certificate
   std::string client_cert_chain_pem;  // mTLS only
@@ -96,7 +99,7 @@ struct TlsChannelConfig {
   std::string server_name_override;   // when the certificate's SAN differs from the target host
 };
 std::shared_ptr<grpc::Channel> MakeTlsChannel(const std::string& target,
-                                              const TlsChannelConfig& config);
+                                              const TlsChannelConfig& config, int connection = 0);
 
 class KvClient {
  public:

@@ -7,6 +7,8 @@
 // nothing.
 #include "core/codec.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -47,6 +49,7 @@ struct Scratch {
   std::vector<double> xd, ud, yd;
   std::vector<uint8_t> ok;
   std::vector<float> nu;
+  std::vector<double> sumsq;
 };
 
 Scratch& ThreadScratch() {
@@ -104,7 +107,10 @@ absl::Status CheckBatchArgs(BatchOp op, DType dtype, CodecPath path, size_t n, u
 }
 
 // The norm rule shared by both paths: every element finite, nu = sqrt(sum x_i^2) in f64 summed
-// left to right, nu > 0, and nu narrowed f64 -> f32 -> binary16 finite and > 0.
+// left to right, nu > 0, and nu narrowed f64 -> f32 -> binary16 finite and > 0. CheckNorm is the
+// part after the sum (`sumsq`, from SumSquaresF64 or CheckVector's own loop).
+absl::Status CheckNorm(double sumsq, size_t v, double* nu, uint16_t* half);
+
 absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint16_t* half) {
   double s = 0;
   for (uint32_t i = 0; i < d; ++i) {
@@ -114,7 +120,11 @@ absl::Status CheckVector(const float* x, uint32_t d, size_t v, double* nu, uint1
     }
     s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
   }
-  const double n = std::sqrt(s);
+  return CheckNorm(s, v, nu, half);
+}
+
+absl::Status CheckNorm(double sumsq, size_t v, double* nu, uint16_t* half) {
+  const double n = std::sqrt(sumsq);
   if (n == 0) return absl::InvalidArgumentError(absl::StrFormat("vector %d: zero norm", v));
   const uint16_t h = FloatToHalf(static_cast<float>(n));
   const float back = HalfToFloat(h);
@@ -155,6 +165,28 @@ void FromF32(DType dtype, const float* in, size_t count, uint8_t* out, Isa isa) 
   }
 }
 
+// Decode's first step on the fast path: y = nu * codeword for every block of `tn` vectors.
+template <uint32_t K>
+void GatherScaled(const float* cw, const uint32_t* idx, const float* nu, size_t tn, uint32_t blocks,
+                  uint32_t kk, float* y) {
+  const uint32_t k = K != 0 ? K : kk;
+  for (size_t v = 0; v < tn; ++v) {
+    const float n = nu[v];
+    const __m128 n4 = _mm_set1_ps(n);  // SSE2 is baseline x86-64: no dispatch; same f32 products
+    for (uint32_t j = 0; j < blocks; ++j) {
+      const float* c = cw + static_cast<size_t>(idx[v * blocks + j]) * k;
+      float* o = y + (v * blocks + j) * k;
+      if constexpr (K == 4 || K == 8) {
+        for (uint32_t q = 0; q < K; q += 4) {
+          _mm_storeu_ps(o + q, _mm_mul_ps(_mm_loadu_ps(c + q), n4));
+        }
+      } else {
+        for (uint32_t c2 = 0; c2 < k; ++c2) o[c2] = c[c2] * n;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 Quantizer::Quantizer(Codebook codebook, Rotation rotation)
@@ -180,8 +212,12 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
   std::shared_ptr<Quantizer> q(new Quantizer(std::move(codebook), std::move(rotation)));
   auto index = std::make_shared<SearchIndex>();
   const float* cw = q->codebook_.codewords().data();
-  index->table = SearchTable::Build(cw, p.codebook_size, p.block_dim,
-                                    SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
+  // Large codebooks with 2 <= k <= 4 get the clustered search, which beats the norm pruning there.
+  const bool clustered =
+      p.block_dim >= 2 && p.block_dim <= 4 && p.codebook_size >= SearchTable::kClusterMinN;
+  index->table = SearchTable::Build(
+      cw, p.codebook_size, p.block_dim,
+      !clustered && SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
   q->search_ = std::move(index);
   return std::shared_ptr<const Quantizer>(std::move(q));
 }
@@ -206,6 +242,7 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
   Grow(s.idx, tile * blocks);
   Grow(s.ok, tile);
   Grow(s.nu, tile);
+  Grow(s.sumsq, tile);
   uint16_t half_tile[kTile];
   if (path == CodecPath::kReference) {
     Grow(s.xd, d);
@@ -216,10 +253,14 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
   for (size_t t0 = 0; t0 < n; t0 += tile) {
     const size_t tn = std::min(tile, n - t0);
     ToF32(dtype, in.data() + t0 * d * es, tn * d, s.x.data(), isa);
+    codec_internal::SumSquaresF64(s.x.data(), tn, d, s.sumsq.data(), isa);
     for (size_t v = 0; v < tn; ++v) {
       double nu = 0;
       uint16_t h = 0;
-      absl::Status st = CheckVector(s.x.data() + v * d, d, t0 + v, &nu, &h);
+      // A non-finite sum means a non-finite element: CheckVector finds it for the message.
+      absl::Status st = std::isfinite(s.sumsq[v])
+                            ? CheckNorm(s.sumsq[v], t0 + v, &nu, &h)
+                            : CheckVector(s.x.data() + v * d, d, t0 + v, &nu, &h);
       s.ok[v] = st.ok();
       if (!st.ok()) {
         if (failures == nullptr) return st;
@@ -297,7 +338,7 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
         return absl::DataLossError(
             absl::StrFormat("code %d: index field has a non-zero padding bit", t0 + v));
       }
-      for (uint32_t j = 0; j < blocks; ++j) {
+      for (uint32_t j = 0; j < blocks && nc < (uint64_t{1} << w); ++j) {  // else w bits < N
         if (idx[j] >= nc) {
           return absl::DataLossError(absl::StrFormat(
               "code %d: index field: block %d index %d >= codebook size %d", t0 + v, j, idx[j], nc));
@@ -319,15 +360,12 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
       }
       FromF32(dtype, s.z.data(), tn * d, dst, Isa::kScalar);
     } else {
-      for (size_t v = 0; v < tn; ++v) {
-        const uint32_t* idx = s.idx.data() + v * blocks;
-        const float nu = s.nu[v];
-        float* yv = s.y.data() + v * d;
-        for (uint32_t j = 0; j < blocks; ++j) {
-          const float* c = cw + static_cast<size_t>(idx[j]) * k;
-          float* o = yv + static_cast<size_t>(j) * k;
-          for (uint32_t c2 = 0; c2 < k; ++c2) o[c2] = c[c2] * nu;
-        }
+      switch (k) {  // a constant k lets the compiler turn each block into one vector multiply
+        case 1: GatherScaled<1>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        case 2: GatherScaled<2>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        case 4: GatherScaled<4>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        case 8: GatherScaled<8>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
+        default: GatherScaled<0>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
       }
       rotation_.ApplyInverseBatch(s.y.data(), s.z.data(), tn);
       FromF32(dtype, s.z.data(), tn * d, dst, isa);
@@ -336,7 +374,9 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
   return absl::OkStatus();
 }
 
-bool Quantizer::uses_pruned_search() const { return search_->table.prune(); }
+bool Quantizer::uses_pruned_search() const {
+  return search_->table.prune() || search_->table.clustered();
+}
 
 absl::Status Quantizer::DecodeF32(absl::Span<const uint8_t> codes, size_t n, float* out,
                                   CodecPath path) const {

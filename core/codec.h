@@ -61,8 +61,9 @@ class Quantizer {
   absl::Status Decode(absl::Span<const uint8_t> codes, size_t n, DType dtype, absl::Span<uint8_t> out,
                       CodecPath path) const;
 
-  // Whether the fast path's nearest-codeword search uses norm pruning for this codebook (chosen by
-  // a cost model at Create; a speed choice only, the indices are the same either way).
+  // Whether the fast path's nearest-codeword search prunes for this codebook (norm pruning chosen
+  // by a cost model, or the clustered search for 2 <= k <= 4 and N >= 1024; chosen at Create, a speed
+  // choice only: the indices are the same either way).
   bool uses_pruned_search() const;
 
   // Decodes to f32 (convenience for metrics).

@@ -2,7 +2,7 @@
 //
 // Every kernel computes the same f32 score per codeword with the same operations (no FMA) and
 // returns the lexicographic (score, index) minimum, so the choice of kernel (scalar, AVX2 brute
-// force over 4 blocks at a time, AVX2 pruned) never changes an index. Pruned traversals are
+// force with blocks across lanes, AVX2 pruned) never changes an index. Pruned traversals are
 // written out in each kernel because a target("avx2") function can inline plain helpers but not
 // the other way round.
 #include "core/codec_kernels.h"
@@ -147,7 +147,101 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
         std::lower_bound(t.group_hi_.begin(), t.group_hi_.end(), edge) - t.group_hi_.begin());
     t.start_lut_[b] = static_cast<uint32_t>(std::min<size_t>(g, t.groups_ - 1));
   }
+  t.cw_.assign(codewords, codewords + static_cast<size_t>(n) * k);
+  t.cw_n2_.resize(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    double n2d = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const double c = codewords[static_cast<size_t>(i) * k + j];
+      n2d += c * c;
+    }
+    t.cw_n2_[i] = static_cast<float>(n2d);
+  }
+  if (!prune && k >= 2 && k <= 4 && n >= kClusterMinN) BuildClusters(&t);
   return t;
+}
+
+void SearchTable::BuildClusters(SearchTable* t) {
+  const uint32_t n = t->n_, k = t->k_;
+  const float* cw = t->cw_.data();
+  std::vector<std::vector<uint32_t>> leaves;
+  // Median cuts along the widest coordinate (lowest j on ties), cut points at multiples of 8 so
+  // every cluster but the last is full. Deterministic: stable sorts, ties by index.
+  std::vector<std::pair<uint32_t, uint32_t>> stack;  // [begin, end) into ids
+  std::vector<uint32_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0u);
+  stack.emplace_back(0, n);
+  while (!stack.empty()) {
+    auto [b, e] = stack.back();
+    stack.pop_back();
+    if (e - b <= 8) {
+      leaves.emplace_back(ids.begin() + b, ids.begin() + e);
+      continue;
+    }
+    uint32_t dim = 0;
+    double widest = -1;
+    for (uint32_t j = 0; j < k; ++j) {
+      double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+      for (uint32_t i = b; i < e; ++i) {
+        lo = std::min<double>(lo, cw[static_cast<size_t>(ids[i]) * k + j]);
+        hi = std::max<double>(hi, cw[static_cast<size_t>(ids[i]) * k + j]);
+      }
+      if (hi - lo > widest) {
+        widest = hi - lo;
+        dim = j;
+      }
+    }
+    std::stable_sort(ids.begin() + b, ids.begin() + e, [&](uint32_t x, uint32_t y) {
+      return cw[static_cast<size_t>(x) * k + dim] < cw[static_cast<size_t>(y) * k + dim];
+    });
+    const uint32_t mid = b + std::max<uint32_t>(8, ((e - b) / 2 + 7) / 8 * 8);
+    if (mid >= e) {
+      leaves.emplace_back(ids.begin() + b, ids.begin() + e);
+      continue;
+    }
+    stack.emplace_back(mid, e);  // popped second: left half first
+    stack.emplace_back(b, mid);
+  }
+  const uint32_t c = static_cast<uint32_t>(leaves.size());
+  t->clusters_ = c;
+  t->cl_cw_.assign(static_cast<size_t>(c) * 8 * k, 0.0f);
+  t->cl_n2_.assign(static_cast<size_t>(c) * 8, std::numeric_limits<float>::infinity());
+  t->cl_idx_.assign(static_cast<size_t>(c) * 8, std::numeric_limits<int32_t>::max());
+  t->cl_mu_.assign(static_cast<size_t>(c) * k, 0.0f);
+  t->cl_mu_n2_.assign(c, 0.0f);
+  t->cl_rho_.assign(c, 0.0f);
+  for (uint32_t g = 0; g < c; ++g) {
+    const auto& leaf = leaves[g];
+    double mu[256] = {};
+    for (uint32_t i = 0; i < leaf.size(); ++i) {
+      const uint32_t id = leaf[i];
+      for (uint32_t j = 0; j < k; ++j) {
+        t->cl_cw_[(static_cast<size_t>(g) * 8 + i) * k + j] = cw[static_cast<size_t>(id) * k + j];
+        mu[j] += cw[static_cast<size_t>(id) * k + j];
+      }
+      t->cl_n2_[static_cast<size_t>(g) * 8 + i] = t->cw_n2_[id];
+      t->cl_idx_[static_cast<size_t>(g) * 8 + i] = static_cast<int32_t>(id);
+    }
+    double mu2 = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const float m = static_cast<float>(mu[j] / static_cast<double>(leaf.size()));
+      t->cl_mu_[static_cast<size_t>(g) * k + j] = m;
+      mu2 += static_cast<double>(m) * m;
+    }
+    t->cl_mu_n2_[g] = static_cast<float>(mu2);
+    double rho = 0;
+    for (uint32_t id : leaf) {
+      double d2 = 0;
+      for (uint32_t j = 0; j < k; ++j) {
+        const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) -
+                         t->cl_mu_[static_cast<size_t>(g) * k + j];
+        d2 += d * d;
+      }
+      rho = std::max(rho, std::sqrt(d2));
+    }
+    t->cl_rho_[g] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
+                                   std::numeric_limits<float>::infinity());
+  }
 }
 
 bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
@@ -173,7 +267,7 @@ bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
   t.Nearest(queries.data(), count, out.data(), Isa::kScalar);
   const double visited = static_cast<double>(t_groups_visited) / static_cast<double>(count);
   t_groups_visited = saved;
-  return 25.0 + 4.0 * visited < static_cast<double>(groups);
+  return 50.0 + 8.0 * visited < static_cast<double>(groups);
 }
 
 uint64_t SearchTable::GroupsVisitedOnThisThread() { return t_groups_visited; }
@@ -311,77 +405,215 @@ struct SearchKernels {
     t_groups_visited += visited;
   }
 
-  // Brute force over a table in index order, NB blocks at a time: each codeword group is loaded
-  // once for NB blocks, and the NB (best, index) chains are independent, which hides the
-  // compare/blend latency. Within a lane the indices increase with g, so a strict < keeps the
-  // lowest index; PickLane settles ties across lanes.
-  template <uint32_t K, uint32_t NB>
-  __attribute__((target("avx2"))) static void Avx2BruteBlocks(const SearchTable& t, const float* y,
-                                                              uint32_t* out) {
-    const uint32_t k = K != 0 ? K : t.k_;
-    __m256 m[NB][K != 0 ? K : 1];
-    __m256 best[NB];
-    __m256i best_g[NB];
+  // 0, 1, ..., n-1: the ids of a table in index order (grown once per thread).
+  static const int32_t* FullIds(uint32_t n) {
+    thread_local std::vector<int32_t> ids;
+    if (ids.size() < n) {
+      ids.resize(n);
+      std::iota(ids.begin(), ids.end(), 0);
+    }
+    return ids.data();
+  }
+
+  // Blocks across lanes: 16 blocks (two registers of 8) against m codewords taken in order, each
+  // broadcast. Per lane, a strict < over increasing positions keeps the first minimum; callers
+  // pass codewords in increasing index order, so that is the lowest index. Scores are the same
+  // f32 operations as every other kernel. out_score may be null.
+  template <uint32_t K>
+  __attribute__((target("avx2"))) static void Avx2Lanes(const float* cw, const float* n2,
+                                                        const int32_t* ids, uint32_t m, uint32_t kk,
+                                                        const float* y, size_t count, uint32_t* out,
+                                                        float* out_score) {
+    const uint32_t k = K != 0 ? K : kk;
     const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    for (uint32_t b = 0; b < NB; ++b) {
-      if constexpr (K != 0) {
-        for (uint32_t j = 0; j < K; ++j) m[b][j] = _mm256_set1_ps(-2.0f * y[b * K + j]);
-      }
-      best[b] = inf;
-      best_g[b] = _mm256_setzero_si256();
-    }
-    const float* c = t.soa_.data();
-    const float* n2 = t.norm2_.data();
-    __m256i gv = _mm256_setzero_si256();
-    const __m256i one = _mm256_set1_epi32(1);
-    for (uint32_t g = 0; g < t.groups_; ++g, c += static_cast<size_t>(k) * 8, n2 += 8) {
-      const __m256 base = _mm256_loadu_ps(n2);
-      __m256 s[NB];
-      for (uint32_t b = 0; b < NB; ++b) s[b] = base;
+    alignas(32) float tmp[2][8];
+    alignas(32) int32_t tid[2][8];
+    __m256 mv[2][K != 0 ? K : 256];
+    for (size_t b0 = 0; b0 < count; b0 += 16) {
+      const size_t nb = std::min<size_t>(16, count - b0);
       for (uint32_t j = 0; j < k; ++j) {
-        const __m256 cj = _mm256_loadu_ps(c + j * 8);
-        for (uint32_t b = 0; b < NB; ++b) {
-          const __m256 mj = K != 0 ? m[b][j] : _mm256_set1_ps(-2.0f * y[b * k + j]);
-          s[b] = _mm256_add_ps(s[b], _mm256_mul_ps(mj, cj));
+        for (size_t l = 0; l < 16; ++l) {
+          tmp[l / 8][l % 8] = l < nb ? -2.0f * y[(b0 + l) * k + j] : 0.0f;
         }
+        mv[0][j] = _mm256_load_ps(tmp[0]);
+        mv[1][j] = _mm256_load_ps(tmp[1]);
       }
-      for (uint32_t b = 0; b < NB; ++b) {
-        const __m256 lt = _mm256_cmp_ps(s[b], best[b], _CMP_LT_OQ);
-        best[b] = _mm256_min_ps(s[b], best[b]);  // == blend(best, s, s < best); one uop cheaper
-        best_g[b] = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(best_g[b]), _mm256_castsi256_ps(gv), lt));
+      __m256 best0 = inf, best1 = inf;
+      __m256i bi0 = _mm256_setzero_si256(), bi1 = _mm256_setzero_si256();
+      const float* c = cw;
+      for (uint32_t i = 0; i < m; ++i, c += k) {
+        const __m256 base = _mm256_broadcast_ss(n2 + i);
+        __m256 s0 = base, s1 = base;
+        for (uint32_t j = 0; j < k; ++j) {
+          const __m256 cj = _mm256_broadcast_ss(c + j);
+          s0 = _mm256_add_ps(s0, _mm256_mul_ps(mv[0][j], cj));
+          s1 = _mm256_add_ps(s1, _mm256_mul_ps(mv[1][j], cj));
+        }
+        const __m256i id = _mm256_set1_epi32(ids[i]);
+        const __m256 lt0 = _mm256_cmp_ps(s0, best0, _CMP_LT_OQ);
+        const __m256 lt1 = _mm256_cmp_ps(s1, best1, _CMP_LT_OQ);
+        best0 = _mm256_min_ps(s0, best0);  // == blend(best, s, s < best)
+        best1 = _mm256_min_ps(s1, best1);
+        bi0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi0),
+                                                   _mm256_castsi256_ps(id), lt0));
+        bi1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi1),
+                                                   _mm256_castsi256_ps(id), lt1));
       }
-      gv = _mm256_add_epi32(gv, one);
-    }
-    alignas(32) float lane_best[8];
-    alignas(32) int32_t lane_g[8];
-    int32_t lane_idx[8];
-    for (uint32_t b = 0; b < NB; ++b) {
-      _mm256_store_ps(lane_best, best[b]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_g), best_g[b]);
-      for (int l = 0; l < 8; ++l) lane_idx[l] = t.index_[static_cast<size_t>(lane_g[l]) * 8 + l];
-      out[b] = PickLane(lane_best, lane_idx, t.n_);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[0]), bi0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[1]), bi1);
+      for (size_t l = 0; l < nb; ++l) out[b0 + l] = static_cast<uint32_t>(tid[l / 8][l % 8]);
+      if (out_score != nullptr) {
+        _mm256_store_ps(tmp[0], best0);
+        _mm256_store_ps(tmp[1], best1);
+        for (size_t l = 0; l < nb; ++l) out_score[b0 + l] = tmp[l / 8][l % 8];
+      }
     }
   }
 
+  // The clustered search (see codec_kernels.h). Lanes 0-7 and 8-15 are blocks order[r..r+16).
   template <uint32_t K>
-  static void Avx2Brute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
+  __attribute__((target("avx2"))) static void Avx2Clustered(const SearchTable& t, const float* y,
+                                                            size_t count, uint32_t* out) {
     const uint32_t k = K != 0 ? K : t.k_;
-    size_t b = 0;
-    for (; b + 4 <= count; b += 4) Avx2BruteBlocks<K, 4>(t, y + b * k, out + b);
-    for (; b < count; ++b) Avx2BruteBlocks<K, 1>(t, y + b * k, out + b);
+    const uint32_t nc = t.clusters_;
+    thread_local std::vector<uint32_t> key, order, start, stamp;
+    thread_local std::vector<float> ny2v, slackv;
+    key.resize(count);
+    order.resize(count);
+    ny2v.resize(count);
+    slackv.resize(count);
+    start.assign(nc + 1, 0);
+    if (stamp.size() < nc) stamp.assign(nc, 0);
+    uint32_t run_id = 0;
+    std::fill(stamp.begin(), stamp.begin() + nc, 0u);
+    // Key: the nearest cluster centre (ids 0..nc-1 in order).
+    Avx2Lanes<K>(t.cl_mu_.data(), t.cl_mu_n2_.data(), FullIds(nc), nc, k, y, count, key.data(),
+                 nullptr);
+    for (size_t b = 0; b < count; ++b) {
+      const double ny = BlockNorm(y + b * k, k);
+      ny2v[b] = static_cast<float>(ny * ny);
+      slackv[b] = static_cast<float>(2.0 * PruneSlack(k, ny, t.max_norm_));
+      ++start[key[b] + 1];
+    }
+    for (uint32_t g = 0; g < nc; ++g) start[g + 1] += start[g];
+    for (size_t b = 0; b < count; ++b) order[start[key[b]]++] = static_cast<uint32_t>(b);
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    const __m256 grow = _mm256_set1_ps(1.001f);
+    alignas(32) float tmp[2][8];
+    alignas(32) int32_t tid[2][8];
+    __m256 mv[2][K != 0 ? K : 4];
+    uint64_t visited = 0;
+    for (size_t r = 0; r < count; r += 16) {
+      const size_t nb = std::min<size_t>(16, count - r);
+      ++run_id;
+      for (uint32_t j = 0; j < k; ++j) {
+        for (size_t l = 0; l < 16; ++l) tmp[l / 8][l % 8] = l < nb ? -2.0f * y[order[r + l] * k + j] : 0.0f;
+        mv[0][j] = _mm256_load_ps(tmp[0]);
+        mv[1][j] = _mm256_load_ps(tmp[1]);
+      }
+      __m256 ny2[2], slack[2], valid[2];
+      for (size_t l = 0; l < 16; ++l) tmp[l / 8][l % 8] = l < nb ? ny2v[order[r + l]] : 0.0f;
+      ny2[0] = _mm256_load_ps(tmp[0]);
+      ny2[1] = _mm256_load_ps(tmp[1]);
+      for (size_t l = 0; l < 16; ++l) tmp[l / 8][l % 8] = l < nb ? slackv[order[r + l]] : 0.0f;
+      slack[0] = _mm256_load_ps(tmp[0]);
+      slack[1] = _mm256_load_ps(tmp[1]);
+      for (size_t l = 0; l < 16; ++l) tid[l / 8][l % 8] = l < nb ? -1 : 0;
+      valid[0] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tid[0])));
+      valid[1] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tid[1])));
+      __m256 best[2] = {inf, inf};
+      __m256i bidx[2] = {imax, imax};
+      __m256 rad[2];
+      auto eval = [&](uint32_t g) __attribute__((target("avx2"))) {
+        stamp[g] = run_id;
+        ++visited;
+        const float* c = t.cl_cw_.data() + static_cast<size_t>(g) * 8 * k;
+        for (uint32_t i = 0; i < 8; ++i, c += k) {
+          const size_t slot = static_cast<size_t>(g) * 8 + i;
+          const __m256 base = _mm256_broadcast_ss(t.cl_n2_.data() + slot);
+          const __m256i id = _mm256_set1_epi32(t.cl_idx_[slot]);
+          for (int h = 0; h < 2; ++h) {
+            __m256 sc = base;
+            for (uint32_t j = 0; j < k; ++j) {
+              sc = _mm256_add_ps(sc, _mm256_mul_ps(mv[h][j], _mm256_broadcast_ss(c + j)));
+            }
+            const __m256 lt = _mm256_cmp_ps(sc, best[h], _CMP_LT_OQ);
+            const __m256 eq = _mm256_cmp_ps(sc, best[h], _CMP_EQ_OQ);
+            const __m256 il = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bidx[h], id));
+            const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, il));
+            best[h] = _mm256_blendv_ps(best[h], sc, upd);
+            bidx[h] = _mm256_castps_si256(
+                _mm256_blendv_ps(_mm256_castsi256_ps(bidx[h]), _mm256_castsi256_ps(id), upd));
+          }
+        }
+      };
+      // sqrt(T) per lane, T = max(best + ||y||^2, 0) + slack, grown for the f32 roundings.
+      auto radius = [&]() __attribute__((target("avx2"))) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256 tt = _mm256_add_ps(
+              _mm256_max_ps(_mm256_add_ps(best[h], ny2[h]), _mm256_setzero_ps()), slack[h]);
+          rad[h] = _mm256_mul_ps(_mm256_sqrt_ps(tt), grow);
+        }
+      };
+      for (size_t l = 0; l < nb; ++l) {
+        const uint32_t g = key[order[r + l]];
+        if (stamp[g] != run_id) eval(g);
+      }
+      radius();
+      for (uint32_t g = 0; g < nc; ++g) {
+        if (stamp[g] == run_id) continue;
+        const __m256 mu_n2 = _mm256_broadcast_ss(t.cl_mu_n2_.data() + g);
+        const __m256 rho = _mm256_broadcast_ss(t.cl_rho_.data() + g);
+        const float* mu = t.cl_mu_.data() + static_cast<size_t>(g) * k;
+        int need = 0;
+        for (int h = 0; h < 2; ++h) {
+          __m256 d2 = mu_n2;
+          for (uint32_t j = 0; j < k; ++j) {
+            d2 = _mm256_add_ps(d2, _mm256_mul_ps(mv[h][j], _mm256_broadcast_ss(mu + j)));
+          }
+          d2 = _mm256_add_ps(d2, ny2[h]);  // ||y - mu||^2
+          const __m256 lim = _mm256_add_ps(rho, rad[h]);
+          const __m256 thr = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(lim, lim), grow), slack[h]);
+          need |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(d2, thr, _CMP_LE_OQ), valid[h]));
+        }
+        if (need != 0) {
+          eval(g);
+          radius();
+        }
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[0]), bidx[0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tid[1]), bidx[1]);
+      for (size_t l = 0; l < nb; ++l) {
+        const int32_t bi = tid[l / 8][l % 8];
+        out[order[r + l]] = static_cast<uint32_t>(bi) < t.n_ ? static_cast<uint32_t>(bi) : 0;
+      }
+    }
+    t_groups_visited += visited * 16 + count * ((nc + 7) / 8);
+  }
+
+  template <uint32_t K>
+  static void Avx2LaneBrute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
+    Avx2Lanes<K>(t.cw_.data(), t.cw_n2_.data(), FullIds(t.n_), t.n_, t.k_, y, count, out, nullptr);
     t_groups_visited += count * t.groups_;
   }
 };
 
 void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && clusters_ > 0 && use_clusters_) {
+    switch (k_) {
+      case 2: return SearchKernels::Avx2Clustered<2>(*this, y, count, out);
+      case 4: return SearchKernels::Avx2Clustered<4>(*this, y, count, out);
+      default: return SearchKernels::Avx2Clustered<0>(*this, y, count, out);
+    }
+  }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && !prune_) {
     switch (k_) {
-      case 1: return SearchKernels::Avx2Brute<1>(*this, y, count, out);
-      case 2: return SearchKernels::Avx2Brute<2>(*this, y, count, out);
-      case 4: return SearchKernels::Avx2Brute<4>(*this, y, count, out);
-      case 8: return SearchKernels::Avx2Brute<8>(*this, y, count, out);
-      default: return SearchKernels::Avx2Brute<0>(*this, y, count, out);
+      case 1: return SearchKernels::Avx2LaneBrute<1>(*this, y, count, out);
+      case 2: return SearchKernels::Avx2LaneBrute<2>(*this, y, count, out);
+      case 4: return SearchKernels::Avx2LaneBrute<4>(*this, y, count, out);
+      case 8: return SearchKernels::Avx2LaneBrute<8>(*this, y, count, out);
+      default: return SearchKernels::Avx2LaneBrute<0>(*this, y, count, out);
     }
   }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) {
@@ -394,6 +626,56 @@ void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) 
     }
   }
   SearchKernels::Scalar(*this, y, count, out);
+}
+
+// ---- sums of squares ---------------------------------------------------------------------------
+
+namespace {
+
+void SumSquaresScalar(const float* x, size_t count, uint32_t d, double* out) {
+  for (size_t v = 0; v < count; ++v) {
+    const float* xv = x + v * d;
+    double s = 0;
+    for (uint32_t i = 0; i < d; ++i) s += static_cast<double>(xv[i]) * static_cast<double>(xv[i]);
+    out[v] = s;
+  }
+}
+
+// Four vectors per step, lane l of the f64 accumulator holding vector v0 + l: a 4x4 transpose of
+// four consecutive elements of each vector feeds element i of all four chains at once.
+__attribute__((target("avx2"))) void SumSquaresAvx2(const float* x, size_t count, uint32_t d,
+                                                    double* out) {
+  size_t v0 = 0;
+  for (; v0 + 4 <= count; v0 += 4) {
+    const float* p0 = x + v0 * d;
+    const float* p1 = p0 + d;
+    const float* p2 = p1 + d;
+    const float* p3 = p2 + d;
+    __m256d acc = _mm256_setzero_pd();
+    uint32_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+      __m128 r0 = _mm_loadu_ps(p0 + i), r1 = _mm_loadu_ps(p1 + i);
+      __m128 r2 = _mm_loadu_ps(p2 + i), r3 = _mm_loadu_ps(p3 + i);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_j = element i + j of the four vectors
+      for (__m128 r : {r0, r1, r2, r3}) {
+        const __m256d e = _mm256_cvtps_pd(r);
+        acc = _mm256_add_pd(acc, _mm256_mul_pd(e, e));
+      }
+    }
+    for (; i < d; ++i) {
+      const __m256d e = _mm256_cvtps_pd(_mm_setr_ps(p0[i], p1[i], p2[i], p3[i]));
+      acc = _mm256_add_pd(acc, _mm256_mul_pd(e, e));
+    }
+    _mm256_storeu_pd(out + v0, acc);
+  }
+  SumSquaresScalar(x + v0 * d, count - v0, d, out + v0);
+}
+
+}  // namespace
+
+void SumSquaresF64(const float* x, size_t count, uint32_t d, double* out, Isa isa) {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c()) return SumSquaresAvx2(x, count, d, out);
+  SumSquaresScalar(x, count, d, out);
 }
 
 // ---- element conversions ----------------------------------------------------------------------

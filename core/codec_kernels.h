@@ -11,6 +11,12 @@
 //    on, groups are visited outward from the one holding ||y||, and a direction stops once the
 //    norm bound (|y| - |c|)^2 exceeds the best distance by a margin that covers every f32 rounding
 //    error of the score, so pruning never changes the result.
+// Without pruning, the AVX2 kernel puts 16 *blocks* across the lanes of two registers and walks
+// the codewords in index order, one broadcast codeword at a time: no per-block horizontal
+// reduction, and a strict < keeps the lowest index. (Tried and measured slower on the reference
+// machine, so not kept: a neighbour-graph search — coarse start, descent over 8-nearest-neighbour
+// groups, triangle-inequality check within 2 sqrt(best distance) — which visits 4x fewer
+// codewords at k=4 N=256 but pays more in per-block reductions and branches than it saves.)
 // Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
 // reentrant. The ISA override is a process-wide test hook (atomic).
 #ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
@@ -36,12 +42,15 @@ double DistanceF64(const float* codewords, uint32_t k, uint32_t index, const dou
 
 class SearchTable {
  public:
+  // Smallest codebook that gets the clustered search (2 <= k <= 4; see below). Measured: below it the
+  // blocks-across-lanes brute force wins.
+  static constexpr uint32_t kClusterMinN = 1024;
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
   // pruned search on midpoints of codeword pairs (a deterministic sample of at most 512) and
-  // compares the groups it visits with a cost model measured on this kernel family (a pruned
-  // block costs about 25 + 4 * visited brute-force group evaluations). Deterministic.
+  // compares the groups it visits with a cost model measured on these kernels (a pruned block
+  // costs about 50 + 8 * visited groups of the blocks-across-lanes brute force). Deterministic.
   static bool PruningPays(const float* codewords, uint32_t n, uint32_t k);
 
   // Nearest codeword index for each of `count` blocks stored contiguously in y (count*k floats).
@@ -50,6 +59,9 @@ class SearchTable {
   uint32_t size() const { return n_; }
   uint32_t dim() const { return k_; }
   bool prune() const { return prune_; }
+  bool clustered() const { return clusters_ > 0 && use_clusters_; }
+  // Benchmark/test hook: run the blocks-across-lanes brute force instead of the clustered search.
+  void DisableClustersForTesting() { use_clusters_ = false; }
   // Groups of 8 codewords visited by the last call on this thread (a diagnostic for tests and
   // benchmarks: how much the pruning saves).
   static uint64_t GroupsVisitedOnThisThread();
@@ -61,6 +73,26 @@ class SearchTable {
   uint32_t k_ = 0;
   uint32_t groups_ = 0;
   bool prune_ = false;
+  // Clustered search (AVX2, tables built without norm pruning, 2 <= k <= 4, n >= kClusterMinN):
+  // the codewords
+  // split into clusters of 8 by recursive median cuts along the widest coordinate, each with its
+  // centre and a radius rounded up. Blocks are keyed by their nearest centre, sorted by key, and
+  // searched 16 at a time (blocks across lanes): their own clusters first, then every cluster
+  // unless, for all 16 blocks, ||y - centre|| > radius + sqrt(T) where T bounds the winner's
+  // squared distance (best f32 score + ||y||^2 + twice the pruning slack). Exact by the triangle
+  // inequality; (score, index) minimum as every kernel.
+  uint32_t clusters_ = 0;
+  bool use_clusters_ = true;
+  std::vector<float> cl_cw_;    // clusters * 8 * k, row-major members (padding: zeros)
+  std::vector<float> cl_n2_;    // clusters * 8 (padding: +inf)
+  std::vector<int32_t> cl_idx_; // clusters * 8 (padding: INT32_MAX)
+  std::vector<float> cl_mu_;    // clusters * k
+  std::vector<float> cl_mu_n2_; // clusters
+  std::vector<float> cl_rho_;   // clusters, rounded up
+  // Row-major copy (n*k) and ||c||^2 per codeword (f32, as norm2_) for the blocks-across-lanes
+  // kernel, which broadcasts one codeword at a time.
+  std::vector<float> cw_;
+  std::vector<float> cw_n2_;
   std::vector<float> soa_;         // groups * k * 8: [g][j][lane]
   std::vector<float> norm2_;       // groups * 8: ||c||^2 in f32 (+inf in padding lanes)
   std::vector<int32_t> index_;     // groups * 8: original index (INT32_MAX in padding lanes)
@@ -73,8 +105,16 @@ class SearchTable {
   std::vector<uint32_t> start_lut_;
   double lut_scale_ = 0;
 
+  static void BuildClusters(SearchTable* t);
   friend struct SearchKernels;
 };
+
+// Sum of squares of each of `count` vectors of d f32 values, in f64, each summed left to right
+// from element 0 (the codec's norm rule): out[v] is bit-identical to the plain loop for every
+// kernel (the products of two f32 are exact in f64, and each vector keeps its own sequential
+// chain; the AVX2 kernel only runs four vectors' chains side by side). A non-finite element
+// makes out[v] non-finite.
+void SumSquaresF64(const float* x, size_t count, uint32_t d, double* out, Isa isa);
 
 // Element conversions for the fast path. Same results as half.h's scalar conversions; f16 uses
 // F16C when available. The *Saturating stores clamp to the largest finite value of the type

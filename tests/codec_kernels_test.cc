@@ -93,7 +93,10 @@ TEST_P(NearestTest, FastIsExactInF32AndNearTieOnlyVersusReference) {
 INSTANTIATE_TEST_SUITE_P(Shapes, NearestTest,
                          ::testing::Values(Case{1, 16}, Case{2, 16}, Case{2, 256}, Case{3, 100},
                                            Case{4, 256}, Case{4, 1000}, Case{8, 256},
-                                           Case{8, 4096}, Case{12, 64}, Case{16, 37}),
+                                           Case{8, 4096}, Case{12, 64}, Case{16, 37},
+                                           // clustered search (2 <= k <= 4, N >= 1024)
+                                           Case{2, 1024}, Case{3, 1500},
+                                           Case{4, 4096}),
                          [](const auto& info) {
                            return absl::StrCat("k", info.param.k, "_n", info.param.n);
                          });
@@ -177,7 +180,9 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   }
   const size_t count = 2000;
   const std::vector<float> y = GaussianBlocks(rng, count, k, 0.25);
-  const SearchTable brute = SearchTable::Build(cw.data(), n, k, false);
+  SearchTable brute = SearchTable::Build(cw.data(), n, k, false);
+  const SearchTable clustered = brute;
+  brute.DisableClustersForTesting();
   const SearchTable pruned = SearchTable::Build(cw.data(), n, k, true);
   std::vector<uint32_t> a(count), b(count);
   SearchTable::ResetGroupsVisitedOnThisThread();
@@ -190,8 +195,31 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   EXPECT_EQ(brute_groups, count * brute.group_count());
   EXPECT_LT(pruned_groups * 3, brute_groups) << "pruning visited " << pruned_groups << " of "
                                              << brute_groups << " groups";
-  // The cost model turns pruning on for this shell-structured codebook and off for a small one.
-  EXPECT_TRUE(SearchTable::PruningPays(cw.data(), n, k));
+  // The clustered search (chosen for this k and N) finds the same indices with fewer groups.
+  ASSERT_TRUE(clustered.clustered());
+  std::vector<uint32_t> c(count);
+  SearchTable::ResetGroupsVisitedOnThisThread();
+  clustered.Nearest(y.data(), count, c.data(), ActiveIsa());
+  const uint64_t clustered_groups = SearchTable::GroupsVisitedOnThisThread();
+  EXPECT_EQ(a, c);
+  if (ActiveIsa() == Isa::kAvx2) {
+    EXPECT_LT(clustered_groups * 2, brute_groups) << "clustered search visited " << clustered_groups
+                                                  << " of " << brute_groups << " groups";
+  }
+  // The cost model (against the blocks-across-lanes brute force, which is about twice as fast per
+  // codeword as the per-block kernel) turns pruning on for thin shells in R^2, where the norm
+  // bound leaves a few groups, and off for a small codebook.
+  const uint32_t shells2 = 512, dirs2 = 8, n2 = shells2 * dirs2;
+  std::vector<float> cw2(n2 * 2);
+  for (uint32_t s = 0; s < shells2; ++s) {
+    for (uint32_t d = 0; d < dirs2; ++d) {
+      const double phi = rng.NextDouble() * 6.283185307179586;
+      const double r = (s + 0.5) / shells2;
+      cw2[(s * dirs2 + d) * 2] = static_cast<float>(r * std::cos(phi));
+      cw2[(s * dirs2 + d) * 2 + 1] = static_cast<float>(r * std::sin(phi));
+    }
+  }
+  EXPECT_TRUE(SearchTable::PruningPays(cw2.data(), n2, 2));
   EXPECT_FALSE(SearchTable::PruningPays(cw.data(), 64, k));
 }
 
@@ -262,6 +290,44 @@ TEST(Conversions, Bf16StoreSaturates) {
   EXPECT_EQ(h[1], 0xFF7F);
   EXPECT_EQ(h[2], FloatToBf16(1.0f));
   EXPECT_EQ(h[3], FloatToBf16(-2.5f));
+}
+
+}  // namespace
+}  // namespace fibquant::codec_internal
+
+namespace fibquant::codec_internal {
+namespace {
+
+// The codec's norm rule sums each vector's squares left to right in f64; the AVX2 kernel runs four
+// vectors' chains side by side and must give the same bits, for every d (transpose tail included),
+// every count (scalar tail included), real-scale, tiny and huge values, and propagate non-finite.
+TEST(SumSquares, Avx2IsBitIdenticalToTheLeftToRightLoop) {
+  Rng rng(77);
+  for (uint32_t d : {1u, 3u, 4u, 7u, 64u, 100u, 128u, 300u}) {
+    for (size_t count : {size_t{1}, size_t{3}, size_t{4}, size_t{9}, size_t{33}}) {
+      std::vector<float> x(count * d);
+      for (size_t i = 0; i < x.size(); ++i) {
+        const double scale = (i % 7 == 0) ? 1e30 : (i % 5 == 0 ? 1e-30 : 1.0);
+        x[i] = static_cast<float>(rng.Normal() * scale);
+      }
+      std::vector<double> want(count), got(count);
+      for (size_t v = 0; v < count; ++v) {
+        double s = 0;
+        for (uint32_t i = 0; i < d; ++i) s += static_cast<double>(x[v * d + i]) * x[v * d + i];
+        want[v] = s;
+      }
+      for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+        SumSquaresF64(x.data(), count, d, got.data(), isa);
+        for (size_t v = 0; v < count; ++v) {
+          ASSERT_EQ(std::memcmp(&got[v], &want[v], sizeof(double)), 0)
+              << "d=" << d << " count=" << count << " v=" << v << " isa=" << static_cast<int>(isa);
+        }
+      }
+      x[count * d - 1] = std::numeric_limits<float>::infinity();
+      SumSquaresF64(x.data(), count, d, got.data(), ActiveIsa());
+      EXPECT_FALSE(std::isfinite(got[count - 1]));
+    }
+  }
 }
 
 }  // namespace

@@ -513,12 +513,14 @@ TEST(Codec, FastMatchesReferenceExceptNearTies) {
   const auto real_v = LoadFixture("L1_v.f32");
   for (auto rot : {kRotationHaarQr, kRotationHadamard}) {
     // (2, 1024) at d = 64 is large enough for the pruned search to be chosen.
+    // (2, 1024) at d = 128 runs the clustered search on the real blocks too.
     for (auto [d, k, n] : {std::tuple<uint32_t, uint32_t, uint32_t>{128, 4, 256}, {128, 2, 16},
-                           {128, 8, 256}, {64, 2, 1024}}) {
+                           {128, 8, 256}, {64, 2, 1024}, {128, 2, 1024}}) {
       if (d == 64 && rot == kRotationHadamard) continue;
       auto q = GetQuantizer(d, k, n, rot);
       ASSERT_NE(q, nullptr);
-      // Both search strategies are covered: brute force for the small codebooks, pruning for N=1024.
+      // Both search strategies are covered: brute force for the small codebooks, the clustered
+      // search for N=1024.
       EXPECT_EQ(q->uses_pruned_search(), n == 1024) << "d=" << d << " k=" << k << " N=" << n;
       const std::string tag =
           absl::StrCat(std::string(rot).substr(0, 16), " d=", d, " k=", k, " N=", n);

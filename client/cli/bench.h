@@ -2,7 +2,8 @@
 // CompressPages streams of M synthetic pages each (standard normal values from a fixed seed,
 // converted to the profile's dtype), then N concurrent DecompressPages streams of the frames; it
 // reports throughput (pages/s, raw bytes/s in), per-page latency percentiles (written -> answered,
-// so it includes the client window's queueing), errors, and checks that EVERY page round-trips:
+// so it includes the client window's queueing), errors, and, after the timed phases, checks that
+// every page (or every k-th with --verify-every k) round-trips:
 // coordinates and size echoed, all values finite, and relative squared error
 // sum((x-y)^2)/sum(x^2) <= max_rel_mse (raw-stored vectors come back exactly, coded ones within
 // the quantizer's distortion); and, when the codec can be rebuilt locally, the server's decode
@@ -44,6 +45,13 @@ struct BenchOptions {
   double max_seconds = 60;
   double max_rel_mse = 0.05;
   uint64_t seed = 1;
+  // Load-generator mode: streams spread over `channels` TCP connections; only every
+  // verify_every-th page of each stream (0, k, 2k, ...) is checked, after the timed phases (the
+  // check never counts in the throughput); transport_ceiling repeats the same streams through a
+  // raw profile of the same shape (no coding) and reports both.
+  uint32_t channels = 1;
+  uint32_t verify_every = 1;
+  bool transport_ceiling = false;
 };
 
 // Validates the options (InvalidArgument naming the flag and its bound).
@@ -57,8 +65,10 @@ double Percentile(std::vector<double> samples, double p);
 
 // Runs the benchmark. A failed page or stream is counted in "errors" (the report is still
 // returned); only set-up failures (profile, options) are an error status.
+// `more`: the connection flags, to open options.channels - 1 further connections.
 [[nodiscard]] absl::StatusOr<nlohmann::json> RunBench(const BenchOptions& options, Connection& conn,
-                                                      const std::string& server);
+                                                      const std::string& server,
+                                                      const ConnectionFlags* more = nullptr);
 
 }  // namespace fibquant::cli
 

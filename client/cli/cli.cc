@@ -69,7 +69,10 @@ constexpr const char* kUsage =
     "                                 exit 0 only when SERVING\n"
     "  bench [--streams N] [--pages M] [--page-tokens T] [--head-dim D] [--dtype f32|f16|bf16]\n"
     "        [--profile DIGEST|ID | --spec FILE] [--window W] [--max-seconds S] [--max-rel-mse X]\n"
-    "        [--seed S]                loopback load generator with round-trip checks\n"
+    "        [--seed S] [--channels C] [--verify-every K] [--transport-ceiling]\n"
+    "                                 loopback load generator with round-trip checks (every K-th page,\n"
+    "                                 after the timed phases); streams over C connections; the ceiling\n"
+    "                                 repeats the same streams through a raw (uncoded) profile\n"
     "Exit codes: 0 ok, 1 failure, 2 usage error, 3 eval over budget / no recommendation meets it.\n";
 
 // ---- argument parsing
@@ -892,7 +895,12 @@ int CmdBench(Env& env) {
   auto seed = window ? ParseUint<uint64_t>(a, "seed", o.seed, &error) : std::nullopt;
   auto secs = seed ? ParseDouble(a, "max-seconds", o.max_seconds, &error) : std::nullopt;
   auto bound = secs ? ParseDouble(a, "max-rel-mse", o.max_rel_mse, &error) : std::nullopt;
-  if (!bound) return Usage(env.err, env.command, error);
+  auto channels = bound ? ParseUint<uint32_t>(a, "channels", o.channels, &error) : std::nullopt;
+  auto every = channels ? ParseUint<uint32_t>(a, "verify-every", o.verify_every, &error) : std::nullopt;
+  if (!every) return Usage(env.err, env.command, error);
+  o.channels = *channels;
+  o.verify_every = *every;
+  o.transport_ceiling = a.Has("transport-ceiling");
   o.streams = *streams;
   o.pages_per_stream = *pages;
   o.page_tokens = *tokens;
@@ -917,7 +925,7 @@ int CmdBench(Env& env) {
     if (!resolved.ok()) return Failure(env, resolved.status());
     o.profile_digest = *resolved;
   }
-  auto report = RunBench(o, conn, env.conn_flags.server);
+  auto report = RunBench(o, conn, env.conn_flags.server, &env.conn_flags);
   if (!report.ok()) return Failure(env, report.status());
   env.out << report->dump(2) << "\n";
   const auto& c = (*report)["compress"];
@@ -930,6 +938,15 @@ int CmdBench(Env& env) {
       (*report)["decompress"]["pages_per_second"].get<double>(),
       (*report)["round_trip"]["checked_pages"].get<uint64_t>(), (*report)["round_trip"]["max_rel_mse"].get<double>(),
       (*report)["errors"].get<uint64_t>());
+  if (report->contains("transport_ceiling")) {
+    const auto& t = (*report)["transport_ceiling"];
+    env.err << absl::StrFormat(
+        "bench: transport ceiling (raw profile, same streams): compress %.1f pages/s, decompress %.1f pages/s; "
+        "codec at %.2f / %.2f of it\n",
+        t["compress"]["pages_per_second"].get<double>(), t["decompress"]["pages_per_second"].get<double>(),
+        (*report)["codec_vs_transport"]["compress"].get<double>(),
+        (*report)["codec_vs_transport"]["decompress"].get<double>());
+  }
   if ((*report)["errors"].get<uint64_t>() != 0) {
     env.err << "fibquant bench: error: " << (*report).value("first_error", std::string("errors")) << "\n";
     return kExitFailure;
@@ -970,9 +987,9 @@ std::map<std::string, Command> Commands() {
       {"bench",
        {CmdBench,
         {{"streams", "pages", "page-tokens", "head-dim", "dtype", "profile", "spec", "window", "max-seconds",
-          "max-rel-mse", "seed"},
+          "max-rel-mse", "seed", "channels", "verify-every"},
          {},
-         {}}}},
+         {"transport-ceiling"}}}},
   };
 }
 

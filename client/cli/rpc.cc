@@ -107,7 +107,7 @@ absl::StatusOr<Connection> Connect(const ConnectionFlags& f) {
     return absl::InvalidArgumentError("--tls-server-name needs --tls-ca");
   }
   if (f.tls_ca.empty()) {
-    c.channel = client::MakeInsecureChannel(f.server);
+    c.channel = client::MakeInsecureChannel(f.server, f.connection);
   } else {
     client::TlsChannelConfig tls;
     auto ca = ReadSmallFile(f.tls_ca, "--tls-ca");
@@ -122,7 +122,7 @@ absl::StatusOr<Connection> Connect(const ConnectionFlags& f) {
       tls.client_key_pem = *key;
     }
     tls.server_name_override = f.tls_server_name;
-    c.channel = client::MakeTlsChannel(f.server, tls);
+    c.channel = client::MakeTlsChannel(f.server, tls, f.connection);
   }
   if (!f.token_file.empty()) {
     auto token = ReadSmallFile(f.token_file, "--token-file");

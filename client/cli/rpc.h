@@ -34,6 +34,7 @@ struct ConnectionFlags {
   std::string tls_server_name;  // SAN override when it differs from the --server host
   std::string token_file;       // admin bearer token (RegisterProfile)
   std::optional<std::chrono::milliseconds> deadline;  // per call; unset: fq_client defaults
+  int connection = 0;  // != 0: a TCP connection of its own (client::MakeInsecureChannel)
 };
 
 // Reads the TLS files and token (NotFound / PermissionDenied naming the file; InvalidArgument for

@@ -201,6 +201,34 @@ TEST_F(CliE2eTest, BenchTwoStreamsEightPagesHasNoErrors) {
   EXPECT_EQ(nlohmann::json::parse(p.out).at("errors"), 0);
 }
 
+TEST_F(CliE2eTest, BenchLoadGeneratorModeSamplesChecksAndMeasuresTheTransportCeiling) {
+  RunResult b = Run({"bench", "--streams", "2", "--channels", "2", "--pages", "8", "--verify-every", "4",
+                     "--transport-ceiling", "--max-seconds", "120"});
+  ASSERT_EQ(b.code, 0) << b.err;
+  nlohmann::json j = nlohmann::json::parse(b.out);
+  EXPECT_EQ(j.at("errors"), 0);
+  EXPECT_EQ(j.at("channels"), 2);
+  // Pages 0 and 4 of each stream: 4 checked, each equal to the local decode.
+  EXPECT_EQ(j.at("round_trip").at("checked_pages"), 4);
+  EXPECT_EQ(j.at("round_trip").at("verify_every"), 4);
+  EXPECT_EQ(j.at("round_trip").at("local_decode_identical_pages"), 4);
+  EXPECT_EQ(j.at("compress").at("pages"), 16);
+  EXPECT_EQ(j.at("decompress").at("pages"), 16);
+  // The same 16 pages through the raw profile, sampled pages back exactly.
+  const auto& c = j.at("transport_ceiling");
+  EXPECT_EQ(c.at("errors"), 0);
+  EXPECT_EQ(c.at("checked_pages"), 4);
+  EXPECT_EQ(c.at("compress").at("pages"), 16);
+  EXPECT_EQ(c.at("decompress").at("pages"), 16);
+  EXPECT_NE(c.at("profile_digest"), j.at("profile_digest"));
+  EXPECT_GT(c.at("frame_bytes").get<uint64_t>(), j.at("frame_bytes").get<uint64_t>());
+  EXPECT_GT(j.at("codec_vs_transport").at("compress").get<double>(), 0.0);
+  EXPECT_THAT(b.err, HasSubstr("transport ceiling"));
+  // More connections than streams, and a zero sampling interval, are usage errors.
+  EXPECT_EQ(Run({"bench", "--streams", "2", "--channels", "3"}).code, 2);
+  EXPECT_EQ(Run({"bench", "--verify-every", "0"}).code, 2);
+}
+
 TEST_F(CliE2eTest, EvalVerdictAndExitCodes) {
   RunResult ok = Run({"eval", "--profile", digest_, "--keys", std::string(FQ_TEST_DATA_DIR) + "/L1_k.f32",
                       "--queries", std::string(FQ_TEST_DATA_DIR) + "/L1_q.f32", "--raw-dtype", "f32", "--shape",
