@@ -55,6 +55,8 @@ from .client import CancelToken, Client, CompressedTensor, Progress, TlsConfig  
 from .container import Container, read_container, write_container  # noqa: E402
 from .offload import KvOffloader, OffloadResult, RestoreResult  # noqa: E402
 from .specs import kv_profile_spec  # noqa: E402
+from . import aio  # noqa: E402
+from .aio import AsyncClient  # noqa: E402
 
 __version__ = "0.1.0"
 

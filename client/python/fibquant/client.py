@@ -251,7 +251,7 @@ class Client:
                 timeout: Optional[float], progress: Optional[ProgressFn], cancel: Optional[CancelToken],
                 page_bytes: Callable[[int], int]):
         """One attempt of a pipelined stream (see the module doc)."""
-        window = check_window(window or self.options.window)
+        window = check_window(self.options.window if window is None else window)
         cond = threading.Condition()
         state = {"answered": 0, "stop": False}
 
