@@ -27,8 +27,8 @@ from ._streams import (
 )
 from ._stubs import pb, pb_grpc
 from .client import evaluate_request
-from .errors import FailedPreconditionError, FibquantError, InvalidArgumentError, NotFoundError, UnavailableError
-from .errors import from_rpc_error
+from .errors import CancelledError, FailedPreconditionError, FibquantError, InvalidArgumentError, NotFoundError, UnavailableError
+from .errors import error_from_code as from_rpc_error_parts, from_rpc_error
 from .tensors import ELEMENT_SIZE, check_dtype
 from .types import Codebook, ProfileInfo, QualityReport, Receipt, ServerInfo
 
@@ -220,13 +220,19 @@ class AsyncClient:
                     if progress is not None:
                         done_bytes += page_bytes(answered - 1)
                         progress(Progress(answered, count, done_bytes))
-            await call  # the final status
+            code = await call.code()  # the final status
+            if code != grpc.StatusCode.OK:
+                raise from_rpc_error_parts(code, await call.details(), method)
             if not wtask.done():
                 await wtask
         except grpc.RpcError as e:
             raise from_rpc_error(e, method) from None
         except asyncio.CancelledError:
             call.cancel()
+            task = asyncio.current_task()
+            if cancel is not None and cancel.cancelled and not (task is not None and task.cancelling()):
+                # Cancelled through the token, not by cancelling this task: a typed error.
+                raise CancelledError("cancelled by the caller's CancelToken", method=method) from None
             raise
         finally:
             if detach is not None:
