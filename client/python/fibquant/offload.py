@@ -79,7 +79,8 @@ class _Writer:
 
     def __init__(self, t):
         self.t = t
-        self.torch = is_torch(t)
+        # CPU torch tensors are written through their shared numpy view; others by torch copies.
+        self.torch = is_torch(t) and t.device.type != "cpu"
         if self.torch:
             import torch
             self.dtype = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}.get(t.dtype)
@@ -92,6 +93,7 @@ class _Writer:
         a = np.frombuffer(data, dtype=np_dtype(self.dtype)).reshape(n, d)
         if self.torch:
             import torch
+            a = a.copy()  # torch tensors need writable memory
             src = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if self.dtype == "bf16" else torch.from_numpy(a)
             self.t[index] = src.to(self.t.device)
         else:
