@@ -35,6 +35,68 @@ from .types import Codebook, ProfileInfo, QualityReport, Receipt, ServerInfo
 __all__ = ["AsyncClient"]
 
 
+async def run_stream(stub, method, header, count, make_req, collector, *, window, timeout, metadata, progress, cancel,
+                     page_bytes):
+    """One attempt of a pipelined stream on grpc.aio: a writer task sends the header and the items while at
+    most `window` are unanswered; answers are read here and checked in order. Also the transport of the
+    sync client's streams (on its event-loop thread)."""
+    call = getattr(stub, method)(timeout=timeout, metadata=metadata)
+    loop = asyncio.get_running_loop()
+    room = asyncio.Semaphore(window)
+    # The token may fire on any thread; the call belongs to this loop.
+    detach = cancel.attach(lambda: loop.call_soon_threadsafe(call.cancel)) if cancel is not None else None
+
+    async def writer():
+        await call.write(header)
+        for i in range(count):
+            await room.acquire()
+            await call.write(make_req(i))
+        await call.done_writing()
+
+    wtask = asyncio.ensure_future(writer())
+    answered, done_bytes = 0, 0
+    try:
+        while True:
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                break
+            try:
+                is_page = collector.answer(resp, answered)
+            except FibquantError:
+                call.cancel()
+                raise
+            if is_page:
+                answered += 1
+                room.release()
+                if progress is not None:
+                    done_bytes += page_bytes(answered - 1)
+                    progress(Progress(answered, count, done_bytes))
+        code = await call.code()  # the final status
+        if code != grpc.StatusCode.OK:
+            raise from_rpc_error_parts(code, await call.details(), method)
+        if not wtask.done():
+            await wtask
+    except grpc.RpcError as e:
+        raise from_rpc_error(e, method) from None
+    except asyncio.CancelledError:
+        call.cancel()
+        task = asyncio.current_task()
+        if cancel is not None and cancel.cancelled and not (task is not None and task.cancelling()):
+            # Cancelled through the token, not by cancelling this task: a typed error.
+            raise CancelledError("cancelled by the caller's CancelToken", method=method) from None
+        raise
+    finally:
+        if detach is not None:
+            detach()
+        if not wtask.done():
+            wtask.cancel()
+        try:
+            await wtask
+        except BaseException:  # the writer fails when the call does; the call's status says why
+            pass
+    return collector.finish(count, answered)
+
+
 class AsyncClient:
     """AsyncClient(target, tls=None, token=None, options=None, **option_overrides): see fibquant.Client."""
 
@@ -191,59 +253,9 @@ class AsyncClient:
     async def _stream(self, method, header, count, make_req, collector, *, window, timeout, progress, cancel,
                       page_bytes):
         window = check_window(self.options.window if window is None else window)
-        call = getattr(self._stub, method)(timeout=timeout or self.options.stream_timeout, metadata=self._metadata)
-        room = asyncio.Semaphore(window)
-        detach = cancel.attach(call.cancel) if cancel is not None else None
-
-        async def writer():
-            await call.write(header)
-            for i in range(count):
-                await room.acquire()
-                await call.write(make_req(i))
-            await call.done_writing()
-
-        wtask = asyncio.ensure_future(writer())
-        answered, done_bytes = 0, 0
-        try:
-            while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    break
-                try:
-                    is_page = collector.answer(resp, answered)
-                except FibquantError:
-                    call.cancel()
-                    raise
-                if is_page:
-                    answered += 1
-                    room.release()
-                    if progress is not None:
-                        done_bytes += page_bytes(answered - 1)
-                        progress(Progress(answered, count, done_bytes))
-            code = await call.code()  # the final status
-            if code != grpc.StatusCode.OK:
-                raise from_rpc_error_parts(code, await call.details(), method)
-            if not wtask.done():
-                await wtask
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, method) from None
-        except asyncio.CancelledError:
-            call.cancel()
-            task = asyncio.current_task()
-            if cancel is not None and cancel.cancelled and not (task is not None and task.cancelling()):
-                # Cancelled through the token, not by cancelling this task: a typed error.
-                raise CancelledError("cancelled by the caller's CancelToken", method=method) from None
-            raise
-        finally:
-            if detach is not None:
-                detach()
-            if not wtask.done():
-                wtask.cancel()
-            try:
-                await wtask
-            except BaseException:  # the writer fails when the call does; the call's status says why
-                pass
-        return collector.finish(count, answered)
+        return await run_stream(self._stub, method, header, count, make_req, collector, window=window,
+                                timeout=timeout or self.options.stream_timeout, metadata=self._metadata,
+                                progress=progress, cancel=cancel, page_bytes=page_bytes)
 
     async def compress_pages(self, profile_digest: str, pages: Sequence, input_dtype: str, *,
                              return_page_metrics=False, label="", queries=None, window=None, timeout=None,

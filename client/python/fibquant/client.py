@@ -81,8 +81,11 @@ class Client:
                 token = f.read().strip()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         creds, opts = channel_args(tls_config(tls))
+        self._creds, self._opts = creds, opts
         self._channel = (grpc.secure_channel(target, creds, options=opts) if creds is not None
                          else grpc.insecure_channel(target, options=opts))
+        self._transport_lock = threading.Lock()
+        self._loop_transport: Optional[_LoopTransport] = None
         self._stub = pb_grpc.KvCompressionServiceStub(self._channel)
         self._health = self._channel.unary_unary(HEALTH_METHOD)
         self._profiles = _ProfileState()
@@ -90,6 +93,10 @@ class Client:
     # ---- lifecycle
 
     def close(self) -> None:
+        with self._transport_lock:
+            t, self._loop_transport = self._loop_transport, None
+        if t is not None:
+            t.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -250,50 +257,21 @@ class Client:
     def _stream(self, method: str, header, count: int, make_req, collector, *, window: Optional[int],
                 timeout: Optional[float], progress: Optional[ProgressFn], cancel: Optional[CancelToken],
                 page_bytes: Callable[[int], int]):
-        """One attempt of a pipelined stream (see the module doc)."""
+        """One attempt of a pipelined stream, run on the client's event-loop thread (grpc.aio): one
+        thread multiplexes every stream of the client, which costs far less per page than a gRPC
+        request thread plus a reader thread per stream. progress is called on that thread."""
+        from .aio import run_stream
         window = check_window(self.options.window if window is None else window)
-        cond = threading.Condition()
-        state = {"answered": 0, "stop": False}
+        t = self._transport()
+        return t.run(run_stream(t.stub, method, header, count, make_req, collector, window=window,
+                                timeout=timeout or self.options.stream_timeout, metadata=self._metadata,
+                                progress=progress, cancel=cancel, page_bytes=page_bytes))
 
-        def requests():
-            yield header
-            for i in range(count):
-                with cond:
-                    # Bounded waits: the thread also ends when the call dies without waking it.
-                    while not state["stop"] and i - state["answered"] >= window:
-                        cond.wait(0.25)
-                    if state["stop"]:
-                        return
-                yield make_req(i)
-
-        call = getattr(self._stub, method)(requests(), timeout=timeout or self.options.stream_timeout,
-                                           metadata=self._metadata)
-        detach = cancel.attach(call.cancel) if cancel is not None else None
-        done_bytes = 0
-        try:
-            for resp in call:
-                index = state["answered"]
-                try:
-                    is_page = collector.answer(resp, index)
-                except FibquantError:
-                    call.cancel()
-                    raise
-                if is_page:
-                    with cond:
-                        state["answered"] += 1
-                        cond.notify()
-                    if progress is not None:
-                        done_bytes += page_bytes(index)
-                        progress(Progress(index + 1, count, done_bytes))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, method) from None
-        finally:
-            with cond:
-                state["stop"] = True
-                cond.notify_all()
-            if detach is not None:
-                detach()
-        return collector.finish(count, state["answered"])
+    def _transport(self) -> "_LoopTransport":
+        with self._transport_lock:
+            if self._loop_transport is None:
+                self._loop_transport = _LoopTransport(self.target, self._creds, self._opts)
+            return self._loop_transport
 
     def compress_pages(self, profile_digest: str, pages: Sequence, input_dtype: str, *,
                        return_page_metrics: bool = False, label: str = "", queries=None,
@@ -381,6 +359,43 @@ class Client:
         r = self.decompress_pages(frames, dt, profile_digest=digest, window=window, timeout=timeout,
                                   progress=progress, cancel=cancel)
         return assemble(r, shp, lay, dt, lk, tpp, out)
+
+
+class _LoopTransport:
+    """An asyncio event loop on a daemon thread with a grpc.aio channel, for the sync client's streams.
+    run() blocks the calling thread until the coroutine finishes; KeyboardInterrupt (or any exception
+    in the waiting thread) cancels the coroutine, which cancels the gRPC call."""
+
+    def __init__(self, target, creds, opts):
+        import asyncio
+        import grpc.aio
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fibquant-streams", daemon=True)
+        self.thread.start()
+
+        async def make():
+            ch = (grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
+                  else grpc.aio.insecure_channel(target, options=opts))
+            return ch, pb_grpc.KvCompressionServiceStub(ch)
+        self.channel, self.stub = self.run(make())
+
+    def run(self, coro):
+        fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def close(self):
+        try:
+            self.run(self.channel.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 def evaluate_request(profiles, candidates, keys, values, queries, top_k):
