@@ -35,6 +35,18 @@ from .types import Codebook, ProfileInfo, QualityReport, Receipt, ServerInfo
 __all__ = ["AsyncClient"]
 
 
+def _quiet_poller_race():
+    """Installs (once per event loop) the filter for gRPC's benign cross-loop poller wakeup race, which
+    appears when sync Clients (whose streams run on their own loop) share the process with this loop."""
+    from .client import _ignore_poller_wakeup_race
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_ignore_poller_wakeup_race)
+
+
 async def run_stream(stub, method, header, count, make_req, collector, *, window, timeout, metadata, progress, cancel,
                      page_bytes):
     """One attempt of a pipelined stream on grpc.aio: a writer task sends the header and the items while at
@@ -116,6 +128,7 @@ class AsyncClient:
         creds, opts = channel_args(tls_config(tls))
         self._channel = (grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
                          else grpc.aio.insecure_channel(target, options=opts))
+        _quiet_poller_race()
         self._stub = pb_grpc.KvCompressionServiceStub(self._channel)
         self._health = self._channel.unary_unary(HEALTH_METHOD)
         self._held: dict = {}

@@ -361,24 +361,40 @@ class Client:
         return assemble(r, shp, lay, dt, lk, tpp, out)
 
 
-class _LoopTransport:
-    """An asyncio event loop on a daemon thread with a grpc.aio channel, for the sync client's streams.
-    run() blocks the calling thread until the coroutine finishes; KeyboardInterrupt (or any exception
-    in the waiting thread) cancels the coroutine, which cancels the gRPC call."""
+def _ignore_poller_wakeup_race(loop, context):
+    """gRPC's asyncio poller is one socket per process; when two event loops use grpc.aio (this
+    module's thread and an application's loop), each wakeup byte is read by one of them and the
+    other's read fails with EAGAIN. gRPC hands every event to the loop that owns its call, so the
+    failed read is harmless: drop exactly that report, pass everything else on."""
+    exc = context.get("exception")
+    if isinstance(exc, BlockingIOError) and "PollerCompletionQueue" in repr(context.get("handle", "")):
+        return
+    loop.default_exception_handler(context)
 
-    def __init__(self, target, creds, opts):
+
+class _LoopThread:
+    """One asyncio event loop on a daemon thread, shared by every sync Client of the process, which
+    runs their streams on grpc.aio. run() blocks the calling thread until the coroutine finishes;
+    KeyboardInterrupt (or any exception in the waiting thread) cancels the coroutine, which cancels
+    the gRPC call."""
+
+    _lock = threading.Lock()
+    _instance: "Optional[_LoopThread]" = None
+
+    @classmethod
+    def get(cls) -> "_LoopThread":
+        with cls._lock:
+            if cls._instance is None or not cls._instance.thread.is_alive():
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
         import asyncio
-        import grpc.aio
         self._asyncio = asyncio
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_ignore_poller_wakeup_race)
         self.thread = threading.Thread(target=self.loop.run_forever, name="fibquant-streams", daemon=True)
         self.thread.start()
-
-        async def make():
-            ch = (grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
-                  else grpc.aio.insecure_channel(target, options=opts))
-            return ch, pb_grpc.KvCompressionServiceStub(ch)
-        self.channel, self.stub = self.run(make())
 
     def run(self, coro):
         fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -388,14 +404,25 @@ class _LoopTransport:
             fut.cancel()
             raise
 
+
+class _LoopTransport:
+    """A client's grpc.aio channel and stub on the shared loop thread."""
+
+    def __init__(self, target, creds, opts):
+        import grpc.aio
+        self.loop_thread = _LoopThread.get()
+
+        async def make():
+            ch = (grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
+                  else grpc.aio.insecure_channel(target, options=opts))
+            return ch, pb_grpc.KvCompressionServiceStub(ch)
+        self.channel, self.stub = self.loop_thread.run(make())
+
+    def run(self, coro):
+        return self.loop_thread.run(coro)
+
     def close(self):
-        try:
-            self.run(self.channel.close())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            if not self.thread.is_alive():
-                self.loop.close()
+        self.loop_thread.run(self.channel.close())
 
 
 def evaluate_request(profiles, candidates, keys, values, queries, top_k):
