@@ -13,8 +13,9 @@ What it adds over the generated stub (as the C++ client, client/client.h, does):
   - profile recovery: specs registered through the client are kept, and a NOT_FOUND for one of
     their digests (a replica that never saw it, a lost data dir) re-registers the spec, checks the
     digest is unchanged and retries once (profiles are content-addressed);
-  - pipelined streams: up to `window` pages written and not yet answered; pages are produced on
-    gRPC's request thread while answers are read here, in input order (checked by sequence);
+  - pipelined streams: up to `window` pages written and not yet answered while answers are read, in
+    input order (checked by sequence); the streams of every Client run on one shared asyncio event
+    loop thread (grpc.aio), the calling thread waits for the result;
   - errors as FibquantError subclasses keeping the gRPC code and message (fibquant.errors).
 
 Thread safety: a Client may be shared by threads (each call has its own gRPC call; shared state is
