@@ -189,3 +189,23 @@ def test_profile_recovery_after_server_lost_its_data(workdir):
     finally:
         c.close()
         assert s.stop() == 0
+
+
+def test_stubs_generated_in_build_tree_and_match_runtime():
+    """The stubs come from the build (never committed) and protoc matches the protobuf runtime
+    (protoc 3.X pairs with Python protobuf 4.X / 3.X)."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import google.protobuf
+
+    build = os.environ.get("FQ_BUILD_DIR")
+    if build:
+        assert Path(fibquant.pb.__file__).resolve().is_relative_to(Path(build).resolve())
+    assert not (Path(__file__).resolve().parents[1] / "fibquant" / "v1").exists()
+    protoc = os.environ.get("FQ_PROTOC", "/usr/bin/protoc")
+    version = subprocess.run([protoc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert re.search(r"\d+\.(\d+)", version).group(1) == google.protobuf.__version__.split(".")[1], (
+        version, google.protobuf.__version__)
