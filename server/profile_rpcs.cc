@@ -1,0 +1,347 @@
+// Profile RPCs of KvCompressionServiceImpl: spec parsing, single-flight codebook builds, preload,
+// RegisterProfile, GetProfile, ListProfiles and GetCodebook.
+#include "server/service.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "core/codebook.h"
+#include "core/codec.h"
+#include "core/digest.h"
+#include "core/kv_codec.h"
+#include "core/kv_frame.h"
+#include "core/kv_profile.h"
+#include "core/kv_receipt.h"
+#include "core/status_macros.h"
+#include "server/metrics.h"
+#include "server/registry.h"
+#include "server/status_util.h"
+#include "server/worker_pool.h"
+#include <nlohmann/json.hpp>
+#include "server/service_internal.h"
+
+namespace fibquant::server {
+namespace {
+namespace v1 = ::fibquant::v1;
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace ::fibquant::server::internal;  // NOLINT(build/namespaces): this service's own internals
+}  // namespace
+
+absl::StatusOr<KvCompressionProfile> KvCompressionServiceImpl::ParseSpec(const v1::KvProfileSpec* structured,
+                                                                       const std::string* spec_json) const {
+  absl::StatusOr<KvCompressionProfile> p =
+      structured != nullptr ? KvCompressionProfile::FromSpecJson(SpecToJson(*structured))
+                            : KvCompressionProfile::FromSpecJson(*spec_json);
+  if (!p.ok()) return p.status();
+  FQ_RETURN_IF_ERROR(CheckBuildCost(*p, options_.max_profile_build_cost));
+  return p;
+}
+
+KvCompressionServiceImpl::BuildResult KvCompressionServiceImpl::BuildAndStore(KvCompressionProfile profile,
+                                                                             bool* inserted) {
+  builds_started_.fetch_add(1);
+  const auto t0 = Clock::now();
+  FQ_ASSIGN_OR_RETURN(std::shared_ptr<const KvCodec> codec, KvCodec::Build(std::move(profile), options_.build_threads));
+  const double seconds = SecondsSince(t0);
+  if (metrics_) metrics_->ObserveBuildSeconds(seconds);
+  ProfileEntry e;
+  e.digest = codec->profile_digest();
+  e.profile_json = codec->profile().ToJson();
+  e.codec = std::move(codec);
+  e.build_seconds = seconds;
+  e.build_threads = options_.build_threads == 0 ? static_cast<int>(std::thread::hardware_concurrency())
+                                                : options_.build_threads;
+  return registry_->Insert(std::move(e), inserted);
+}
+
+size_t KvCompressionServiceImpl::builds_in_flight() const {
+  absl::MutexLock lock(&spec_mu_);
+  return flights_.size();
+}
+
+size_t KvCompressionServiceImpl::build_waiters() const {
+  absl::MutexLock lock(&spec_mu_);
+  size_t n = 0;
+  for (const auto& [key, flight] : flights_) n += flight.waiters.size();
+  return n;
+}
+
+absl::Status KvCompressionServiceImpl::JoinFlight(const std::string& key, const grpc::ServerContextBase* ctx,
+                                                  BuildWaiter waiter, bool* lead) {
+  absl::MutexLock lock(&spec_mu_);
+  auto it = flights_.find(key);
+  *lead = it == flights_.end();
+  if (*lead) {
+    it = flights_.emplace(key, Flight{}).first;
+    if (metrics_) metrics_->SetBuildsInFlight(static_cast<int64_t>(flights_.size()));
+  } else if (it->second.waiters.size() >= options_.worker_queue_capacity) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        it->second.waiters.size(), " registrations already wait for the build of this spec "
+        "(worker_queue_capacity ", options_.worker_queue_capacity, "); retry later"));
+  }
+  it->second.waiters.push_back(Flight::Waiter{ctx, std::move(waiter)});
+  return absl::OkStatus();
+}
+
+void KvCompressionServiceImpl::RunFlight(const std::string& key, KvCompressionProfile profile,
+                                         const absl::Status& pool_status) {
+  if (!pool_status.ok()) {
+    FinishFlight(key, absl::UnavailableError("server is shutting down"), false);
+    return;
+  }
+  // Skip the build only if nobody is left to want it: one waiter's cancellation does not cancel
+  // the build the others wait for.
+  bool all_cancelled = false;
+  {
+    absl::MutexLock lock(&spec_mu_);
+    auto it = flights_.find(key);
+    all_cancelled = it != flights_.end() &&
+                    std::all_of(it->second.waiters.begin(), it->second.waiters.end(), [](const Flight::Waiter& w) {
+                      return w.ctx != nullptr && w.ctx->IsCancelled();
+                    });
+  }
+  if (all_cancelled) {
+    FinishFlight(key, absl::CancelledError("RegisterProfile cancelled before its build started"), false);
+    return;
+  }
+  // A flight started just after another build of this spec finished: nothing to build.
+  if (auto existing = FindSpec(profile)) {
+    FinishFlight(key, existing, false);
+    return;
+  }
+  if (absl::Status cap = registry_->CheckCapacity(); !cap.ok()) {
+    FinishFlight(key, cap, false);
+    return;
+  }
+  bool inserted = false;
+  BuildResult built = BuildAndStore(std::move(profile), &inserted);
+  FinishFlight(key, built, inserted);
+}
+
+void KvCompressionServiceImpl::FinishFlight(const std::string& key, const BuildResult& result, bool inserted) {
+  std::vector<Flight::Waiter> waiters;
+  {
+    absl::MutexLock lock(&spec_mu_);
+    if (result.ok()) spec_digests_[key] = (*result)->digest;
+    auto it = flights_.find(key);
+    if (it != flights_.end()) {
+      waiters = std::move(it->second.waiters);
+      flights_.erase(it);
+    }
+    if (metrics_) metrics_->SetBuildsInFlight(static_cast<int64_t>(flights_.size()));
+  }
+  for (size_t i = 0; i < waiters.size(); ++i) std::move(waiters[i].done)(result, i == 0 && inserted);
+}
+
+std::shared_ptr<const ProfileEntry> KvCompressionServiceImpl::FindSpec(const KvCompressionProfile& p) const {
+  std::string digest;
+  {
+    absl::MutexLock lock(&spec_mu_);
+    auto it = spec_digests_.find(SpecKey(p));
+    if (it == spec_digests_.end()) return nullptr;
+    digest = it->second;
+  }
+  auto e = registry_->Lookup(digest);
+  return e.ok() ? *e : nullptr;
+}
+
+absl::Status KvCompressionServiceImpl::PreloadDir(const std::string& dir) {
+  std::error_code ec;
+  std::vector<std::string> files;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    if (it->path().extension() == ".json" && it->is_regular_file(ec)) files.push_back(it->path().string());
+  }
+  if (ec) return absl::NotFoundError(absl::StrCat("cannot list preload dir ", dir, ": ", ec.message()));
+  std::sort(files.begin(), files.end());
+  absl::Status first;
+  for (const std::string& f : files) {
+    absl::Status s = [&]() -> absl::Status {
+      std::error_code fec;
+      const uint64_t size = fs::file_size(f, fec);
+      if (fec) return absl::InternalError(absl::StrCat("cannot stat: ", fec.message()));
+      if (size > kMaxPreloadFileBytes) {
+        return absl::ResourceExhaustedError(absl::StrCat("spec file is ", size, " bytes; the limit is ",
+                                                         kMaxPreloadFileBytes));
+      }
+      std::ifstream in(f, std::ios::binary);
+      std::stringstream ss;
+      ss << in.rdbuf();
+      const std::string text = ss.str();
+      FQ_ASSIGN_OR_RETURN(KvCompressionProfile p, ParseSpec(nullptr, &text));
+      if (FindSpec(p) != nullptr) return absl::OkStatus();
+      // Single-flight with RegisterProfile: build here, or wait for the build already running.
+      const std::string key = SpecKey(p);
+      absl::Notification done;
+      BuildResult result = absl::UnknownError("no result");
+      bool lead = false;
+      FQ_RETURN_IF_ERROR(JoinFlight(key, nullptr, [&](const BuildResult& r, bool /*inserted*/) {
+        result = r;
+        done.Notify();
+      }, &lead));
+      if (lead) RunFlight(key, std::move(p), absl::OkStatus());
+      done.WaitForNotification();
+      FQ_RETURN_IF_ERROR(result.status());
+      std::fprintf(stderr, "fibquant: preloaded %s as %s\n", f.c_str(), (*result)->digest.c_str());
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) {
+      std::fprintf(stderr, "fibquant: preload of %s failed: %s\n", f.c_str(), s.ToString().c_str());
+      if (first.ok()) first = Prefixed(s, absl::StrCat(f, ": "));
+    }
+  }
+  return first;
+}
+
+// ----- unary RPCs -----
+
+grpc::ServerUnaryReactor* KvCompressionServiceImpl::RegisterProfile(grpc::CallbackServerContext* ctx,
+                                                                    const v1::RegisterProfileRequest* req,
+                                                                    v1::RegisterProfileResponse* resp) {
+  auto* reactor = ctx->DefaultReactor();
+  const UnaryFinisher finish(metrics_, reactor, "RegisterProfile");
+  if (options_.authorize_admin) {
+    if (absl::Status auth = options_.authorize_admin(*ctx); !auth.ok()) {
+      finish(auth);
+      return reactor;
+    }
+  }
+  if (draining_.load()) {
+    finish(absl::UnavailableError("server is draining; registrations are refused"));
+    return reactor;
+  }
+  absl::StatusOr<KvCompressionProfile> profile;
+  if (req->has_structured()) {
+    profile = ParseSpec(&req->structured(), nullptr);
+  } else if (req->has_spec_json()) {
+    profile = ParseSpec(nullptr, &req->spec_json());
+  } else {
+    profile = absl::InvalidArgumentError("RegisterProfileRequest needs `structured` or `spec_json`");
+  }
+  if (!profile.ok()) {
+    finish(profile.status());
+    return reactor;
+  }
+  if (auto existing = FindSpec(*profile)) {
+    FillProfileInfo(*existing, resp->mutable_profile());
+    resp->set_already_registered(true);
+    finish(absl::OkStatus());
+    return reactor;
+  }
+  if (absl::Status cap = registry_->CheckCapacity(); !cap.ok()) {
+    finish(cap);
+    return reactor;
+  }
+  // Single-flight: this reactor finishes when the build of its spec does, whether this call
+  // started it or joined one in flight; no thread waits meanwhile.
+  const std::string key = SpecKey(*profile);
+  bool lead = false;
+  absl::Status joined = JoinFlight(key, ctx, [resp, finish](const BuildResult& entry, bool inserted) {
+    if (!entry.ok()) {
+      finish(entry.status());
+      return;
+    }
+    FillProfileInfo(**entry, resp->mutable_profile());
+    resp->set_already_registered(!inserted);
+    finish(absl::OkStatus());
+  }, &lead);
+  if (!joined.ok()) {
+    finish(joined);
+    return reactor;
+  }
+  if (!lead) return reactor;
+  // The build runs on the build pool. If it cannot be queued, the flight fails: this call and any
+  // registration that joined it meanwhile get the pool's error.
+  absl::Status submitted = build_pool_->Submit(
+      [this, key, p = *std::move(profile)](absl::Status pool_status) mutable {
+        RunFlight(key, std::move(p), pool_status);
+      });
+  if (!submitted.ok()) FinishFlight(key, submitted, false);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetProfile(grpc::CallbackServerContext* ctx,
+                                                               const v1::GetProfileRequest* req,
+                                                               v1::GetProfileResponse* resp) {
+  return UnaryNow(metrics_, ctx, "GetProfile", [&]() -> absl::Status {
+    FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
+    FillProfileInfo(*e, resp->mutable_profile());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KvCompressionServiceImpl::ListProfiles(grpc::CallbackServerContext* ctx,
+                                                                 const v1::ListProfilesRequest* req,
+                                                                 v1::ListProfilesResponse* resp) {
+  return UnaryNow(metrics_, ctx, "ListProfiles", [&]() -> absl::Status {
+    if (!req->page_token().empty() && !IsDigestString(req->page_token())) {
+      return absl::InvalidArgumentError("page_token is not a token returned by ListProfiles");
+    }
+    uint32_t n = req->page_size() == 0 ? kDefaultListPageSize : std::min(req->page_size(), kMaxListPageSize);
+    auto entries = registry_->List(req->page_token(), n + 1);
+    const bool more = entries.size() > n;
+    if (more) entries.resize(n);
+    for (const auto& e : entries) FillProfileInfo(*e, resp->add_profiles());
+    if (more && !entries.empty()) resp->set_next_page_token(entries.back()->digest);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackServerContext* ctx,
+                                                                const v1::GetCodebookRequest* req,
+                                                                v1::GetCodebookResponse* resp) {
+  return UnaryNow(metrics_, ctx, "GetCodebook", [&]() -> absl::Status {
+    FQ_ASSIGN_OR_RETURN(auto e, registry_->Lookup(req->digest()));
+    const auto& q = e->codec->quantizer();
+    if (!q) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("profile ", req->digest(), " uses axis_policy raw; it has no codebook"));
+    }
+    const Codebook& cb = q->codebook();
+    const Rotation& rot = q->rotation();
+    const uint64_t matrix_bytes = uint64_t{rot.dim()} * rot.dim() * sizeof(double);
+    const uint64_t codebook_bytes = cb.codewords().size() * sizeof(float);
+    if (codebook_bytes + (req->include_rotation_matrix() ? matrix_bytes : 0) + 4096 > options_.max_message_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the codebook", req->include_rotation_matrix() ? " and rotation matrix" : "", " need ",
+          codebook_bytes + (req->include_rotation_matrix() ? matrix_bytes : 0),
+          " bytes, above max_message_bytes ", options_.max_message_bytes,
+          req->include_rotation_matrix() ? "; regenerate the rotation from (algorithm, dim, seed) instead" : ""));
+    }
+    resp->set_profile_digest(e->digest);
+    resp->set_fibquant_profile_json(cb.profile().ToJson());
+    resp->set_fibquant_profile_digest(cb.profile_digest());
+    resp->set_codebook_digest(cb.digest());
+    resp->mutable_codewords()->Assign(cb.codewords().begin(), cb.codewords().end());
+    resp->set_codebook_size(cb.size());
+    resp->set_block_dim(cb.dim());
+    resp->set_wire_index_bits(cb.profile().wire_index_bits);
+    v1::RotationParams* rp = resp->mutable_rotation();
+    rp->set_algorithm(rot.algorithm());
+    rp->set_dim(rot.dim());
+    rp->set_seed(rot.seed());
+    rp->set_digest(rot.digest());
+    if (req->include_rotation_matrix()) rp->mutable_matrix()->Assign(rot.matrix().begin(), rot.matrix().end());
+    for (int8_t sgn : rot.signs()) rp->add_signs(sgn);
+    v1::ProfileInfo info;
+    FillProfileInfo(*e, &info);
+    *resp->mutable_build_stats() = info.build_stats();
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace fibquant::server
