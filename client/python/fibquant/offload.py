@@ -183,6 +183,12 @@ class KvOffloader:
                 blocks.append(self.store[h])
             except KeyError:
                 raise NotFoundError(f"block {h!r} was not offloaded (not in the store)", method="restore") from None
+        tpp = self.key_profile.tokens_per_page
+        for h, b in zip(hashes, blocks):
+            want = b.layers * b.kv_heads * (b.block_size // tpp)
+            if len(b.key_frames) != want or len(b.value_frames) != want:
+                raise DataLossError(f"block {h!r}: {len(b.key_frames)} key and {len(b.value_frames)} value frames, "
+                                    f"expected {want} each")
         frames, where = [], []
         for i, b in enumerate(blocks):
             for role, fs in ((0, b.key_frames), (1, b.value_frames)):
@@ -193,7 +199,13 @@ class KvOffloader:
         if not frames:
             return result
         r = self.client.decompress_pages(frames, dtype, window=self.window, timeout=self.timeout, cancel=cancel)
+        seen = set()
         for (i, role), c, data, digest in zip(where, r.coordinates, r.data, r.profile_digests):
+            # Each block's frames are checked to cover it exactly: the right count (above), every page
+            # inside the block (place) and no page twice (here).
+            if (i, role, c) in seen:
+                raise DataLossError(f"block {hashes[i]!r}: page {c} appears twice")
+            seen.add((i, role, c))
             want = self.key_profile.digest if role == 0 else self.value_profile.digest
             if digest != want:
                 raise DataLossError(f"block {hashes[i]!r}: a {'key' if role == 0 else 'value'} frame belongs to "
@@ -257,8 +269,10 @@ class KvOffloader:
                 raise InvalidArgumentError(f"block id {bid} outside [0, {nb})")
         stored = [self.store.get(h) for h in block_hashes]
         for h, b in zip(block_hashes, stored):
-            if b is not None and b.block_size != bs:
-                raise InvalidArgumentError(f"block {h!r} has block_size {b.block_size}, the cache {bs}")
+            if b is not None and (b.block_size, b.layers, b.kv_heads, b.head_dim) != (bs, len(writers), H, D):
+                raise InvalidArgumentError(
+                    f"block {h!r} holds {b.layers} layers x {b.kv_heads} heads x {b.block_size} tokens x head_dim "
+                    f"{b.head_dim}; the cache has {len(writers)} x {H} x {bs} x {D}")
 
         def place(i, role, c, data):
             l, hd, off, n = self._check_page(stored[i], block_hashes[i], c, len(writers), H)

@@ -128,3 +128,26 @@ def test_paged_offload_restore_into_other_blocks(client, offloader_profiles, kin
     assert hf[1][1][0, :, BS:2 * BS].tobytes() == np.ascontiguousarray(as_np[1][2, 1].transpose(1, 0, 2)).tobytes()
     with pytest.raises(fibquant.InvalidArgumentError):
         off.offload_paged(caches, [99], ["z"])
+
+
+def test_tampered_store_is_data_loss(client, offloader_profiles):
+    import dataclasses
+    kp, vp = offloader_profiles["f16"]
+    off = fibquant.KvOffloader(client, kp, vp)
+    off.offload_hf(hf_cache("f16"), ["b0", "b1", "b2", "b3"])
+    b = off.store["b1"]
+    cache = [np.zeros((4, 2, BS, H, D), np.float16) for _ in range(L)]
+    off.store["dup"] = dataclasses.replace(b, key_frames=(b.key_frames[0],) * len(b.key_frames))
+    with pytest.raises(fibquant.DataLossError, match="appears twice"):
+        off.restore_paged(cache, [0], ["dup"])
+    off.store["moved"] = dataclasses.replace(b, position=b.position + 1)  # frames outside the block now
+    with pytest.raises(fibquant.DataLossError, match="outside the block"):
+        off.restore_paged(cache, [0], ["moved"])
+    off.store["short"] = dataclasses.replace(b, value_frames=b.value_frames[:-1])
+    with pytest.raises(fibquant.DataLossError, match="expected"):
+        off.restore_hf(["short"])
+    off.store["swapped"] = dataclasses.replace(b, key_frames=b.value_frames, value_frames=b.key_frames)
+    with pytest.raises(fibquant.DataLossError, match="belongs to profile"):
+        off.restore_hf(["swapped"])
+    with pytest.raises(fibquant.InvalidArgumentError, match="the cache has"):
+        off.restore_paged([np.zeros((4, 2, BS, H, D), np.float16)], [0], ["b1"])  # 1 layer, block has 2
