@@ -38,7 +38,9 @@ def test_unary_rpcs(client, profiles):
     assert {p.digest for p in profiles.values()} <= {p.digest for p in listed}
     cb = client.get_codebook(info.digest)
     assert cb.codebook_size == 16 and cb.block_dim == 2 and cb.codewords_array().shape == (16, 2)
-    assert cb.rotation is not None and cb.rotation.dim == 64
+    assert cb.rotation is not None and cb.rotation.dim == 64 and not cb.rotation.matrix
+    m = np.asarray(client.get_codebook(info.digest, include_rotation_matrix=True).rotation.matrix).reshape(64, 64)
+    assert np.allclose(m @ m.T, np.eye(64), atol=1e-9)  # a rotation: orthogonal
     si = client.get_server_info()
     assert "f16" in si.dtypes and si.limits.max_inflight_pages_per_stream >= 1 and si.registered_profiles >= 3
     assert client.check_health("") and client.check_health("fibquant.v1.KvCompressionService")
