@@ -97,6 +97,9 @@ async def run_stream(stub, method, header, count, make_req, collector, *, window
             # Cancelled through the token, not by cancelling this task: a typed error.
             raise CancelledError("cancelled by the caller's CancelToken", method=method) from None
         raise
+    except BaseException:  # e.g. a progress callback that raised: end the call, then report that
+        call.cancel()
+        raise
     finally:
         if detach is not None:
             detach()

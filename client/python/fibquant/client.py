@@ -398,6 +398,10 @@ class _LoopThread:
         self.thread.start()
 
     def run(self, coro):
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise InvalidArgumentError("a sync Client stream was started from a progress callback (which runs on "
+                                       "the client's event-loop thread); start it from another thread")
         fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result()

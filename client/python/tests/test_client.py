@@ -162,6 +162,22 @@ def test_progress_window_and_deadline(client, profiles):
     assert e.value.code.name == "DEADLINE_EXCEEDED" and isinstance(e.value, TimeoutError)
     with pytest.raises(fibquant.InvalidArgumentError):
         client.compress(k, info, window=0)
+    # A progress callback that raises ends the stream with its exception.
+    def boom(p):
+        if p.pages_done == 3:
+            raise RuntimeError("stop here")
+    with pytest.raises(RuntimeError, match="stop here"):
+        client.compress(k, info, progress=boom)
+    # Streams cannot be started from a progress callback (it runs on the streams' thread).
+    nested = []
+    def start_stream(p):
+        if p.pages_done == 1:
+            try:
+                client.compress(k, info)
+            except fibquant.InvalidArgumentError as e:
+                nested.append(e)
+    client.compress(k, info, progress=start_stream)
+    assert nested and "progress callback" in nested[0].message
 
 
 def test_profile_recovery_after_server_lost_its_data(workdir):
