@@ -7,7 +7,7 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import grpc
 import numpy as np

@@ -3,7 +3,7 @@ request construction and answer checking (order by sequence numbers, one receipt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 

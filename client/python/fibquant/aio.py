@@ -12,7 +12,7 @@ Thread safety: use a client from the event loop that created it.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -29,7 +29,7 @@ from ._stubs import pb, pb_grpc
 from .client import evaluate_request
 from .errors import CancelledError, FailedPreconditionError, FibquantError, InvalidArgumentError, NotFoundError, UnavailableError
 from .errors import error_from_code as from_rpc_error_parts, from_rpc_error
-from .tensors import ELEMENT_SIZE, check_dtype
+from .tensors import ELEMENT_SIZE
 from .types import Codebook, ProfileInfo, QualityReport, Receipt, ServerInfo
 
 __all__ = ["AsyncClient"]

@@ -15,7 +15,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import xxhash
 

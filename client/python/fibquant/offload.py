@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any, Hashable, MutableMapping, Optional, Sequence, Union
+from typing import Hashable, MutableMapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ._common import CancelToken
 from .errors import DataLossError, InvalidArgumentError, NotFoundError
-from .tensors import ELEMENT_SIZE, PageSource, as_numpy, is_torch, np_dtype
+from .tensors import PageSource, as_numpy, is_torch, np_dtype
 from .types import ProfileInfo, Receipt
 
 

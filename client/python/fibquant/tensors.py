@@ -14,7 +14,7 @@ head) from token 0 in steps of tokens_per_page, ordered batch, layer, head, toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import numpy as np
 

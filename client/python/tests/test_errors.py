@@ -78,7 +78,6 @@ def _free_port() -> int:
 
 
 def test_server_down_is_unavailable():
-    retries = []
     with fibquant.Client(f"127.0.0.1:{_free_port()}", max_attempts=2, initial_backoff=0.05) as c:
         with pytest.raises(fibquant.UnavailableError) as e:
             c.get_server_info()
