@@ -1,0 +1,317 @@
+"""Typed results: frozen dataclasses built from the fibquant.v1 response messages.
+
+Each has `from_proto(msg)`; the message itself stays available as `.proto` (not compared, not in
+repr) for fields a newer server adds. Optional proto3 fields that are unset are None. DType enums
+are given by name ("f32", "f16", "bf16").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from ._stubs import pb
+
+_DTYPE_NAMES = {pb.DTYPE_F32: "f32", pb.DTYPE_F16: "f16", pb.DTYPE_BF16: "bf16"}
+
+
+def _value(msg, name: str, nested: dict, optional: tuple):
+    if name in nested:
+        sub = getattr(msg, name)
+        conv = nested[name]
+        if isinstance(conv, tuple):  # repeated message
+            return tuple(conv[0].from_proto(m) for m in sub)
+        if not msg.HasField(name):
+            return None
+        return conv.from_proto(sub)
+    if name in optional and not msg.HasField(name):
+        return None
+    v = getattr(msg, name)
+    if hasattr(v, "__len__") and not isinstance(v, (str, bytes)):
+        return tuple(v)
+    return v
+
+
+class _FromProto:
+    _nested: ClassVar[dict] = {}
+    _optional: ClassVar[tuple] = ()
+
+    @classmethod
+    def from_proto(cls, msg):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "proto":
+                continue
+            kwargs[f.name] = _value(msg, f.name, cls._nested, cls._optional)
+        obj = cls(**kwargs)
+        object.__setattr__(obj, "proto", msg)
+        return obj
+
+
+def _proto_field():
+    return field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class BuildStats(_FromProto):
+    seconds: float
+    threads: int
+    init_mse: float
+    training_mse: float
+    best_restart: int
+    empty_cells_repaired: int
+    cost: int
+    loaded_from_disk: bool
+    proto: Any = _proto_field()
+
+
+@dataclass(frozen=True)
+class ProfileInfo(_FromProto):
+    digest: str
+    profile_id: str
+    profile_json: str
+    fibquant_profile_digest: str
+    codebook_digest: str
+    rotation_digest: str
+    head_dim: int
+    block_dim: int
+    codebook_size: int
+    wire_index_bits: int
+    code_bytes_per_vector: int
+    paper_bits_per_coord: float
+    wire_bits_per_coord: float
+    rotation_algorithm: str
+    build_stats: Optional[BuildStats]
+    registered_unix_seconds: int
+    already_registered: bool = False
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"build_stats": BuildStats}
+
+    @classmethod
+    def from_proto(cls, msg, already_registered: bool = False):
+        obj = super().from_proto.__func__(cls, _WithDefault(msg, already_registered=already_registered))
+        object.__setattr__(obj, "proto", msg)
+        return obj
+
+    @property
+    def profile(self) -> dict:
+        """The full validated KV profile (the KV layer's canonical JSON) as a dict."""
+        return json.loads(self.profile_json)
+
+    @property
+    def tokens_per_page(self) -> int:
+        return int(self.profile["page_geometry"]["tokens_per_page"])
+
+    @property
+    def shape(self) -> dict:
+        return self.profile["shape"]
+
+    @property
+    def dtype(self) -> str:
+        return self.shape["dtype"]
+
+    @property
+    def role(self) -> str:
+        return self.shape["role"]
+
+
+class _WithDefault:
+    """A message proxy that answers extra attributes (fields of the result not in the message)."""
+
+    def __init__(self, msg, **extra):
+        self._msg = msg
+        self._extra = extra
+
+    def __getattr__(self, name):
+        if name in self._extra:
+            return self._extra[name]
+        return getattr(self._msg, name)
+
+    def HasField(self, name):  # noqa: N802 (protobuf's name)
+        return self._msg.HasField(name)
+
+
+@dataclass(frozen=True)
+class RotationParams(_FromProto):
+    algorithm: str
+    dim: int
+    seed: int
+    digest: str
+    matrix: tuple
+    signs: tuple
+    proto: Any = _proto_field()
+
+
+@dataclass(frozen=True)
+class Codebook(_FromProto):
+    profile_digest: str
+    fibquant_profile_json: str
+    fibquant_profile_digest: str
+    codebook_digest: str
+    codewords: tuple
+    codebook_size: int
+    block_dim: int
+    wire_index_bits: int
+    rotation: Optional[RotationParams]
+    build_stats: Optional[BuildStats]
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"rotation": RotationParams, "build_stats": BuildStats}
+
+    def codewords_array(self):
+        """Codewords as a float32 numpy array [codebook_size, block_dim]."""
+        import numpy as np
+
+        return np.asarray(self.proto.codewords, dtype=np.float32).reshape(self.codebook_size, self.block_dim)
+
+
+@dataclass(frozen=True)
+class PageCoordinates(_FromProto):
+    batch: int
+    layer: int
+    kv_head: int
+    token_start: int
+    token_count: int
+    proto: Any = _proto_field()
+
+    def key(self) -> tuple:
+        return (self.batch, self.layer, self.kv_head, self.token_start, self.token_count)
+
+
+@dataclass(frozen=True)
+class PageMetrics(_FromProto):
+    mse: float
+    cosine_similarity: float
+    compressed_vectors: int
+    raw_vectors: int
+    key_logit_mse: Optional[float]
+    attention_tv: Optional[float]
+    attention_kl: Optional[float]
+    topk_disagreement: Optional[float]
+    value_aggregation_mse: Optional[float]
+    query_source: str
+    raw_reasons: tuple
+    proto: Any = _proto_field()
+    _optional: ClassVar[tuple] = ("key_logit_mse", "attention_tv", "attention_kl", "topk_disagreement",
+                                  "value_aggregation_mse")
+
+
+@dataclass(frozen=True)
+class CompressedPage(_FromProto):
+    sequence: int
+    client_sequence: int
+    coordinates: PageCoordinates
+    frame: bytes
+    frame_digest: str
+    metrics: Optional[PageMetrics]
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"coordinates": PageCoordinates, "metrics": PageMetrics}
+
+
+@dataclass(frozen=True)
+class DecodedPage(_FromProto):
+    sequence: int
+    client_sequence: int
+    profile_digest: str
+    coordinates: PageCoordinates
+    data: bytes
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"coordinates": PageCoordinates}
+
+
+@dataclass(frozen=True)
+class Receipt(_FromProto):
+    receipt_id: str
+    operation: str
+    profile_digest: str
+    pages: int
+    compressed_vectors: int
+    raw_vectors: int
+    input_bytes: int
+    output_bytes: int
+    compression_ratio: float
+    fallback_reasons: tuple
+    receipt_json: str
+    receipt_digest: str
+    recorded_unix_seconds: int
+    label: str
+    persisted: bool
+    proto: Any = _proto_field()
+
+    @property
+    def document(self) -> dict:
+        """The KV layer's receipt document as a dict."""
+        return json.loads(self.receipt_json) if self.receipt_json else {}
+
+    def to_json(self) -> str:
+        """The proto3 JSON form (lowerCamelCase, every field), as the CLI writes into `.fqc` files."""
+        from google.protobuf import json_format
+
+        return json.dumps(json_format.MessageToDict(self.proto, including_default_value_fields=True),
+                          separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ServerLimits(_FromProto):
+    max_message_bytes: int
+    max_page_bytes: int
+    max_inflight_pages_per_stream: int
+    max_concurrent_streams: int
+    max_profile_build_cost: int
+    receipt_retention: int
+    max_profiles: int
+    worker_threads: int
+    worker_queue_capacity: int
+    max_eval_values: int
+    build_workers: int
+    build_threads: int
+    proto: Any = _proto_field()
+
+
+@dataclass(frozen=True)
+class ServerInfo(_FromProto):
+    version: str
+    frame_formats: tuple
+    rotation_algorithms: tuple
+    axis_policies: tuple
+    dtypes: tuple
+    limits: Optional[ServerLimits]
+    registered_profiles: int
+    stored_receipts: int
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"limits": ServerLimits}
+
+    @classmethod
+    def from_proto(cls, msg):
+        obj = super().from_proto.__func__(cls, msg)
+        object.__setattr__(obj, "dtypes", tuple(_DTYPE_NAMES.get(d, str(d)) for d in msg.dtypes))
+        return obj
+
+
+@dataclass(frozen=True)
+class QualityMetrics(_FromProto):
+    reconstruction_mse: float
+    cosine_similarity: float
+    key_logit_mse: Optional[float]
+    attention_tv: Optional[float]
+    attention_kl: Optional[float]
+    topk_disagreement: Optional[float]
+    value_aggregation_mse: Optional[float]
+    query_source: str
+    proto: Any = _proto_field()
+    _optional: ClassVar[tuple] = ("key_logit_mse", "attention_tv", "attention_kl", "topk_disagreement",
+                                  "value_aggregation_mse")
+
+
+@dataclass(frozen=True)
+class QualityReport(_FromProto):
+    profile_digest: str
+    profile_id: str
+    metrics: Optional[QualityMetrics]
+    within_budget: bool
+    violations: tuple
+    wire_bits_per_coord: float
+    compression_ratio: float
+    report_json: str
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"metrics": QualityMetrics}
