@@ -107,7 +107,7 @@ TEST(KvRecommend, RanksCalibratedCandidatesAndMarksTheBest) {
   ASSERT_TRUE(p.ok()) << p.status();
   if (best.candidate.calibrated) {
     EXPECT_EQ(p->calibration_digest, rec->calibration.digest);
-    auto codec = KvCodec::Build(*p, 1, std::make_shared<const KvCalibration>(rec->calibration));
+    auto codec = KvCodec::Build(*p, 1, nullptr, std::make_shared<const KvCalibration>(rec->calibration));
     EXPECT_TRUE(codec.ok()) << codec.status();
   }
 }
