@@ -186,15 +186,16 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
     }
   }
   h.flags = GetU16(p + 6);
+  // A version-2 flag in a version-1 frame: named as such (it is a reserved bit there).
+  if (h.version == 1 && (h.flags & ~kKvFrameV1Flags)) {
+    return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set bits a version-1 frame cannot carry"));
+  }
   // One encoding per frame: a writer uses version 2 only for a version-2 flag.
   if (h.version == 2 && (h.flags & ~kKvFrameKnownFlagsV1) == 0) {
     return absl::DataLossError("frame version 2 without a version-2 flag (such a frame is version 1)");
   }
   if (h.flags & ~(h.version == 1 ? kKvFrameKnownFlagsV1 : kKvFrameKnownFlags)) {
     return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set reserved bits"));
-  }
-  if (h.version == 1 && (h.flags & ~kKvFrameV1Flags)) {
-    return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set bits a version-1 frame cannot carry"));
   }
   if (p[8] > 2) return absl::DataLossError(absl::StrCat("frame raw_dtype ", int{p[8]}, " is not 0 (f32), 1 (f16) or 2 (bf16)"));
   h.raw_dtype = static_cast<DType>(p[8]);

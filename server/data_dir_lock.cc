@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -36,11 +37,18 @@ std::string HolderPid(int fd) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DataDirLock>> DataDirLock::Acquire(const std::string& data_dir) {
+  // The data dir is created 0700 like the registry's (docs/OPERATIONS.md, "Data directory
+  // permissions"): the lock is taken before the registry opens, so it creates the directory first.
   std::error_code ec;
-  std::filesystem::create_directories(data_dir, ec);
-  if (ec) return ErrnoStatus(ec.value(), absl::StrCat("--data-dir=", data_dir, ": cannot create"));
-  std::string path = (std::filesystem::path(data_dir) / "LOCK").string();
-  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  const std::filesystem::path root(data_dir);
+  if (!std::filesystem::exists(root, ec)) {
+    if (root.has_parent_path()) std::filesystem::create_directories(root.parent_path(), ec);
+    if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) {
+      return ErrnoStatus(errno, absl::StrCat("--data-dir=", data_dir, ": cannot create"));
+    }
+  }
+  std::string path = (root / "LOCK").string();
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0) return ErrnoStatus(errno, absl::StrCat("--data-dir: cannot open ", path));
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;

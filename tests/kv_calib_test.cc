@@ -284,6 +284,8 @@ TEST(KvCentering, CorruptCenteredFrames) {
     std::string f = b.frames[0];
     f.erase(f.size() - kKvFrameChecksumBytes - kDim * 4, kDim * 4);
     f[6] = static_cast<char>(f[6] & ~kKvFrameFlagCentered);
+    f[4] = 1;  // no version-2 flag left: a well-formed frame is version 1 (ParseKvFrame's rule)
+    f[5] = 0;
     ResealFrame(&f);
     EXPECT_EQ(decode(f).code(), StatusCode::kDataLoss);
     EXPECT_NE(decode(f).message().find("centered bit"), std::string::npos) << decode(f);

@@ -95,17 +95,20 @@ class ServerProcess {
     for (auto& a : argv_store) argv.push_back(a.data());
     argv.push_back(nullptr);
     const std::string log = log_path_.string();
+    // Truncated here, before the fork: truncating in the child raced with WaitForPort, which could
+    // read the "serving" line of the previous server run with the same log dir and signal the new
+    // child before it had blocked SIGTERM.
+    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     pid_ = fork();
     if (pid_ == 0) {
-      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       if (fd >= 0) {
-        dup2(fd, 1);
+        dup2(fd, 1);  // dup2 clears O_CLOEXEC on the copies
         dup2(fd, 2);
-        close(fd);
       }
       execv(argv[0], argv.data());
       _exit(127);
     }
+    if (fd >= 0) close(fd);
   }
 
   // Waits until the server logs its "serving ... on host:port" line and returns the port, or
