@@ -122,7 +122,7 @@ absl::StatusOr<std::string> BuildKvFrame(const KvFrameHeader& h, absl::Span<cons
   std::string out;
   out.reserve(s.total);
   out.append(reinterpret_cast<const char*>(kKvFrameMagic.data()), 4);
-  PutU16(&out, (h.flags & ~kKvFrameKnownFlagsV1) != 0 ? uint16_t{2} : uint16_t{1});
+  PutU16(&out, (h.flags & ~kKvFrameV1Flags) != 0 ? uint16_t{2} : uint16_t{1});
   PutU16(&out, h.flags);
   out.push_back(static_cast<char>(h.raw_dtype));
   out.push_back(static_cast<char>(h.axis_policy));
@@ -172,12 +172,15 @@ absl::StatusOr<KvFrameView> ParseKvFrame(absl::Span<const uint8_t> f, const KvFr
     }
   }
   h.flags = GetU16(p + 6);
-  // One encoding per frame: a writer uses version 2 only for a version-2 flag.
-  if (h.version == 2 && (h.flags & ~kKvFrameKnownFlagsV1) == 0) {
-    return absl::DataLossError("frame version 2 without a version-2 flag (such a frame is version 1)");
-  }
-  if (h.flags & ~(h.version == 1 ? kKvFrameKnownFlagsV1 : kKvFrameKnownFlags)) {
+  if (h.flags & ~kKvFrameKnownFlags) {
     return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set reserved bits"));
+  }
+  if (h.version == 1 && (h.flags & ~kKvFrameV1Flags)) {
+    return absl::DataLossError(absl::StrCat("frame flags 0x", absl::Hex(h.flags), " set bits a version-1 frame cannot carry"));
+  }
+  // One encoding per frame: a writer uses version 2 only for a version-2 flag.
+  if (h.version == 2 && (h.flags & ~kKvFrameV1Flags) == 0) {
+    return absl::DataLossError("frame version 2 without a version-2 flag (such a frame is version 1)");
   }
   if (p[8] > 2) return absl::DataLossError(absl::StrCat("frame raw_dtype ", int{p[8]}, " is not 0 (f32), 1 (f16) or 2 (bf16)"));
   h.raw_dtype = static_cast<DType>(p[8]);

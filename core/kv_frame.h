@@ -34,7 +34,7 @@ inline constexpr size_t kKvFrameChecksumBytes = 8;
 // version 1 unless a version-2 flag is set, so unauthenticated frames keep their version-1 bytes.
 inline constexpr uint16_t kKvFrameFlagChannelAxis = 1u << 0;
 inline constexpr uint16_t kKvFrameFlagAuthenticated = 1u << 2;
-inline constexpr uint16_t kKvFrameKnownFlagsV1 = kKvFrameFlagChannelAxis;
+inline constexpr uint16_t kKvFrameV1Flags = kKvFrameFlagChannelAxis;
 inline constexpr uint16_t kKvFrameKnownFlags = kKvFrameFlagChannelAxis | kKvFrameFlagAuthenticated;
 inline constexpr size_t kKvFrameTagBytes = 32;
 
