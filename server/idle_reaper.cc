@@ -1,6 +1,7 @@
 #include "server/idle_reaper.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace fibquant::server {
 
@@ -15,9 +16,11 @@ IdleReaper::~IdleReaper() {
 }
 
 uint64_t IdleReaper::Register(grpc::ServerContextBase* ctx) {
+  auto watch = std::make_shared<Watch>();
+  watch->ctx = ctx;
   absl::MutexLock lock(&mu_);
   const uint64_t id = next_id_++;
-  entries_.emplace(id, Entry{ctx, absl::Now()});
+  entries_.emplace(id, Entry{std::move(watch), absl::Now()});
   return id;
 }
 
@@ -28,8 +31,16 @@ void IdleReaper::Touch(uint64_t id) {
 }
 
 void IdleReaper::Unregister(uint64_t id) {
-  absl::MutexLock lock(&mu_);
-  entries_.erase(id);
+  std::shared_ptr<Watch> watch;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(id);
+    if (it == entries_.end()) return;
+    watch = std::move(it->second.watch);
+    entries_.erase(it);
+  }
+  std::lock_guard<std::recursive_mutex> hold(watch->m);  // waits for a TryCancel in progress
+  watch->done = true;
 }
 
 size_t IdleReaper::watched() const {
@@ -43,11 +54,19 @@ void IdleReaper::Run() {
   const absl::Duration period = std::min(absl::Seconds(1), timeout_ / 4);
   while (!stop_.WaitForNotificationWithTimeout(period)) {
     const absl::Time now = absl::Now();
-    absl::MutexLock lock(&mu_);
-    for (auto& [id, e] : entries_) {
-      if (e.cancelled || now - e.last < timeout_) continue;
-      e.cancelled = true;
-      e.ctx->TryCancel();
+    std::vector<std::shared_ptr<Watch>> stale;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [id, e] : entries_) {
+        if (e.cancelled || now - e.last < timeout_) continue;
+        e.cancelled = true;
+        stale.push_back(e.watch);
+      }
+    }
+    for (const auto& w : stale) {
+      std::lock_guard<std::recursive_mutex> hold(w->m);
+      if (w->done) continue;
+      w->ctx->TryCancel();
       reaped_.fetch_add(1);
       if (on_reap_) on_reap_();
     }

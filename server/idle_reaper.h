@@ -7,8 +7,9 @@
 // everything it holds through the normal cancellation path.
 //
 // Ownership: one IdleReaper per service. A watched call registers after it starts and unregisters
-// in its OnDone (before its ServerContext goes away); the reaper calls TryCancel only under its
-// mutex, so it never touches a context after Unregister returned.
+// in its OnDone (before its ServerContext goes away); the reaper calls TryCancel only while holding
+// the call's own (recursive) lock and after checking it was not unregistered, so it never touches
+// a context after Unregister returned, and never holds the reaper's lock across TryCancel.
 // Thread safety: every method may be called from any thread.
 #ifndef FIBQUANT_SERVER_IDLE_REAPER_H_
 #define FIBQUANT_SERVER_IDLE_REAPER_H_
@@ -17,6 +18,8 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
@@ -30,7 +33,7 @@ namespace fibquant::server {
 class IdleReaper {
  public:
   // `timeout` <= 0 disables reaping (Register still works, nothing is ever cancelled).
-  // `on_reap` (optional) runs once per reaped call, under the reaper's lock: keep it cheap.
+  // `on_reap` (optional) runs once per reaped call, on the reaper thread.
   explicit IdleReaper(absl::Duration timeout, std::function<void()> on_reap = nullptr);
   ~IdleReaper();  // stops and joins the thread
   IdleReaper(const IdleReaper&) = delete;
@@ -45,8 +48,16 @@ class IdleReaper {
   absl::Duration timeout() const { return timeout_; }
 
  private:
-  struct Entry {
+  // The context of a watched call, guarded by a recursive mutex: the reaper holds it across
+  // TryCancel (so Unregister on another thread waits and the context stays alive), and a callback
+  // gRPC might run inline inside TryCancel may re-enter Unregister on the same thread.
+  struct Watch {
+    std::recursive_mutex m;
     grpc::ServerContextBase* ctx;
+    bool done = false;  // under m
+  };
+  struct Entry {
+    std::shared_ptr<Watch> watch;
     absl::Time last;
     bool cancelled = false;
   };

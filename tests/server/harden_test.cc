@@ -15,6 +15,8 @@
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "core/kv_frame.h"
+#include "core/kv_frame_auth.h"
 #include "server/metrics.h"
 #include "server/registry.h"
 #include "server/service.h"
@@ -416,6 +418,66 @@ TEST_F(HardenService, EmptyStreamsDoNotEvictReceipts) {
   EXPECT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(Receipts().size(), 1u);
   EXPECT_TRUE(fs::exists(fs::path(data_dir_) / "receipts" / (real + ".json")));
+}
+
+// Issue 14 item 6 at the service: with frame keys, CompressPages returns sealed frames (and its
+// frame_digest covers the sealed bytes), DecompressPages decodes them, and refuses with DATA_LOSS
+// an unsealed frame, a frame sealed with another key, and a sealed frame changed and resealed
+// (checksum recomputed) as an attacker without the key would.
+TEST_F(HardenService, FrameKeysSealAndOnlySealedFramesDecode) {
+  auto ring = KvFrameKeyRing::FromKeys({KvFrameKey{4, std::string(32, 'q')}});
+  ASSERT_TRUE(ring.ok());
+  auto shared = std::make_shared<const KvFrameKeyRing>(*std::move(ring));
+  options_.frame_keys = [shared] { return shared; };
+  Start();
+  const std::string digest = Register(SmallSpec("harden.keys"));
+  const std::string frame = CompressOne(digest, 16, 64);
+  auto view = ParseKvFrame(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(frame.data()), frame.size()));
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_TRUE(view->header.authenticated());
+  EXPECT_EQ(view->header.key_id, 4);
+  auto decode = [&](const std::string& f) {
+    grpc::ClientContext ctx;
+    auto stream = stub_->DecompressPages(&ctx);
+    v1::DecompressPagesRequest req;
+    req.mutable_header()->set_output_dtype(v1::DTYPE_F32);
+    stream->Write(req);
+    req.Clear();
+    req.mutable_frame()->set_frame(f);
+    stream->Write(req);
+    stream->WritesDone();
+    v1::DecompressPagesResponse out;
+    while (stream->Read(&out)) {
+    }
+    return stream->Finish();
+  };
+  EXPECT_TRUE(decode(frame).ok());
+  auto reseal = [](std::string f) {
+    const uint64_t sum = KvFrameChecksum(
+        absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(f.data()), f.size() - kKvFrameChecksumBytes));
+    for (int i = 0; i < 8; ++i) f[f.size() - 8 + i] = static_cast<char>((sum >> (8 * i)) & 0xFF);
+    return f;
+  };
+  std::string changed = frame;
+  changed[kKvFrameHeaderBytes + 5] ^= 0x10;  // a code byte
+  auto other = KvFrameKeyRing::FromKeys({KvFrameKey{4, std::string(32, 'x')}});
+  ASSERT_TRUE(other.ok());
+  // The unsealed form of the same page: strip the flag, key id and tag.
+  std::string plain = frame.substr(0, frame.size() - kKvFrameChecksumBytes - kKvFrameTagBytes) + std::string(8, '\0');
+  plain[4] = 1;
+  plain[6] = static_cast<char>(plain[6] & ~kKvFrameFlagAuthenticated);
+  plain[10] = 0;
+  plain[11] = 0;
+  plain = reseal(plain);
+  auto resealed_other = SealKvFrame(
+      absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(plain.data()), plain.size()), *other);
+  ASSERT_TRUE(resealed_other.ok()) << resealed_other.status();
+  for (const auto& [what, f] : std::vector<std::pair<std::string, std::string>>{
+           {"changed and resealed", reseal(changed)}, {"unsealed", plain},
+           {"sealed with another key", *resealed_other}}) {
+    grpc::Status st = decode(f);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::DATA_LOSS) << what << ": " << st.error_message();
+  }
 }
 
 constexpr char kAdmin[] = "harden-admin-token-0123456789";

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <filesystem>
 #include <string>
 #include <thread>
@@ -228,7 +229,8 @@ long VmRssKib(pid_t pid) {
 // that send frames of 4 KB decoding to 16 MiB each and never read; prints the server's VmRSS
 // before, at the peak and after the streams are cancelled. FQ_MEASURE_BINARY picks another server
 // binary (e.g. one built from main, for the figures before the fix), FQ_MEASURE_STREAMS (default
-// 3) and FQ_MEASURE_FRAMES (frames sent per stream, default 16) the load.
+// 3) and FQ_MEASURE_FRAMES (frames sent per stream, default 16) the load, FQ_MEASURE_FLAGS extra
+// server flags (space-separated).
 TEST(OpsHarden, DISABLED_MeasureHostileDecompressStreams) {
   const char* env_bin = std::getenv("FQ_MEASURE_BINARY");
   const int streams = std::getenv("FQ_MEASURE_STREAMS") ? std::atoi(std::getenv("FQ_MEASURE_STREAMS")) : 3;
@@ -237,6 +239,10 @@ TEST(OpsHarden, DISABLED_MeasureHostileDecompressStreams) {
   std::vector<std::string> args = BaseFlags(dir);
   args.push_back("--stream-idle-timeout-seconds=0");
   if (env_bin != nullptr) args.pop_back();  // a binary from before the fix lacks the flag
+  if (const char* extra = std::getenv("FQ_MEASURE_FLAGS"); extra != nullptr) {  // space-separated
+    std::istringstream in(extra);
+    for (std::string f; in >> f;) args.push_back(f);
+  }
   ServerProcess p;
   p.Start(args, dir.path(), env_bin != nullptr ? std::string(env_bin) : std::string(FQ_SERVER_BINARY));
   std::optional<int> port = p.WaitForPort();
@@ -304,12 +310,12 @@ TEST(OpsHarden, DISABLED_MeasureHostileDecompressStreams) {
     for (int f = 0; f < frames; ++f) {
       req.Clear();
       req.mutable_frame()->set_frame(frame);
-      if (!h->s->Write(req, grpc::WriteOptions().set_buffer_hint())) break;
+      if (!h->s->Write(req)) break;
     }
     hs.push_back(std::move(h));
   }
   long peak = rss0;
-  for (int i = 0; i < 40; ++i) {  // 4 s of samples
+  for (int i = 0; i < 100; ++i) {  // 10 s of samples
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     peak = std::max(peak, VmRssKib(p.pid()));
   }
