@@ -40,6 +40,7 @@ std::vector<float> SliceTokens(absl::Span<const float> x, uint32_t batch, uint32
 std::string CandidateId(const std::string& prefix, const KvRecommendCandidate& c) {
   std::string id = absl::StrCat(prefix, ".k", c.block_dim, "n", c.codebook_size);
   if (c.calibrated) absl::StrAppend(&id, ".cal");
+  if (c.renormalize) absl::StrAppend(&id, ".renorm");
   if (c.centering == KvCentering::kPage) absl::StrAppend(&id, ".pagemean");
   return id;
 }
@@ -58,6 +59,7 @@ nlohmann::json SpecFor(const KvRecommendRequest& r, const KvRecommendCandidate& 
                    {"lloyd_restarts", r.lloyd_restarts},
                    {"lloyd_iterations", r.lloyd_iterations}};
   if (c.centering != KvCentering::kNone) j["centering"] = std::string(KvCenteringName(c.centering));
+  if (c.renormalize) j["renormalize"] = true;
   if (c.calibrated) {
     j["channel_transform"] = "calibration";
     j["calibration_digest"] = calibration_digest;
@@ -73,6 +75,9 @@ std::vector<KvRecommendCandidate> DefaultRecommendCandidates() {
            {8, 256}, {4, 256}, {2, 16}, {2, 64}, {4, 4096}, {2, 256}, {2, 1024}}) {
     v.push_back({k, n, KvCentering::kNone, false});
     v.push_back({k, n, KvCentering::kNone, true});
+    if ((k == 4 && (n == 256 || n == 4096)) || (k == 2 && (n == 64 || n == 256))) {
+      v.push_back({k, n, KvCentering::kNone, true, true});
+    }
   }
   v.push_back({4, 256, KvCentering::kPage, false});
   v.push_back({2, 256, KvCentering::kPage, false});

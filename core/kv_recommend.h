@@ -33,11 +33,13 @@ struct KvRecommendCandidate {
   uint32_t block_dim = 0, codebook_size = 0;
   KvCentering centering = KvCentering::kNone;
   bool calibrated = false;  // channel_transform "calibration" with the request's artifact
+  bool renormalize = false;
   friend bool operator==(const KvRecommendCandidate&, const KvRecommendCandidate&) = default;
 };
 
 // The default grid: (k, N) in {(8,256), (4,256), (2,16), (2,64), (4,4096), (2,256), (2,1024)}, each
-// oblivious and calibrated, plus page centering at (4,256) and (2,256): 16 candidates.
+// oblivious and calibrated, calibrated + renormalize at (4,256), (2,64), (4,4096), (2,256), plus page
+// centering at (4,256) and (2,256): 20 candidates.
 std::vector<KvRecommendCandidate> DefaultRecommendCandidates();
 
 struct KvRecommendRequest {

@@ -203,6 +203,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::RecommendProfile(grpc::Callb
         o->set_codebook_size(p.candidate.codebook_size);
         o->set_calibrated(p.candidate.calibrated);
         o->set_centering(std::string(KvCenteringName(p.candidate.centering)));
+        o->set_renormalize(p.candidate.renormalize);
       }
       resp->set_best_index(rec.best ? static_cast<int32_t>(*rec.best) : -1);
       resp->set_summary(rec.summary);
