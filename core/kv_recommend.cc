@@ -129,6 +129,9 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
   KvTensorShape cal_shape = s, eval_shape = s;
   cal_shape.tokens = tc;
   eval_shape.tokens = te;
+  // Pages are measured in the serving dtype (f32 sample rounded to it), so the ratio and the
+  // metrics are those the target profile will see.
+  eval_shape.dtype = target.dtype;
   const std::vector<float> cal_x = SliceTokens(r.values, s.batch, s.layers, s.kv_heads, s.tokens, D, 0, tc);
   const std::vector<float> eval_x = SliceTokens(r.values, s.batch, s.layers, s.kv_heads, s.tokens, D, tc, te);
   std::vector<float> cal_q, eval_q, eval_k;
@@ -201,9 +204,9 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
   });
   if (!out.ranked.empty() && out.ranked[0].qualifies) {
     out.best = 0;
-    out.summary = absl::StrFormat("best: %s at %.2fx (fp%d sample, frames included) meets the budget",
+    out.summary = absl::StrFormat("best: %s at %.2fx (vs %s input, frame overhead included) meets the budget",
                                   out.ranked[0].profile_id, out.ranked[0].measurement.compression_ratio,
-                                  static_cast<int>(8 * DTypeSize(s.dtype)));
+                                  std::string(DTypeName(target.dtype)));
   } else {
     out.summary = absl::StrCat("no candidate meets the budget", r.min_ratio > 0 ? " and min_ratio" : "", " (",
                                out.ranked.size(), " measured on ", te, " held-out tokens)");

@@ -112,6 +112,23 @@ TEST(KvRecommend, RanksCalibratedCandidatesAndMarksTheBest) {
   }
 }
 
+TEST(KvRecommend, RatioIsAgainstTheTargetDtype) {
+  const Sample s = MakeSample();
+  KvRecommendRequest r = Request(s);
+  r.candidates = {{2, 16, KvCentering::kNone, true}};
+  auto f32 = RecommendKvProfile(r);
+  KvTensorShape t = s.shape;
+  t.dtype = DType::kF16;
+  t.tokens = 4096;
+  r.target_shape = t;
+  auto f16 = RecommendKvProfile(r);
+  ASSERT_TRUE(f32.ok() && f16.ok()) << f16.status();
+  // Same codes; the f16 input is half the bytes.
+  EXPECT_NEAR(f16->ranked[0].measurement.compression_ratio, f32->ranked[0].measurement.compression_ratio / 2, 1e-9);
+  EXPECT_NE(f16->ranked[0].spec_json.find("\"tokens\": 4096"), std::string::npos) << f16->ranked[0].spec_json;
+  EXPECT_NE(f16->ranked[0].spec_json.find("\"dtype\": \"f16\""), std::string::npos);
+}
+
 TEST(KvRecommend, ImpossibleBudgetIsAnAnswerNotAnError) {
   const Sample s = MakeSample();
   KvRecommendRequest r = Request(s);
