@@ -98,9 +98,9 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
   }
   if (s.tokens < 2) return absl::InvalidArgumentError("recommend: the sample needs at least 2 tokens");
   const uint64_t qsize = uint64_t{s.batch} * s.layers * s.query_heads * s.tokens * D;
-  if (!r.queries.empty() && (s.role != KvRole::kKey || r.queries.size() != qsize)) {
-    return absl::InvalidArgumentError(absl::StrCat("recommend: queries are for key samples and must be [batch, ",
-                                                   "layers, query_heads, tokens, head_dim] = ", qsize, " values"));
+  if (!r.queries.empty() && r.queries.size() != qsize) {
+    return absl::InvalidArgumentError(absl::StrCat("recommend: queries must be [batch, layers, query_heads, ",
+                                                   "tokens, head_dim] = ", qsize, " values"));
   }
   if (!r.keys.empty() && (s.role != KvRole::kValue || r.keys.size() != s.element_count())) {
     return absl::InvalidArgumentError("recommend: keys are for value samples and must have the sample's shape");
@@ -147,7 +147,12 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
     }
   }
   if (!r.keys.empty()) eval_k = SliceTokens(r.keys, s.batch, s.layers, s.kv_heads, s.tokens, D, tc, te);
-  FQ_ASSIGN_OR_RETURN(out.calibration, ComputeKvCalibration(cal_shape, cal_x, cal_q, r.calibration));
+  // Value calibrations weight channels equally (the output error is not query-weighted); value
+  // samples use their queries (with keys) for the held-out metrics only.
+  FQ_ASSIGN_OR_RETURN(out.calibration,
+                      ComputeKvCalibration(cal_shape, cal_x, s.role == KvRole::kKey ? absl::Span<const float>(cal_q)
+                                                                                     : absl::Span<const float>(),
+                                           r.calibration));
   auto cal = std::make_shared<const KvCalibration>(out.calibration);
 
   std::map<std::pair<uint32_t, uint32_t>, std::shared_ptr<const Quantizer>> quantizers;

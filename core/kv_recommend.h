@@ -45,7 +45,9 @@ std::vector<KvRecommendCandidate> DefaultRecommendCandidates();
 struct KvRecommendRequest {
   KvTensorShape sample_shape;            // role, heads, head_dim, tokens of the sample
   absl::Span<const float> values;        // the sample, canonical layout, f32
-  absl::Span<const float> queries;       // keys: optional [batch, layers, query_heads, tokens, head_dim]
+  // Optional [batch, layers, query_heads, tokens, head_dim]: keys use them for calibration and the
+  // metrics, values (with `keys`) for the attention weights of the metrics.
+  absl::Span<const float> queries;
   absl::Span<const float> keys;          // values: optional keys of the sample (canonical layout)
   std::optional<KvTensorShape> target_shape;  // the serving shape the profiles are for (default: sample)
   KvQualityBudget budget;                // per held-out page (max over pages)

@@ -77,7 +77,6 @@ absl::StatusOr<RecommendJob> ParseRecommend(const v1::RecommendProfileRequest& r
   FQ_RETURN_IF_ERROR(job.shape.Validate());
   job.values.assign(main.begin(), main.end());
   if (!req.queries().empty()) {
-    if (!key) return absl::InvalidArgumentError("queries apply to key samples (role key)");
     if (static_cast<uint64_t>(req.queries_size()) != uint64_t{tokens} * d) {
       return absl::InvalidArgumentError(absl::StrCat("queries must be [tokens, head_dim] = ", uint64_t{tokens} * d,
                                                      " values (one per token position); got ", req.queries_size()));

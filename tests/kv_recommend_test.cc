@@ -129,6 +129,30 @@ TEST(KvRecommend, RatioIsAgainstTheTargetDtype) {
   EXPECT_NE(f16->ranked[0].spec_json.find("\"dtype\": \"f16\""), std::string::npos);
 }
 
+TEST(KvRecommend, ValueSamplesUseQueriesAndKeysForTheMetrics) {
+  Sample s = MakeSample();
+  bench::DecoderSynthOptions o;
+  o.head_dim = 64;
+  o.kv_heads = 1;
+  o.sequences = 4;
+  o.seq_tokens = 128;
+  const bench::DecoderSynth d = bench::MakeDecoderSynth(o);
+  KvTensorShape vs = s.shape;
+  vs.role = KvRole::kValue;
+  vs.rope_state = KvRopeState::kNotApplicable;
+  KvRecommendRequest r = Request(s);
+  r.sample_shape = vs;
+  r.values = d.v;
+  r.keys = s.k;
+  r.budget.max_value_aggregation_mse = 1.0;
+  auto rec = RecommendKvProfile(r);
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_TRUE(rec->calibration.query_second_moment.empty());  // values: channels weighted equally
+  ASSERT_FALSE(rec->ranked.empty());
+  EXPECT_TRUE(rec->ranked[0].measurement.max.value_aggregation_mse.has_value());
+  EXPECT_EQ(rec->ranked[0].measurement.mean.query_source, KvQuerySource::kCaller);
+}
+
 TEST(KvRecommend, ImpossibleBudgetIsAnAnswerNotAnError) {
   const Sample s = MakeSample();
   KvRecommendRequest r = Request(s);
