@@ -8,8 +8,9 @@
 //    every method is evaluated on the second half.
 //  - synthetic-outliers (d=128): LLM-like keys with outlier channels (generator below, fixed seed).
 //  - decoder-synth (d=128): bench/decoder_synth.h (RoPE outlier pairs, sinks, GQA, causal attention).
-// Calibrated FibQuant rows (core/kv_calib.h) and KIVI-style rows are calibrated / grouped on the
-// training tokens only (never on the tokens they are evaluated on, like Faiss training).
+// Calibrated FibQuant rows (core/kv_calib.h) are calibrated on the training tokens only (never on
+// the tokens they are evaluated on, like Faiss training); KIVI-style rows store their per-group
+// scales and zeros with the data (counted in their bytes).
 // Protocol: keys AND values are compressed (each vector of each head separately, as the service
 // does); queries are the data's queries (uncompressed); attention is softmax(scale q.k) within
 // each chunk (bidirectional, all tokens of the chunk), per head.
