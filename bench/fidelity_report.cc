@@ -7,6 +7,10 @@
 //    Split by chunk: the first half of the chunks trains the data-calibrated baselines (Faiss),
 //    every method is evaluated on the second half.
 //  - synthetic-outliers (d=128): LLM-like keys with outlier channels (generator below, fixed seed).
+//  - decoder-synth (d=128): bench/decoder_synth.h (RoPE outlier pairs, sinks, GQA, causal attention).
+// Calibrated FibQuant rows (core/kv_calib.h) are calibrated on the training tokens only (never on
+// the tokens they are evaluated on, like Faiss training); KIVI-style rows store their per-group
+// scales and zeros with the data (counted in their bytes).
 // Protocol: keys AND values are compressed (each vector of each head separately, as the service
 // does); queries are the data's queries (uncompressed); attention is softmax(scale q.k) within
 // each chunk (bidirectional, all tokens of the chunk), per head.
@@ -18,7 +22,8 @@
 // ratio_vs_fp16 = 2 d / code_bytes (everything stored per vector counted: FibQuant's fp16 norm,
 // absmax scale; Faiss codes have no per-vector side information).
 //
-// Usage: fidelity_report [--out=FILE.csv] [--cache-dir=DIR] [--quick]
+// Usage: fidelity_report [--out=FILE.csv] [--cache-dir=DIR] [--quick] [--datasets=SUBSTR,...]
+//                        [--kinds=fib,cfib,kivi,abs,f16,pq,sq]
 #include <algorithm>
 #include <chrono>
 #include <cmath>

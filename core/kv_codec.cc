@@ -333,7 +333,7 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
       std::vector<float> dec(ok_idx.size() * len);
       if (!ok_idx.empty()) {
         FQ_RETURN_IF_ERROR(quantizer_->DecodeF32(ok_codes, ok_idx.size(), dec.data(), opt.path));
-        UndoTransform(in.coords, centered ? page_mean.data() : nullptr, dec.data(), ok_idx.size());
+        UndoTransform(in.coords, centered ? page_mean.data() : nullptr, ok_codes.data(), dec.data(), ok_idx.size());
       }
       for (size_t j = 0; j < ok_idx.size(); ++j) {
         std::memcpy(&codes[size_t{ok_idx[j]} * cb], &ok_codes[j * cb], cb);
@@ -496,12 +496,26 @@ std::vector<float> KvCodec::FrameMean(const KvFrameView& v) const {
   return m;
 }
 
-void KvCodec::UndoTransform(const KvPageCoords& coords, const float* page_mean, float* y, size_t count) const {
+void KvCodec::UndoTransform(const KvPageCoords& coords, const float* page_mean, const uint8_t* codes, float* y,
+                            size_t count) const {
   const uint32_t len = profile_.shape.head_dim;
-  if (!page_mean && !calibration_) return;
+  const bool renorm = profile_.renormalize;
+  if (!page_mean && !calibration_ && !renorm) return;
+  const size_t cb = quantizer_->code_bytes();
   std::vector<float> tmp(len);
   for (size_t j = 0; j < count; ++j) {
     float* v = y + j * len;
+    if (renorm) {
+      // The code's fp16 norm (bytes 0..1, docs/format/code.md) over the decoded length.
+      const uint16_t h = static_cast<uint16_t>(codes[j * cb] | (codes[j * cb + 1] << 8));
+      const double target = HalfToFloat(h);
+      double ss = 0;
+      for (uint32_t c = 0; c < len; ++c) ss += double{v[c]} * double{v[c]};
+      if (ss > 0) {
+        const double f = target / std::sqrt(ss);
+        for (uint32_t c = 0; c < len; ++c) v[c] = static_cast<float>(v[c] * f);
+      }
+    }
     if (page_mean) {
       for (uint32_t c = 0; c < len; ++c) v[c] += page_mean[c];
     }
@@ -599,7 +613,7 @@ absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame
     absl::Status st = quantizer_->DecodeF32(v.codes, h.counts.coded, dec.data(), path);
     if (!st.ok()) return absl::Status(st.code(), absl::StrCat("frame code section: ", st.message()));
     std::vector<float> mean = FrameMean(v);
-    UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), dec.data(), h.counts.coded);
+    UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), v.codes.data(), dec.data(), h.counts.coded);
   }
   DecodedPage page;
   page.coords = h.coords;
@@ -651,7 +665,8 @@ absl::StatusOr<std::vector<uint8_t>> KvCodec::DecodeVector(absl::Span<const uint
   absl::Status st = quantizer_->DecodeF32(v.codes.subspan(size_t{ci} * h.code_bytes, h.code_bytes), 1, dec.data(), path);
   if (!st.ok()) return absl::Status(st.code(), absl::StrCat("frame code of vector ", index, ": ", st.message()));
   std::vector<float> mean = FrameMean(v);
-  UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), dec.data(), 1);
+  UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), v.codes.data() + size_t{ci} * h.code_bytes,
+                dec.data(), 1);
   for (uint32_t j = 0; j < len; ++j) StoreSaturating(out, dec[j], res.data(), j);
   return res;
 }

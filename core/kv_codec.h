@@ -129,9 +129,11 @@ class KvCodec {
   absl::StatusOr<KvFrameView> VerifyFrame(absl::Span<const uint8_t> frame) const;
   // The frame's mean section as floats (empty when not centred).
   std::vector<float> FrameMean(const KvFrameView& v) const;
-  // Decoded token vectors y [count, head_dim] back to data space: + page mean, then the
-  // calibration's inverse transform (each only when present).
-  void UndoTransform(const KvPageCoords& coords, const float* page_mean, float* y, size_t count) const;
+  // Decoded token vectors y [count, head_dim] back to data space: rescaled to their stored norm
+  // (renormalize; `codes` are their codes, code_bytes each), + page mean, then the calibration's
+  // inverse transform (each only when the profile has it).
+  void UndoTransform(const KvPageCoords& coords, const float* page_mean, const uint8_t* codes, float* y,
+                     size_t count) const;
   KvCompressionProfile profile_;
   std::string digest_;
   std::array<uint8_t, 32> digest_raw_{};

@@ -232,10 +232,10 @@ absl::Status KvCompressionProfile::Validate() const {
   if (static_cast<uint8_t>(channel_transform) > 1) {
     return absl::InvalidArgumentError("kv_profile.channel_transform is not a known mode");
   }
-  if ((centering != KvCentering::kNone || channel_transform != KvChannelTransform::kNone) &&
+  if ((centering != KvCentering::kNone || channel_transform != KvChannelTransform::kNone || renormalize) &&
       (axis_policy == KvAxisPolicy::kRaw || vector_axis() != KvVectorAxis::kToken)) {
     return absl::InvalidArgumentError(
-        "kv_profile.centering / channel_transform apply to token vectors only (axis_policy per_token, or "
+        "kv_profile.centering / channel_transform / renormalize apply to token vectors only (axis_policy per_token, or "
         "role_aware_kivi_style for values)");
   }
   if (channel_transform == KvChannelTransform::kCalibration && calibration_digest == kMissingCalibration) {
@@ -315,9 +315,10 @@ absl::StatusOr<std::string> KvCompressionProfile::CanonicalBytes() const {
   w.OptF64(b.max_value_aggregation_mse.has_value(), b.max_value_aggregation_mse.value_or(0));
   w.Str(KvFallbackModeName(b.fallback_on_violation));
   w.Str(calibration_digest);
-  if (centering != KvCentering::kNone || channel_transform != KvChannelTransform::kNone) {
+  if (centering != KvCentering::kNone || channel_transform != KvChannelTransform::kNone || renormalize) {
     w.Str(KvCenteringName(centering));
     w.Str(KvChannelTransformName(channel_transform));
+    w.Bool(renormalize);
   }
   return w.bytes();
 }
@@ -367,6 +368,7 @@ std::string KvCompressionProfile::ToJson(int indent) const {
   j["calibration_digest"] = calibration_digest;
   if (centering != KvCentering::kNone) j["centering"] = S(KvCenteringName(centering));
   if (channel_transform != KvChannelTransform::kNone) j["channel_transform"] = S(KvChannelTransformName(channel_transform));
+  if (renormalize) j["renormalize"] = true;
   return j.dump(indent);
 }
 
@@ -461,6 +463,9 @@ absl::Status ParseCenteringFields(const nlohmann::json& j, std::string_view ctx,
     FQ_ASSIGN_OR_RETURN(std::string c, GetString(j, ctx, "channel_transform"));
     FQ_ASSIGN_OR_RETURN(p->channel_transform, ParseKvChannelTransform(c));
   }
+  if (j.contains("renormalize")) {
+    FQ_ASSIGN_OR_RETURN(p->renormalize, GetBool(j, ctx, "renormalize"));
+  }
   return absl::OkStatus();
 }
 
@@ -478,7 +483,7 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromJson(std::string_
       "schema_version", "profile_id",    "shape",           "shape_digest",     "fib_profile",
       "fib_profile_digest", "codebook_digest", "rotation_digest", "role_policy", "axis_policy",
       "page_geometry", "protected_policy", "fallback_policy", "quality_budget", "calibration_digest",
-      "centering", "channel_transform"};
+      "centering", "channel_transform", "renormalize"};
   FQ_RETURN_IF_ERROR(CheckKeys(j, kCtx, allowed, fields));
   KvCompressionProfile p;
   FQ_ASSIGN_OR_RETURN(p.schema_version, GetString(j, kCtx, "schema_version"));
@@ -525,7 +530,7 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromSpecJson(std::str
   FQ_RETURN_IF_ERROR(CheckKeys(j, kCtx,
                                {"profile_id", "shape", "axis_policy", "tokens_per_page", "fibquant", "fib_profile",
                                 "reserved_vector_bytes", "protected", "fallback", "quality_budget",
-                                "calibration_digest", "centering", "channel_transform"},
+                                "calibration_digest", "centering", "channel_transform", "renormalize"},
                                {"profile_id", "shape", "axis_policy", "tokens_per_page"}));
   KvCompressionProfile p;
   FQ_ASSIGN_OR_RETURN(p.profile_id, GetString(j, kCtx, "profile_id"));

@@ -99,6 +99,9 @@ struct KvCompressionProfile {
   // Both optional in JSON and only digested when not "none", so older profiles keep their digests.
   KvCentering centering = KvCentering::kNone;
   KvChannelTransform channel_transform = KvChannelTransform::kNone;
+  // Rescale each decoded direction to unit norm before applying the stored norm (token axis only;
+  // docs/format/kv.md §11). Optional in JSON ("renormalize"), digested only when true.
+  bool renormalize = false;
 
   KvVectorAxis vector_axis() const { return ResolveVectorAxis(axis_policy, shape.role); }
   bool resolved() const { return axis_policy == KvAxisPolicy::kRaw || !codebook_digest.empty(); }

@@ -40,6 +40,7 @@ std::vector<float> SliceTokens(absl::Span<const float> x, uint32_t batch, uint32
 std::string CandidateId(const std::string& prefix, const KvRecommendCandidate& c) {
   std::string id = absl::StrCat(prefix, ".k", c.block_dim, "n", c.codebook_size);
   if (c.calibrated) absl::StrAppend(&id, ".cal");
+  if (c.renormalize) absl::StrAppend(&id, ".renorm");
   if (c.centering == KvCentering::kPage) absl::StrAppend(&id, ".pagemean");
   return id;
 }
@@ -58,6 +59,7 @@ nlohmann::json SpecFor(const KvRecommendRequest& r, const KvRecommendCandidate& 
                    {"lloyd_restarts", r.lloyd_restarts},
                    {"lloyd_iterations", r.lloyd_iterations}};
   if (c.centering != KvCentering::kNone) j["centering"] = std::string(KvCenteringName(c.centering));
+  if (c.renormalize) j["renormalize"] = true;
   if (c.calibrated) {
     j["channel_transform"] = "calibration";
     j["calibration_digest"] = calibration_digest;
@@ -73,6 +75,9 @@ std::vector<KvRecommendCandidate> DefaultRecommendCandidates() {
            {8, 256}, {4, 256}, {2, 16}, {2, 64}, {4, 4096}, {2, 256}, {2, 1024}}) {
     v.push_back({k, n, KvCentering::kNone, false});
     v.push_back({k, n, KvCentering::kNone, true});
+    if ((k == 4 && (n == 256 || n == 4096)) || (k == 2 && (n == 64 || n == 256))) {
+      v.push_back({k, n, KvCentering::kNone, true, true});
+    }
   }
   v.push_back({4, 256, KvCentering::kPage, false});
   v.push_back({2, 256, KvCentering::kPage, false});
@@ -93,9 +98,9 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
   }
   if (s.tokens < 2) return absl::InvalidArgumentError("recommend: the sample needs at least 2 tokens");
   const uint64_t qsize = uint64_t{s.batch} * s.layers * s.query_heads * s.tokens * D;
-  if (!r.queries.empty() && (s.role != KvRole::kKey || r.queries.size() != qsize)) {
-    return absl::InvalidArgumentError(absl::StrCat("recommend: queries are for key samples and must be [batch, ",
-                                                   "layers, query_heads, tokens, head_dim] = ", qsize, " values"));
+  if (!r.queries.empty() && r.queries.size() != qsize) {
+    return absl::InvalidArgumentError(absl::StrCat("recommend: queries must be [batch, layers, query_heads, ",
+                                                   "tokens, head_dim] = ", qsize, " values"));
   }
   if (!r.keys.empty() && (s.role != KvRole::kValue || r.keys.size() != s.element_count())) {
     return absl::InvalidArgumentError("recommend: keys are for value samples and must have the sample's shape");
@@ -124,6 +129,9 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
   KvTensorShape cal_shape = s, eval_shape = s;
   cal_shape.tokens = tc;
   eval_shape.tokens = te;
+  // Pages are measured in the serving dtype (f32 sample rounded to it), so the ratio and the
+  // metrics are those the target profile will see.
+  eval_shape.dtype = target.dtype;
   const std::vector<float> cal_x = SliceTokens(r.values, s.batch, s.layers, s.kv_heads, s.tokens, D, 0, tc);
   const std::vector<float> eval_x = SliceTokens(r.values, s.batch, s.layers, s.kv_heads, s.tokens, D, tc, te);
   std::vector<float> cal_q, eval_q, eval_k;
@@ -139,7 +147,12 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
     }
   }
   if (!r.keys.empty()) eval_k = SliceTokens(r.keys, s.batch, s.layers, s.kv_heads, s.tokens, D, tc, te);
-  FQ_ASSIGN_OR_RETURN(out.calibration, ComputeKvCalibration(cal_shape, cal_x, cal_q, r.calibration));
+  // Value calibrations weight channels equally (the output error is not query-weighted); value
+  // samples use their queries (with keys) for the held-out metrics only.
+  FQ_ASSIGN_OR_RETURN(out.calibration,
+                      ComputeKvCalibration(cal_shape, cal_x, s.role == KvRole::kKey ? absl::Span<const float>(cal_q)
+                                                                                     : absl::Span<const float>(),
+                                           r.calibration));
   auto cal = std::make_shared<const KvCalibration>(out.calibration);
 
   std::map<std::pair<uint32_t, uint32_t>, std::shared_ptr<const Quantizer>> quantizers;
@@ -196,9 +209,9 @@ absl::StatusOr<KvRecommendation> RecommendKvProfile(const KvRecommendRequest& r)
   });
   if (!out.ranked.empty() && out.ranked[0].qualifies) {
     out.best = 0;
-    out.summary = absl::StrFormat("best: %s at %.2fx (fp%d sample, frames included) meets the budget",
+    out.summary = absl::StrFormat("best: %s at %.2fx (vs %s input, frame overhead included) meets the budget",
                                   out.ranked[0].profile_id, out.ranked[0].measurement.compression_ratio,
-                                  static_cast<int>(8 * DTypeSize(s.dtype)));
+                                  std::string(DTypeName(target.dtype)));
   } else {
     out.summary = absl::StrCat("no candidate meets the budget", r.min_ratio > 0 ? " and min_ratio" : "", " (",
                                out.ranked.size(), " measured on ", te, " held-out tokens)");

@@ -33,17 +33,21 @@ struct KvRecommendCandidate {
   uint32_t block_dim = 0, codebook_size = 0;
   KvCentering centering = KvCentering::kNone;
   bool calibrated = false;  // channel_transform "calibration" with the request's artifact
+  bool renormalize = false;
   friend bool operator==(const KvRecommendCandidate&, const KvRecommendCandidate&) = default;
 };
 
 // The default grid: (k, N) in {(8,256), (4,256), (2,16), (2,64), (4,4096), (2,256), (2,1024)}, each
-// oblivious and calibrated, plus page centering at (4,256) and (2,256): 16 candidates.
+// oblivious and calibrated, calibrated + renormalize at (4,256), (2,64), (4,4096), (2,256), plus page
+// centering at (4,256) and (2,256): 20 candidates.
 std::vector<KvRecommendCandidate> DefaultRecommendCandidates();
 
 struct KvRecommendRequest {
   KvTensorShape sample_shape;            // role, heads, head_dim, tokens of the sample
   absl::Span<const float> values;        // the sample, canonical layout, f32
-  absl::Span<const float> queries;       // keys: optional [batch, layers, query_heads, tokens, head_dim]
+  // Optional [batch, layers, query_heads, tokens, head_dim]: keys use them for calibration and the
+  // metrics, values (with `keys`) for the attention weights of the metrics.
+  absl::Span<const float> queries;
   absl::Span<const float> keys;          // values: optional keys of the sample (canonical layout)
   std::optional<KvTensorShape> target_shape;  // the serving shape the profiles are for (default: sample)
   KvQualityBudget budget;                // per held-out page (max over pages)

@@ -77,7 +77,6 @@ absl::StatusOr<RecommendJob> ParseRecommend(const v1::RecommendProfileRequest& r
   FQ_RETURN_IF_ERROR(job.shape.Validate());
   job.values.assign(main.begin(), main.end());
   if (!req.queries().empty()) {
-    if (!key) return absl::InvalidArgumentError("queries apply to key samples (role key)");
     if (static_cast<uint64_t>(req.queries_size()) != uint64_t{tokens} * d) {
       return absl::InvalidArgumentError(absl::StrCat("queries must be [tokens, head_dim] = ", uint64_t{tokens} * d,
                                                      " values (one per token position); got ", req.queries_size()));
@@ -203,6 +202,7 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::RecommendProfile(grpc::Callb
         o->set_codebook_size(p.candidate.codebook_size);
         o->set_calibrated(p.candidate.calibrated);
         o->set_centering(std::string(KvCenteringName(p.candidate.centering)));
+        o->set_renormalize(p.candidate.renormalize);
       }
       resp->set_best_index(rec.best ? static_cast<int32_t>(*rec.best) : -1);
       resp->set_summary(rec.summary);

@@ -149,7 +149,8 @@ TEST(KvCalibration, InputValidation) {
 
 // ---- codec ---------------------------------------------------------------------------------
 
-nlohmann::json Spec(const std::string& centering, const std::string& transform, const std::string& calib) {
+nlohmann::json Spec(const std::string& centering, const std::string& transform, const std::string& calib,
+                    bool renormalize = false) {
   nlohmann::json j;
   j["profile_id"] = "calib-test";
   j["shape"] = {{"role", "key"}, {"attention_kind", "gqa"}, {"batch", 1}, {"layers", kLayers},
@@ -162,6 +163,7 @@ nlohmann::json Spec(const std::string& centering, const std::string& transform, 
   if (!centering.empty()) j["centering"] = centering;
   if (!transform.empty()) j["channel_transform"] = transform;
   if (!calib.empty()) j["calibration_digest"] = calib;
+  if (renormalize) j["renormalize"] = true;
   return j;
 }
 
@@ -327,6 +329,38 @@ TEST(KvCalibrationCodec, StaticTransformBindsByDigest) {
   ASSERT_TRUE(both.ok()) << both.status();
   const RoundTrip c = RunPages(**both, test);
   EXPECT_LT(c.rel_err, a.rel_err);
+}
+
+TEST(KvRenormalize, DecodedVectorsCarryTheStoredNorm) {
+  const KvTensorShape shape = Shape(KvRole::kKey);
+  const std::vector<float> x = Data(21, shape.element_count(), 3.0f);
+  auto plain = MakeCodec(Spec("", "", ""));
+  auto renorm = MakeCodec(Spec("", "", "", true));
+  ASSERT_TRUE(plain.ok() && renorm.ok()) << renorm.status();
+  EXPECT_NE((*plain)->profile_digest(), (*renorm)->profile_digest());
+  const RoundTrip a = RunPages(**plain, x), b = RunPages(**renorm, x);  // also DecodeVector == DecodeFrame
+  ASSERT_FALSE(b.frames.empty());
+  // Same codes (the encoder is unchanged), different decode: every decoded vector has exactly the
+  // fp16 norm stored in its code.
+  ASSERT_EQ(a.frames[0].size(), b.frames[0].size());
+  EXPECT_EQ(a.frames[0].substr(96, a.frames[0].size() - 104), b.frames[0].substr(96, b.frames[0].size() - 104));
+  const std::string& f = b.frames[0];
+  auto dec = (*renorm)->DecodeFrame(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(f.data()), f.size()),
+                                    DType::kF32);
+  ASSERT_TRUE(dec.ok());
+  auto view = ParseKvFrame(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(f.data()), f.size()));
+  ASSERT_TRUE(view.ok());
+  const float* y = reinterpret_cast<const float*>(dec->data.data());
+  const uint32_t cb = view->header.code_bytes;
+  for (uint32_t i = 0; i < kTpp; ++i) {
+    const uint16_t h = static_cast<uint16_t>(view->codes[i * cb] | (view->codes[i * cb + 1] << 8));
+    double ss = 0;
+    for (uint32_t c = 0; c < kDim; ++c) ss += double{y[i * kDim + c]} * y[i * kDim + c];
+    EXPECT_NEAR(std::sqrt(ss), HalfToFloat(h), 1e-5 * HalfToFloat(h)) << i;
+  }
+  nlohmann::json s = Spec("", "", "", true);
+  s["renormalize"] = "yes";
+  EXPECT_NE(KvCompressionProfile::FromSpecJson(s.dump()).status().message().find("renormalize"), std::string::npos);
 }
 
 TEST(KvCalibrationCodec, ProfileJsonCarriesTheNewFields) {

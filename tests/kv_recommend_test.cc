@@ -112,6 +112,47 @@ TEST(KvRecommend, RanksCalibratedCandidatesAndMarksTheBest) {
   }
 }
 
+TEST(KvRecommend, RatioIsAgainstTheTargetDtype) {
+  const Sample s = MakeSample();
+  KvRecommendRequest r = Request(s);
+  r.candidates = {{2, 16, KvCentering::kNone, true}};
+  auto f32 = RecommendKvProfile(r);
+  KvTensorShape t = s.shape;
+  t.dtype = DType::kF16;
+  t.tokens = 4096;
+  r.target_shape = t;
+  auto f16 = RecommendKvProfile(r);
+  ASSERT_TRUE(f32.ok() && f16.ok()) << f16.status();
+  // Same codes; the f16 input is half the bytes.
+  EXPECT_NEAR(f16->ranked[0].measurement.compression_ratio, f32->ranked[0].measurement.compression_ratio / 2, 1e-9);
+  EXPECT_NE(f16->ranked[0].spec_json.find("\"tokens\": 4096"), std::string::npos) << f16->ranked[0].spec_json;
+  EXPECT_NE(f16->ranked[0].spec_json.find("\"dtype\": \"f16\""), std::string::npos);
+}
+
+TEST(KvRecommend, ValueSamplesUseQueriesAndKeysForTheMetrics) {
+  Sample s = MakeSample();
+  bench::DecoderSynthOptions o;
+  o.head_dim = 64;
+  o.kv_heads = 1;
+  o.sequences = 4;
+  o.seq_tokens = 128;
+  const bench::DecoderSynth d = bench::MakeDecoderSynth(o);
+  KvTensorShape vs = s.shape;
+  vs.role = KvRole::kValue;
+  vs.rope_state = KvRopeState::kNotApplicable;
+  KvRecommendRequest r = Request(s);
+  r.sample_shape = vs;
+  r.values = d.v;
+  r.keys = s.k;
+  r.budget.max_value_aggregation_mse = 1.0;
+  auto rec = RecommendKvProfile(r);
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_TRUE(rec->calibration.query_second_moment.empty());  // values: channels weighted equally
+  ASSERT_FALSE(rec->ranked.empty());
+  EXPECT_TRUE(rec->ranked[0].measurement.max.value_aggregation_mse.has_value());
+  EXPECT_EQ(rec->ranked[0].measurement.mean.query_source, KvQuerySource::kCaller);
+}
+
 TEST(KvRecommend, ImpossibleBudgetIsAnAnswerNotAnError) {
   const Sample s = MakeSample();
   KvRecommendRequest r = Request(s);
