@@ -37,8 +37,12 @@ def _load():
         from fibquant.v1 import kv_compression_pb2, kv_compression_pb2_grpc
         return kv_compression_pb2, kv_compression_pb2_grpc
     except ImportError as first:
-        if "grpc" in str(first) and "fibquant" not in str(first):
-            raise ImportError(_HINT + f" ({first})") from first
+        missing = getattr(first, "name", None) or ""
+        if missing.split(".")[0] in ("google", "grpc", "numpy"):
+            # The runtime, not the stubs, is missing: typically a python3 that is not Debian's.
+            raise ImportError(f"fibquant: no module {missing!r} in {sys.executable}; the client uses Debian's "
+                              "python3-protobuf, python3-grpcio and python3-numpy, which only /usr/bin/python3 "
+                              "sees (scripts/install-deps installs them)") from first
         for d in _candidate_dirs():
             pkg = d / "fibquant"
             if (pkg / "v1" / "kv_compression_pb2.py").is_file():
