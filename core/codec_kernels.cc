@@ -242,6 +242,40 @@ void SearchTable::BuildClusters(SearchTable* t) {
     t->cl_rho_[g] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
                                    std::numeric_limits<float>::infinity());
   }
+  const uint32_t ns = (c + 7) / 8;
+  t->supers_ = ns;
+  t->sup_mu_.assign(static_cast<size_t>(ns) * k, 0.0f);
+  t->sup_mu_n2_.assign(ns, 0.0f);
+  t->sup_rho_.assign(ns, 0.0f);
+  for (uint32_t sp = 0; sp < ns; ++sp) {
+    std::vector<uint32_t> members;
+    for (uint32_t g = 8 * sp; g < std::min(c, 8 * sp + 8); ++g) {
+      members.insert(members.end(), leaves[g].begin(), leaves[g].end());
+    }
+    double mu[256] = {};
+    for (uint32_t id : members) {
+      for (uint32_t j = 0; j < k; ++j) mu[j] += cw[static_cast<size_t>(id) * k + j];
+    }
+    double mu2 = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const float m = static_cast<float>(mu[j] / static_cast<double>(members.size()));
+      t->sup_mu_[static_cast<size_t>(sp) * k + j] = m;
+      mu2 += static_cast<double>(m) * m;
+    }
+    t->sup_mu_n2_[sp] = static_cast<float>(mu2);
+    double rho = 0;
+    for (uint32_t id : members) {
+      double d2 = 0;
+      for (uint32_t j = 0; j < k; ++j) {
+        const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) -
+                         t->sup_mu_[static_cast<size_t>(sp) * k + j];
+        d2 += d * d;
+      }
+      rho = std::max(rho, std::sqrt(d2));
+    }
+    t->sup_rho_[sp] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
+                                     std::numeric_limits<float>::infinity());
+  }
 }
 
 bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
@@ -482,12 +516,13 @@ struct SearchKernels {
     order.resize(count);
     ny2v.resize(count);
     slackv.resize(count);
-    start.assign(nc + 1, 0);
-    if (stamp.size() < nc) stamp.assign(nc, 0);
+    const uint32_t ns = t.supers_;
+    start.assign(ns + 1, 0);
+    if (stamp.size() < nc + ns) stamp.assign(nc + ns, 0);
     uint32_t run_id = 0;
-    std::fill(stamp.begin(), stamp.begin() + nc, 0u);
-    // Key: the nearest cluster centre (ids 0..nc-1 in order).
-    Avx2Lanes<K>(t.cl_mu_.data(), t.cl_mu_n2_.data(), FullIds(nc), nc, k, y, count, key.data(),
+    std::fill(stamp.begin(), stamp.begin() + nc + ns, 0u);  // [0, nc): clusters, then supers
+    // Key: the nearest super-centre (ids 0..ns-1 in order).
+    Avx2Lanes<K>(t.sup_mu_.data(), t.sup_mu_n2_.data(), FullIds(ns), ns, k, y, count, key.data(),
                  nullptr);
     for (size_t b = 0; b < count; ++b) {
       const double ny = BlockNorm(y + b * k, k);
@@ -495,7 +530,7 @@ struct SearchKernels {
       slackv[b] = static_cast<float>(2.0 * PruneSlack(k, ny, t.max_norm_));
       ++start[key[b] + 1];
     }
-    for (uint32_t g = 0; g < nc; ++g) start[g + 1] += start[g];
+    for (uint32_t g = 0; g < ns; ++g) start[g + 1] += start[g];
     for (size_t b = 0; b < count; ++b) order[start[key[b]]++] = static_cast<uint32_t>(b);
     const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
@@ -556,16 +591,11 @@ struct SearchKernels {
           rad[h] = _mm256_mul_ps(_mm256_sqrt_ps(tt), grow);
         }
       };
-      for (size_t l = 0; l < nb; ++l) {
-        const uint32_t g = key[order[r + l]];
-        if (stamp[g] != run_id) eval(g);
-      }
-      radius();
-      for (uint32_t g = 0; g < nc; ++g) {
-        if (stamp[g] == run_id) continue;
-        const __m256 mu_n2 = _mm256_broadcast_ss(t.cl_mu_n2_.data() + g);
-        const __m256 rho = _mm256_broadcast_ss(t.cl_rho_.data() + g);
-        const float* mu = t.cl_mu_.data() + static_cast<size_t>(g) * k;
+      // Whether some block of the run may have its winner within `rho` of `mu`.
+      auto may_hold = [&](const float* mu, const float* mu_n2_p, const float* rho_p)
+                          __attribute__((target("avx2"))) {
+        const __m256 mu_n2 = _mm256_broadcast_ss(mu_n2_p);
+        const __m256 rho = _mm256_broadcast_ss(rho_p);
         int need = 0;
         for (int h = 0; h < 2; ++h) {
           __m256 d2 = mu_n2;
@@ -577,9 +607,29 @@ struct SearchKernels {
           const __m256 thr = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(lim, lim), grow), slack[h]);
           need |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(d2, thr, _CMP_LE_OQ), valid[h]));
         }
-        if (need != 0) {
-          eval(g);
-          radius();
+        return need != 0;
+      };
+      // First the clusters of the run's own super-clusters (a good bound), then the rest.
+      for (size_t l = 0; l < nb; ++l) {
+        const uint32_t sp = key[order[r + l]];
+        if (stamp[nc + sp] == run_id) continue;
+        stamp[nc + sp] = run_id;
+        for (uint32_t g = 8 * sp; g < std::min(nc, 8 * sp + 8); ++g) eval(g);
+      }
+      radius();
+      for (uint32_t sp = 0; sp < ns; ++sp) {
+        if (stamp[nc + sp] == run_id) continue;
+        if (!may_hold(t.sup_mu_.data() + static_cast<size_t>(sp) * k, t.sup_mu_n2_.data() + sp,
+                      t.sup_rho_.data() + sp)) {
+          continue;
+        }
+        for (uint32_t g = 8 * sp; g < std::min(nc, 8 * sp + 8); ++g) {
+          if (stamp[g] == run_id) continue;
+          if (may_hold(t.cl_mu_.data() + static_cast<size_t>(g) * k, t.cl_mu_n2_.data() + g,
+                       t.cl_rho_.data() + g)) {
+            eval(g);
+            radius();
+          }
         }
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(tid[0]), bidx[0]);
@@ -589,7 +639,7 @@ struct SearchKernels {
         out[order[r + l]] = static_cast<uint32_t>(bi) < t.n_ ? static_cast<uint32_t>(bi) : 0;
       }
     }
-    t_groups_visited += visited * 16 + count * ((nc + 7) / 8);
+    t_groups_visited += visited * 16 + count * ((ns + 7) / 8);
   }
 
   template <uint32_t K>

@@ -89,6 +89,12 @@ class SearchTable {
   std::vector<float> cl_mu_;    // clusters * k
   std::vector<float> cl_mu_n2_; // clusters
   std::vector<float> cl_rho_;   // clusters, rounded up
+  // Super-clusters: clusters [8s, 8s + 8) with their centre and radius (over their codewords).
+  // Blocks are keyed by the nearest super-centre; the tests go super-cluster first.
+  uint32_t supers_ = 0;
+  std::vector<float> sup_mu_;     // supers * k
+  std::vector<float> sup_mu_n2_;  // supers
+  std::vector<float> sup_rho_;    // supers, rounded up
   // Row-major copy (n*k) and ||c||^2 per codeword (f32, as norm2_) for the blocks-across-lanes
   // kernel, which broadcasts one codeword at a time.
   std::vector<float> cw_;
