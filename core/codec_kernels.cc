@@ -158,6 +158,8 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
     t.cw_n2_[i] = static_cast<float>(n2d);
   }
   if (!prune && k >= 3 && k <= 4 && n >= kClusterMinN) BuildClusters(&t);
+  // (A 4-d grid was measured too: 12^4 cells over max|c| visit 5 groups per block at k=4 N=256 but
+  // its 20 MB of cell lists miss the caches, and it lost to the brute force.)
   if (!prune && k == 2 && n >= kGridMinN && n <= kGridMaxN && t.max_norm_ > 0) BuildGrid(&t);
   return t;
 }
@@ -280,55 +282,64 @@ void SearchTable::BuildClusters(SearchTable* t) {
 }
 
 void SearchTable::BuildGrid(SearchTable* t) {
-  const uint32_t n = t->n_;
+  const uint32_t n = t->n_, k = t->k_;
   const float* cw = t->cw_.data();
-  const uint32_t g = std::clamp<uint32_t>(4 * static_cast<uint32_t>(std::ceil(std::sqrt(n))), 16, 128);
-  const double r = static_cast<double>(static_cast<float>(1.5 * t->max_norm_));
+  // Cells per axis: about 16 cells per codeword (k = 2 only; the code is written for any k <= 4).
+  const uint32_t g =
+      k == 2 ? std::clamp<uint32_t>(4 * static_cast<uint32_t>(std::ceil(std::sqrt(n))), 16, 128) : 12;
+  uint32_t cells = 1;
+  for (uint32_t j = 0; j < k; ++j) cells *= g;
+  const double r = static_cast<double>(static_cast<float>((k == 2 ? 1.5 : 1.0) * t->max_norm_));
   const double cell = 2 * r / g;
   const double grow = 1e-6 * r;  // a block rounded into the neighbouring cell is still covered
-  // Winner slack for any y in the grid (|y| <= r sqrt 2): 4 * PruneSlack covers two f32 scores.
-  const double margin = 4 * PruneSlack(2, r * std::sqrt(2.0), t->max_norm_) + 1e-12 * r * r;
+  // Winner slack for any y in the grid (|y| <= r sqrt k): 4 * PruneSlack covers two f32 scores.
+  const double margin = 4 * PruneSlack(k, r * std::sqrt(static_cast<double>(k)), t->max_norm_) +
+                        1e-12 * r * r;
   t->grid_ = g;
   t->grid_r_ = static_cast<float>(r);
-  t->grid_start_.assign(static_cast<size_t>(g) * g + 1, 0);
+  t->grid_start_.assign(static_cast<size_t>(cells) + 1, 0);
   std::vector<uint32_t> cand;
-  for (uint32_t cy = 0; cy < g; ++cy) {
-    for (uint32_t cx = 0; cx < g; ++cx) {
-      const double x0 = -r + cx * cell - grow, x1 = -r + (cx + 1) * cell + grow;
-      const double y0 = -r + cy * cell - grow, y1 = -r + (cy + 1) * cell + grow;
-      double u = std::numeric_limits<double>::infinity();
-      std::vector<double> lo(n);
-      for (uint32_t i = 0; i < n; ++i) {
-        const double a = cw[2 * i], b = cw[2 * i + 1];
-        const double fx = std::max(std::abs(a - x0), std::abs(a - x1));
-        const double fy = std::max(std::abs(b - y0), std::abs(b - y1));
-        u = std::min(u, fx * fx + fy * fy);
-        const double nx = a < x0 ? x0 - a : (a > x1 ? a - x1 : 0.0);
-        const double ny = b < y0 ? y0 - b : (b > y1 ? b - y1 : 0.0);
-        lo[i] = nx * nx + ny * ny;
+  std::vector<double> lo(n);
+  double x0[4], x1[4];
+  for (uint32_t c = 0; c < cells; ++c) {
+    uint32_t rest = c;
+    for (uint32_t j = 0; j < k; ++j) {  // cell c = sum_j index_j g^j
+      const uint32_t ij = rest % g;
+      rest /= g;
+      x0[j] = -r + ij * cell - grow;
+      x1[j] = -r + (ij + 1) * cell + grow;
+    }
+    double u = std::numeric_limits<double>::infinity();
+    for (uint32_t i = 0; i < n; ++i) {
+      double far = 0, near = 0;
+      for (uint32_t j = 0; j < k; ++j) {
+        const double a = cw[static_cast<size_t>(i) * k + j];
+        const double f = std::max(std::abs(a - x0[j]), std::abs(a - x1[j]));
+        const double e = a < x0[j] ? x0[j] - a : (a > x1[j] ? a - x1[j] : 0.0);
+        far += f * f;
+        near += e * e;
       }
-      cand.clear();
-      for (uint32_t i = 0; i < n; ++i) {
-        if (lo[i] <= u + margin) cand.push_back(i);
+      u = std::min(u, far);
+      lo[i] = near;
+    }
+    cand.clear();
+    for (uint32_t i = 0; i < n; ++i) {
+      if (lo[i] <= u + margin) cand.push_back(i);
+    }
+    const uint32_t groups = static_cast<uint32_t>((cand.size() + 7) / 8);
+    t->grid_start_[c + 1] = t->grid_start_[c] + groups;
+    const size_t first = t->grid_n2_.size() / 8;
+    t->grid_soa_.resize((first + groups) * k * 8, 0.0f);
+    t->grid_n2_.resize((first + groups) * 8, std::numeric_limits<float>::infinity());
+    t->grid_idx_.resize((first + groups) * 8, std::numeric_limits<int32_t>::max());
+    for (size_t q = 0; q < cand.size(); ++q) {
+      const size_t grp = first + q / 8, lane = q % 8;
+      const uint32_t i = cand[q];
+      for (uint32_t j = 0; j < k; ++j) {
+        t->grid_soa_[(grp * k + j) * 8 + lane] = cw[static_cast<size_t>(i) * k + j];
       }
-      const uint32_t groups = static_cast<uint32_t>((cand.size() + 7) / 8);
-      const size_t c = static_cast<size_t>(cy) * g + cx;
-      t->grid_start_[c + 1] = t->grid_start_[c] + groups;
-      for (uint32_t q = 0; q < groups * 8; ++q) {
-        const bool real = q < cand.size();
-        const uint32_t i = real ? cand[q] : 0;
-        if (q % 8 == 0) {
-          t->grid_soa_.resize(t->grid_soa_.size() + 16, 0.0f);
-          t->grid_n2_.resize(t->grid_n2_.size() + 8, std::numeric_limits<float>::infinity());
-          t->grid_idx_.resize(t->grid_idx_.size() + 8, std::numeric_limits<int32_t>::max());
-        }
-        if (!real) continue;
-        const size_t grp = t->grid_n2_.size() / 8 - 1, lane = q % 8;
-        t->grid_soa_[grp * 16 + lane] = cw[2 * i];
-        t->grid_soa_[grp * 16 + 8 + lane] = cw[2 * i + 1];
-        t->grid_n2_[grp * 8 + lane] = t->cw_n2_[i];
-        t->grid_idx_[grp * 8 + lane] = static_cast<int32_t>(i);
-      }
+      t->grid_n2_[grp * 8 + lane] = t->cw_n2_[i];
+      t->grid_idx_[grp * 8 + lane] = static_cast<int32_t>(i);
     }
   }
 }
@@ -559,8 +570,9 @@ struct SearchKernels {
     }
   }
 
-  // The k = 2 grid (see codec_kernels.h): per block, its cell's candidate groups (codewords across
+  // The grid (see codec_kernels.h): per block, its cell's candidate groups (codewords across
   // lanes, (score, index) update per lane), then the lexicographic minimum over the lanes.
+  template <uint32_t K>
   __attribute__((target("avx2"))) static void Avx2Grid(const SearchTable& t, const float* y,
                                                        size_t count, uint32_t* out) {
     const uint32_t g = t.grid_;
@@ -570,22 +582,31 @@ struct SearchKernels {
     const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
     uint64_t visited = 0;
     for (size_t b = 0; b < count; ++b) {
-      const float y0 = y[2 * b], y1 = y[2 * b + 1];
-      const float fx = (y0 + r) * scale, fy = (y1 + r) * scale;
-      if (!(fx >= 0 && fx < static_cast<float>(g) && fy >= 0 && fy < static_cast<float>(g))) {
-        Avx2Lanes<2>(t.cw_.data(), t.cw_n2_.data(), FullIds(t.n_), t.n_, 2, y + 2 * b, 1, out + b,
+      const float* yb = y + K * b;
+      size_t c = 0, stride = 1;
+      bool inside = true;
+      for (uint32_t j = 0; j < K; ++j) {
+        const float f = (yb[j] + r) * scale;
+        inside = inside && f >= 0 && f < static_cast<float>(g);
+        c += (inside ? static_cast<size_t>(f) : 0) * stride;
+        stride *= g;
+      }
+      if (!inside) {
+        Avx2Lanes<K>(t.cw_.data(), t.cw_n2_.data(), FullIds(t.n_), t.n_, K, yb, 1, out + b,
                      nullptr);
         visited += t.groups_;
         continue;
       }
-      const size_t c = static_cast<size_t>(static_cast<uint32_t>(fy)) * g + static_cast<uint32_t>(fx);
-      const __m256 m0 = _mm256_set1_ps(-2.0f * y0), m1 = _mm256_set1_ps(-2.0f * y1);
+      __m256 m[K];
+      for (uint32_t j = 0; j < K; ++j) m[j] = _mm256_set1_ps(-2.0f * yb[j]);
       __m256 best = inf;
       __m256i bi = imax;
       for (uint32_t grp = t.grid_start_[c]; grp < t.grid_start_[c + 1]; ++grp) {
+        const float* cs = t.grid_soa_.data() + static_cast<size_t>(grp) * K * 8;
         __m256 s = _mm256_loadu_ps(t.grid_n2_.data() + static_cast<size_t>(grp) * 8);
-        s = _mm256_add_ps(s, _mm256_mul_ps(m0, _mm256_loadu_ps(t.grid_soa_.data() + static_cast<size_t>(grp) * 16)));
-        s = _mm256_add_ps(s, _mm256_mul_ps(m1, _mm256_loadu_ps(t.grid_soa_.data() + static_cast<size_t>(grp) * 16 + 8)));
+        for (uint32_t j = 0; j < K; ++j) {
+          s = _mm256_add_ps(s, _mm256_mul_ps(m[j], _mm256_loadu_ps(cs + j * 8)));
+        }
         const __m256i id = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(t.grid_idx_.data() + static_cast<size_t>(grp) * 8));
         const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
@@ -757,7 +778,7 @@ struct SearchKernels {
 
 void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && grid_ > 0 && use_clusters_) {
-    return SearchKernels::Avx2Grid(*this, y, count, out);
+    return SearchKernels::Avx2Grid<2>(*this, y, count, out);
   }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && clusters_ > 0 && use_clusters_) {
     switch (k_) {
