@@ -17,6 +17,9 @@
 // machine, so not kept: a neighbour-graph search — coarse start, descent over 8-nearest-neighbour
 // groups, triangle-inequality check within 2 sqrt(best distance) — which visits 4x fewer
 // codewords at k=4 N=256 but pays more in per-block reductions and branches than it saves.)
+// Tables built without norm pruning also get, where measured to pay, the k = 2 grid or the
+// clustered search (k = 3, 4, N >= 1024) described at their fields below; their structures are
+// built in codec_search_build.cc, their kernels live in codec_kernels.cc.
 // Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
 // reentrant. The ISA override is a process-wide test hook (atomic).
 #ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
@@ -34,6 +37,13 @@ enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1 };
 Isa ActiveIsa();
 // Test hook: force the scalar kernels for every later call (process-wide) when `force` is true.
 void ForceScalarForTesting(bool force);
+
+// Margin that covers every rounding error of the f32 score s(c) = ||c||^2 + sum_j m_j c_j:
+// |err| <= (k+1) 2^-24 (||c||^2 + 2|y||c|) <= (k+1) 2^-24 (|y| + |c|)^2; we allow 16 times that.
+inline double PruneSlack(uint32_t k, double ny, double max_norm) {
+  const double r = ny + max_norm;
+  return static_cast<double>(k + 4) * 0x1p-20 * r * r;
+}
 
 // Exact f64 nearest codeword to y (k values) among n codewords (n*k f32, row-major).
 uint32_t NearestReference(const float* codewords, uint32_t n, uint32_t k, const double* y);
