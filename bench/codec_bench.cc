@@ -3,7 +3,8 @@
 // plus the reference path for one configuration as a baseline. Counters: items_per_second
 // (vectors/s), bytes_per_second (f16 input bytes), and the round trip's rel_mse
 // (mean ||x - x^||^2/||x||^2), mse (mean squared element error) and cosine.
-// Search/...: the nearest-codeword kernel alone (blocks/s).
+// Search/...: the nearest-codeword kernel alone (blocks/s): brute (blocks across lanes), pruned
+// (norm bound), structured (the k=2 grid or clustered search where the table builds one).
 // Data: USE-Lite keys from FQ_SHARED_DATA_DIR if present, else the tests/data fixture (repeated),
 // else Gaussian vectors.
 #include <cmath>
@@ -156,8 +157,10 @@ void BM_Decode(benchmark::State& state, uint32_t d, uint32_t k, uint32_t n, std:
 // The nearest-codeword search alone on real rotated blocks (d=128), brute force vs norm pruning and
 // AVX2 vs scalar: blocks/s and groups of 8 codewords visited per block. Codebooks use a light
 // training (1 restart x 5 iterations, 8 N samples): search speed barely depends on it.
+// structured: with prune off, keep the k=2 grid / clustered search the table builds where they
+// apply (what the codec runs); without it, the blocks-across-lanes brute force.
 void BM_Search(benchmark::State& state, uint32_t k, uint32_t n, bool prune,
-               codec_internal::Isa isa) {
+               codec_internal::Isa isa, bool structured = false) {
   const uint32_t d = 128;
   static std::map<std::pair<uint32_t, uint32_t>, std::shared_ptr<const Quantizer>> cache;
   auto& q = cache[{k, n}];
@@ -184,7 +187,8 @@ void BM_Search(benchmark::State& state, uint32_t k, uint32_t n, bool prune,
   q->rotation().ApplyBatch(u.data(), y.data(), vectors);
   const size_t blocks = vectors * (d / k);
   const auto& cw = q->codebook().codewords();
-  const auto table = codec_internal::SearchTable::Build(cw.data(), n, k, prune);
+  auto table = codec_internal::SearchTable::Build(cw.data(), n, k, prune);
+  if (!structured) table.DisableClustersForTesting();
   std::vector<uint32_t> out(blocks);
   codec_internal::SearchTable::ResetGroupsVisitedOnThisThread();
   for (auto _ : state) {
@@ -209,12 +213,15 @@ void RegisterAll() {
     for (bool prune : {false, true}) {
       const std::string name =
           absl::StrCat("Search/avx2/k", c.k, "/N", c.n, prune ? "/pruned" : "/brute");
-      benchmark::RegisterBenchmark(name.c_str(), BM_Search, c.k, c.n, prune, Isa::kAvx2)
+      benchmark::RegisterBenchmark(name.c_str(), BM_Search, c.k, c.n, prune, Isa::kAvx2, false)
           ->Unit(benchmark::kMicrosecond);
     }
+    const std::string structured = absl::StrCat("Search/avx2/k", c.k, "/N", c.n, "/structured");
+    benchmark::RegisterBenchmark(structured.c_str(), BM_Search, c.k, c.n, false, Isa::kAvx2, true)
+        ->Unit(benchmark::kMicrosecond);
   }
   benchmark::RegisterBenchmark("Search/scalar/k4/N256/brute", BM_Search, 4u, 256u, false,
-                               Isa::kScalar)
+                               Isa::kScalar, false)
       ->Unit(benchmark::kMicrosecond);
 
   struct Kn {

@@ -62,8 +62,8 @@ class Quantizer {
                       CodecPath path) const;
 
   // Whether the fast path's nearest-codeword search prunes for this codebook (norm pruning chosen
-  // by a cost model, or the clustered search for 2 <= k <= 4 and N >= 1024; chosen at Create, a speed
-  // choice only: the indices are the same either way).
+  // by a cost model, the k = 2 grid for 64 <= N <= 4096, or the clustered search for k = 3, 4 and
+  // N >= 1024; chosen at Create, a speed choice only: the indices are the same either way).
   bool uses_pruned_search() const;
 
   // Decodes to f32 (convenience for metrics).

@@ -48,13 +48,6 @@ inline double BlockNorm(const float* y, uint32_t k) {
   return std::sqrt(s);
 }
 
-// Margin that covers every rounding error of the f32 score s(c) = ||c||^2 + sum_j m_j c_j:
-// |err| <= (k+1) 2^-24 (||c||^2 + 2|y||c|) <= (k+1) 2^-24 (|y| + |c|)^2; we allow 16 times that.
-inline double PruneSlack(uint32_t k, double ny, double max_norm) {
-  const double r = ny + max_norm;
-  return static_cast<double>(k + 4) * 0x1p-20 * r * r;
-}
-
 // Lexicographic (score, index) minimum over 8 lanes.
 inline uint32_t PickLane(const float* score, const int32_t* index, uint32_t n) {
   float best = score[0];
@@ -157,91 +150,11 @@ SearchTable SearchTable::Build(const float* codewords, uint32_t n, uint32_t k, b
     }
     t.cw_n2_[i] = static_cast<float>(n2d);
   }
-  if (!prune && k >= 2 && k <= 4 && n >= kClusterMinN) BuildClusters(&t);
+  if (!prune && k >= 3 && k <= 4 && n >= kClusterMinN) BuildClusters(&t);
+  // (A 4-d grid was measured too: 12^4 cells over max|c| visit 5 groups per block at k=4 N=256 but
+  // its 20 MB of cell lists miss the caches, and it lost to the brute force.)
+  if (!prune && k == 2 && n >= kGridMinN && n <= kGridMaxN && t.max_norm_ > 0) BuildGrid(&t);
   return t;
-}
-
-void SearchTable::BuildClusters(SearchTable* t) {
-  const uint32_t n = t->n_, k = t->k_;
-  const float* cw = t->cw_.data();
-  std::vector<std::vector<uint32_t>> leaves;
-  // Median cuts along the widest coordinate (lowest j on ties), cut points at multiples of 8 so
-  // every cluster but the last is full. Deterministic: stable sorts, ties by index.
-  std::vector<std::pair<uint32_t, uint32_t>> stack;  // [begin, end) into ids
-  std::vector<uint32_t> ids(n);
-  std::iota(ids.begin(), ids.end(), 0u);
-  stack.emplace_back(0, n);
-  while (!stack.empty()) {
-    auto [b, e] = stack.back();
-    stack.pop_back();
-    if (e - b <= 8) {
-      leaves.emplace_back(ids.begin() + b, ids.begin() + e);
-      continue;
-    }
-    uint32_t dim = 0;
-    double widest = -1;
-    for (uint32_t j = 0; j < k; ++j) {
-      double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-      for (uint32_t i = b; i < e; ++i) {
-        lo = std::min<double>(lo, cw[static_cast<size_t>(ids[i]) * k + j]);
-        hi = std::max<double>(hi, cw[static_cast<size_t>(ids[i]) * k + j]);
-      }
-      if (hi - lo > widest) {
-        widest = hi - lo;
-        dim = j;
-      }
-    }
-    std::stable_sort(ids.begin() + b, ids.begin() + e, [&](uint32_t x, uint32_t y) {
-      return cw[static_cast<size_t>(x) * k + dim] < cw[static_cast<size_t>(y) * k + dim];
-    });
-    const uint32_t mid = b + std::max<uint32_t>(8, ((e - b) / 2 + 7) / 8 * 8);
-    if (mid >= e) {
-      leaves.emplace_back(ids.begin() + b, ids.begin() + e);
-      continue;
-    }
-    stack.emplace_back(mid, e);  // popped second: left half first
-    stack.emplace_back(b, mid);
-  }
-  const uint32_t c = static_cast<uint32_t>(leaves.size());
-  t->clusters_ = c;
-  t->cl_cw_.assign(static_cast<size_t>(c) * 8 * k, 0.0f);
-  t->cl_n2_.assign(static_cast<size_t>(c) * 8, std::numeric_limits<float>::infinity());
-  t->cl_idx_.assign(static_cast<size_t>(c) * 8, std::numeric_limits<int32_t>::max());
-  t->cl_mu_.assign(static_cast<size_t>(c) * k, 0.0f);
-  t->cl_mu_n2_.assign(c, 0.0f);
-  t->cl_rho_.assign(c, 0.0f);
-  for (uint32_t g = 0; g < c; ++g) {
-    const auto& leaf = leaves[g];
-    double mu[256] = {};
-    for (uint32_t i = 0; i < leaf.size(); ++i) {
-      const uint32_t id = leaf[i];
-      for (uint32_t j = 0; j < k; ++j) {
-        t->cl_cw_[(static_cast<size_t>(g) * 8 + i) * k + j] = cw[static_cast<size_t>(id) * k + j];
-        mu[j] += cw[static_cast<size_t>(id) * k + j];
-      }
-      t->cl_n2_[static_cast<size_t>(g) * 8 + i] = t->cw_n2_[id];
-      t->cl_idx_[static_cast<size_t>(g) * 8 + i] = static_cast<int32_t>(id);
-    }
-    double mu2 = 0;
-    for (uint32_t j = 0; j < k; ++j) {
-      const float m = static_cast<float>(mu[j] / static_cast<double>(leaf.size()));
-      t->cl_mu_[static_cast<size_t>(g) * k + j] = m;
-      mu2 += static_cast<double>(m) * m;
-    }
-    t->cl_mu_n2_[g] = static_cast<float>(mu2);
-    double rho = 0;
-    for (uint32_t id : leaf) {
-      double d2 = 0;
-      for (uint32_t j = 0; j < k; ++j) {
-        const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) -
-                         t->cl_mu_[static_cast<size_t>(g) * k + j];
-        d2 += d * d;
-      }
-      rho = std::max(rho, std::sqrt(d2));
-    }
-    t->cl_rho_[g] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
-                                   std::numeric_limits<float>::infinity());
-  }
 }
 
 bool SearchTable::PruningPays(const float* codewords, uint32_t n, uint32_t k) {
@@ -470,6 +383,67 @@ struct SearchKernels {
     }
   }
 
+  // The grid (see codec_kernels.h): per block, its cell's candidate groups (codewords across
+  // lanes, (score, index) update per lane), then the lexicographic minimum over the lanes.
+  template <uint32_t K>
+  __attribute__((target("avx2"))) static void Avx2Grid(const SearchTable& t, const float* y,
+                                                       size_t count, uint32_t* out) {
+    const uint32_t g = t.grid_;
+    const float r = t.grid_r_;
+    const float scale = static_cast<float>(g) / (2 * r);
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    uint64_t visited = 0;
+    for (size_t b = 0; b < count; ++b) {
+      const float* yb = y + K * b;
+      size_t c = 0, stride = 1;
+      bool inside = true;
+      for (uint32_t j = 0; j < K; ++j) {
+        const float f = (yb[j] + r) * scale;
+        inside = inside && f >= 0 && f < static_cast<float>(g);
+        c += (inside ? static_cast<size_t>(f) : 0) * stride;
+        stride *= g;
+      }
+      if (!inside) {
+        Avx2Lanes<K>(t.cw_.data(), t.cw_n2_.data(), FullIds(t.n_), t.n_, K, yb, 1, out + b,
+                     nullptr);
+        visited += t.groups_;
+        continue;
+      }
+      __m256 m[K];
+      for (uint32_t j = 0; j < K; ++j) m[j] = _mm256_set1_ps(-2.0f * yb[j]);
+      __m256 best = inf;
+      __m256i bi = imax;
+      for (uint32_t grp = t.grid_start_[c]; grp < t.grid_start_[c + 1]; ++grp) {
+        const float* cs = t.grid_soa_.data() + static_cast<size_t>(grp) * K * 8;
+        __m256 s = _mm256_loadu_ps(t.grid_n2_.data() + static_cast<size_t>(grp) * 8);
+        for (uint32_t j = 0; j < K; ++j) {
+          s = _mm256_add_ps(s, _mm256_mul_ps(m[j], _mm256_loadu_ps(cs + j * 8)));
+        }
+        const __m256i id = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(t.grid_idx_.data() + static_cast<size_t>(grp) * 8));
+        const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
+        const __m256 eq = _mm256_cmp_ps(s, best, _CMP_EQ_OQ);
+        const __m256 il = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bi, id));
+        const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, il));
+        best = _mm256_blendv_ps(best, s, upd);
+        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(id), upd));
+        ++visited;
+      }
+      __m256 h = _mm256_min_ps(best, _mm256_permute2f128_ps(best, best, 1));
+      h = _mm256_min_ps(h, _mm256_shuffle_ps(h, h, _MM_SHUFFLE(1, 0, 3, 2)));
+      h = _mm256_min_ps(h, _mm256_shuffle_ps(h, h, _MM_SHUFFLE(2, 3, 0, 1)));
+      __m256i id = _mm256_castps_si256(_mm256_blendv_ps(
+          _mm256_castsi256_ps(imax), _mm256_castsi256_ps(bi), _mm256_cmp_ps(best, h, _CMP_EQ_OQ)));
+      id = _mm256_min_epi32(id, _mm256_permute2x128_si256(id, id, 1));
+      id = _mm256_min_epi32(id, _mm256_shuffle_epi32(id, _MM_SHUFFLE(1, 0, 3, 2)));
+      id = _mm256_min_epi32(id, _mm256_shuffle_epi32(id, _MM_SHUFFLE(2, 3, 0, 1)));
+      const int32_t w = _mm256_cvtsi256_si32(id);
+      out[b] = static_cast<uint32_t>(w) < t.n_ ? static_cast<uint32_t>(w) : 0;
+    }
+    t_groups_visited += visited;
+  }
+
   // The clustered search (see codec_kernels.h). Lanes 0-7 and 8-15 are blocks order[r..r+16).
   template <uint32_t K>
   __attribute__((target("avx2"))) static void Avx2Clustered(const SearchTable& t, const float* y,
@@ -482,12 +456,13 @@ struct SearchKernels {
     order.resize(count);
     ny2v.resize(count);
     slackv.resize(count);
-    start.assign(nc + 1, 0);
-    if (stamp.size() < nc) stamp.assign(nc, 0);
+    const uint32_t ns = t.supers_;
+    start.assign(ns + 1, 0);
+    if (stamp.size() < nc + ns) stamp.assign(nc + ns, 0);
     uint32_t run_id = 0;
-    std::fill(stamp.begin(), stamp.begin() + nc, 0u);
-    // Key: the nearest cluster centre (ids 0..nc-1 in order).
-    Avx2Lanes<K>(t.cl_mu_.data(), t.cl_mu_n2_.data(), FullIds(nc), nc, k, y, count, key.data(),
+    std::fill(stamp.begin(), stamp.begin() + nc + ns, 0u);  // [0, nc): clusters, then supers
+    // Key: the nearest super-centre (ids 0..ns-1 in order).
+    Avx2Lanes<K>(t.sup_mu_.data(), t.sup_mu_n2_.data(), FullIds(ns), ns, k, y, count, key.data(),
                  nullptr);
     for (size_t b = 0; b < count; ++b) {
       const double ny = BlockNorm(y + b * k, k);
@@ -495,7 +470,7 @@ struct SearchKernels {
       slackv[b] = static_cast<float>(2.0 * PruneSlack(k, ny, t.max_norm_));
       ++start[key[b] + 1];
     }
-    for (uint32_t g = 0; g < nc; ++g) start[g + 1] += start[g];
+    for (uint32_t g = 0; g < ns; ++g) start[g + 1] += start[g];
     for (size_t b = 0; b < count; ++b) order[start[key[b]]++] = static_cast<uint32_t>(b);
     const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     const __m256i imax = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
@@ -556,16 +531,11 @@ struct SearchKernels {
           rad[h] = _mm256_mul_ps(_mm256_sqrt_ps(tt), grow);
         }
       };
-      for (size_t l = 0; l < nb; ++l) {
-        const uint32_t g = key[order[r + l]];
-        if (stamp[g] != run_id) eval(g);
-      }
-      radius();
-      for (uint32_t g = 0; g < nc; ++g) {
-        if (stamp[g] == run_id) continue;
-        const __m256 mu_n2 = _mm256_broadcast_ss(t.cl_mu_n2_.data() + g);
-        const __m256 rho = _mm256_broadcast_ss(t.cl_rho_.data() + g);
-        const float* mu = t.cl_mu_.data() + static_cast<size_t>(g) * k;
+      // Whether some block of the run may have its winner within `rho` of `mu`.
+      auto may_hold = [&](const float* mu, const float* mu_n2_p, const float* rho_p)
+                          __attribute__((target("avx2"))) {
+        const __m256 mu_n2 = _mm256_broadcast_ss(mu_n2_p);
+        const __m256 rho = _mm256_broadcast_ss(rho_p);
         int need = 0;
         for (int h = 0; h < 2; ++h) {
           __m256 d2 = mu_n2;
@@ -577,9 +547,29 @@ struct SearchKernels {
           const __m256 thr = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(lim, lim), grow), slack[h]);
           need |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(d2, thr, _CMP_LE_OQ), valid[h]));
         }
-        if (need != 0) {
-          eval(g);
-          radius();
+        return need != 0;
+      };
+      // First the clusters of the run's own super-clusters (a good bound), then the rest.
+      for (size_t l = 0; l < nb; ++l) {
+        const uint32_t sp = key[order[r + l]];
+        if (stamp[nc + sp] == run_id) continue;
+        stamp[nc + sp] = run_id;
+        for (uint32_t g = 8 * sp; g < std::min(nc, 8 * sp + 8); ++g) eval(g);
+      }
+      radius();
+      for (uint32_t sp = 0; sp < ns; ++sp) {
+        if (stamp[nc + sp] == run_id) continue;
+        if (!may_hold(t.sup_mu_.data() + static_cast<size_t>(sp) * k, t.sup_mu_n2_.data() + sp,
+                      t.sup_rho_.data() + sp)) {
+          continue;
+        }
+        for (uint32_t g = 8 * sp; g < std::min(nc, 8 * sp + 8); ++g) {
+          if (stamp[g] == run_id) continue;
+          if (may_hold(t.cl_mu_.data() + static_cast<size_t>(g) * k, t.cl_mu_n2_.data() + g,
+                       t.cl_rho_.data() + g)) {
+            eval(g);
+            radius();
+          }
         }
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(tid[0]), bidx[0]);
@@ -589,7 +579,7 @@ struct SearchKernels {
         out[order[r + l]] = static_cast<uint32_t>(bi) < t.n_ ? static_cast<uint32_t>(bi) : 0;
       }
     }
-    t_groups_visited += visited * 16 + count * ((nc + 7) / 8);
+    t_groups_visited += visited * 16 + count * ((ns + 7) / 8);
   }
 
   template <uint32_t K>
@@ -600,9 +590,11 @@ struct SearchKernels {
 };
 
 void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) const {
+  if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && grid_ > 0 && use_clusters_) {
+    return SearchKernels::Avx2Grid<2>(*this, y, count, out);
+  }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && clusters_ > 0 && use_clusters_) {
     switch (k_) {
-      case 2: return SearchKernels::Avx2Clustered<2>(*this, y, count, out);
       case 4: return SearchKernels::Avx2Clustered<4>(*this, y, count, out);
       default: return SearchKernels::Avx2Clustered<0>(*this, y, count, out);
     }

@@ -17,6 +17,9 @@
 // machine, so not kept: a neighbour-graph search — coarse start, descent over 8-nearest-neighbour
 // groups, triangle-inequality check within 2 sqrt(best distance) — which visits 4x fewer
 // codewords at k=4 N=256 but pays more in per-block reductions and branches than it saves.)
+// Tables built without norm pruning also get, where measured to pay, the k = 2 grid or the
+// clustered search (k = 3, 4, N >= 1024) described at their fields below; their structures are
+// built in codec_search_build.cc, their kernels live in codec_kernels.cc.
 // Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
 // reentrant. The ISA override is a process-wide test hook (atomic).
 #ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
@@ -35,6 +38,13 @@ Isa ActiveIsa();
 // Test hook: force the scalar kernels for every later call (process-wide) when `force` is true.
 void ForceScalarForTesting(bool force);
 
+// Margin that covers every rounding error of the f32 score s(c) = ||c||^2 + sum_j m_j c_j:
+// |err| <= (k+1) 2^-24 (||c||^2 + 2|y||c|) <= (k+1) 2^-24 (|y| + |c|)^2; we allow 16 times that.
+inline double PruneSlack(uint32_t k, double ny, double max_norm) {
+  const double r = ny + max_norm;
+  return static_cast<double>(k + 4) * 0x1p-20 * r * r;
+}
+
 // Exact f64 nearest codeword to y (k values) among n codewords (n*k f32, row-major).
 uint32_t NearestReference(const float* codewords, uint32_t n, uint32_t k, const double* y);
 // Squared distance in f64 between y and codeword `index` (the reference metric).
@@ -42,9 +52,12 @@ double DistanceF64(const float* codewords, uint32_t k, uint32_t index, const dou
 
 class SearchTable {
  public:
-  // Smallest codebook that gets the clustered search (2 <= k <= 4; see below). Measured: below it the
+  // Smallest codebook that gets the clustered search (3 <= k <= 4; see below). Measured: below it the
   // blocks-across-lanes brute force wins.
   static constexpr uint32_t kClusterMinN = 1024;
+  // Codebook sizes that get the k = 2 grid (see below).
+  static constexpr uint32_t kGridMinN = 64;
+  static constexpr uint32_t kGridMaxN = 4096;
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
@@ -59,8 +72,9 @@ class SearchTable {
   uint32_t size() const { return n_; }
   uint32_t dim() const { return k_; }
   bool prune() const { return prune_; }
-  bool clustered() const { return clusters_ > 0 && use_clusters_; }
-  // Benchmark/test hook: run the blocks-across-lanes brute force instead of the clustered search.
+  bool clustered() const { return (clusters_ > 0 || grid_ > 0) && use_clusters_; }
+  // Benchmark/test hook: run the blocks-across-lanes brute force instead of the clustered search
+  // or the k = 2 grid.
   void DisableClustersForTesting() { use_clusters_ = false; }
   // Groups of 8 codewords visited by the last call on this thread (a diagnostic for tests and
   // benchmarks: how much the pruning saves).
@@ -73,7 +87,7 @@ class SearchTable {
   uint32_t k_ = 0;
   uint32_t groups_ = 0;
   bool prune_ = false;
-  // Clustered search (AVX2, tables built without norm pruning, 2 <= k <= 4, n >= kClusterMinN):
+  // Clustered search (AVX2, tables built without norm pruning, 3 <= k <= 4, n >= kClusterMinN):
   // the codewords
   // split into clusters of 8 by recursive median cuts along the widest coordinate, each with its
   // centre and a radius rounded up. Blocks are keyed by their nearest centre, sorted by key, and
@@ -89,6 +103,24 @@ class SearchTable {
   std::vector<float> cl_mu_;    // clusters * k
   std::vector<float> cl_mu_n2_; // clusters
   std::vector<float> cl_rho_;   // clusters, rounded up
+  // k = 2 grid (AVX2, tables built without norm pruning, kGridMinN <= n <= kGridMaxN): a G x G
+  // grid over [-R, R]^2 (R = 1.5 max ||c||); each cell lists, in groups of 8 (SoA, padding +inf),
+  // every codeword whose distance to the cell (grown by a tiny margin) is at most
+  // U + 4 * slack, U = min over codewords of the distance to the cell's farthest point. The nearest
+  // codeword of any point in the cell is within U, and the f32 winner within U + 2 * slack, so it is
+  // listed. A block outside the grid takes the full scan.
+  uint32_t grid_ = 0;
+  float grid_r_ = 0;
+  std::vector<uint32_t> grid_start_;  // G*G + 1: first group of each cell
+  std::vector<float> grid_soa_;       // groups * 2 * 8
+  std::vector<float> grid_n2_;        // groups * 8
+  std::vector<int32_t> grid_idx_;     // groups * 8
+  // Super-clusters: clusters [8s, 8s + 8) with their centre and radius (over their codewords).
+  // Blocks are keyed by the nearest super-centre; the tests go super-cluster first.
+  uint32_t supers_ = 0;
+  std::vector<float> sup_mu_;     // supers * k
+  std::vector<float> sup_mu_n2_;  // supers
+  std::vector<float> sup_rho_;    // supers, rounded up
   // Row-major copy (n*k) and ||c||^2 per codeword (f32, as norm2_) for the blocks-across-lanes
   // kernel, which broadcasts one codeword at a time.
   std::vector<float> cw_;
@@ -106,6 +138,7 @@ class SearchTable {
   double lut_scale_ = 0;
 
   static void BuildClusters(SearchTable* t);
+  static void BuildGrid(SearchTable* t);
   friend struct SearchKernels;
 };
 

@@ -94,8 +94,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, NearestTest,
                          ::testing::Values(Case{1, 16}, Case{2, 16}, Case{2, 256}, Case{3, 100},
                                            Case{4, 256}, Case{4, 1000}, Case{8, 256},
                                            Case{8, 4096}, Case{12, 64}, Case{16, 37},
-                                           // clustered search (2 <= k <= 4, N >= 1024)
-                                           Case{2, 1024}, Case{3, 1500},
+                                           // grid (k = 2) and clustered search (k = 3, 4)
+                                           Case{2, 64}, Case{2, 1024}, Case{2, 4096}, Case{3, 1500},
                                            Case{4, 4096}),
                          [](const auto& info) {
                            return absl::StrCat("k", info.param.k, "_n", info.param.n);
@@ -105,8 +105,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, NearestTest,
 // rounding decides them: here the f32 search and the f64 reference do disagree, and every
 // disagreement must be a near-tie (this is what the Quantizer-level bound relies on).
 TEST(Nearest, DisagreementsOnConstructedTiesAreNearTies) {
-  const uint32_t k = 4, n = 256;
-  Rng rng(99);
+  for (uint32_t k : {4u, 2u}) {  // k = 2: the grid search
+  SCOPED_TRACE(absl::StrCat("k=", k));
+  const uint32_t n = 256;
+  Rng rng(99 + k);
   const std::vector<float> cw = GaussianBlocks(rng, n, k, 0.125);
   std::vector<float> y;
   for (uint32_t a = 0; a < n; ++a) {
@@ -137,8 +139,12 @@ TEST(Nearest, DisagreementsOnConstructedTiesAreNearTies) {
     EXPECT_LE(dr, df);
     EXPECT_LT(df - dr, 1e-4 * dr) << "query " << q;
   }
-  std::printf("constructed ties: %zu of %u differ\n", mismatches, n);
+  std::printf("constructed ties (k=%u): %zu of %u differ\n", k, mismatches, n);
   EXPECT_GT(mismatches, 0u);
+  for (uint32_t q = 0; q < n; ++q) {  // and every kernel returns the specified f32 minimum
+    ASSERT_EQ(fast[q], ModelNearestF32(cw, n, k, y.data() + q * k)) << "query " << q;
+  }
+  }
 }
 
 TEST(Nearest, TiesGoToTheLowestIndex) {
