@@ -17,17 +17,22 @@ for f in bin/fibquant-server bin/fibquant share/man/man1/fibquant-server.1 share
   share/doc/fibquant/OPERATIONS.md; do
   [[ -e "$prefix/$f" ]] || fail "$f not installed"
 done
-"$prefix/bin/fibquant" --help | grep -q "profile register" || fail "installed fibquant --help"
-"$prefix/bin/fibquant-server" --help | grep -q -- "--data-dir" || fail "installed fibquant-server --help"
+# Output captured first: `--help | grep -q` let grep exit at the first match and the binary, still
+# writing (slowly under ASan), died of SIGPIPE, which pipefail reported as a failure.
+help_cli=$("$prefix/bin/fibquant" --help) || fail "installed fibquant --help exits non-zero"
+grep -q "profile register" <<<"$help_cli" || fail "installed fibquant --help"
+help_server=$("$prefix/bin/fibquant-server" --help) || fail "installed fibquant-server --help exits non-zero"
+grep -q -- "--data-dir" <<<"$help_server" || fail "installed fibquant-server --help"
 for f in "$src"/server/default-profiles/*.json; do
   cmp -s "$f" "$prefix/share/fibquant/profiles/$(basename "$f")" || fail "profile $(basename "$f") differs"
 done
 for m in fibquant fibquant-server; do
   page="$prefix/share/man/man1/$m.1"
-  head -n 1 "$page" | grep -q "^\.TH $m 1 " || fail "$m.1 has no .TH header"
+  [[ "$(head -n 1 "$page")" == ".TH $m 1 "* ]] || fail "$m.1 has no .TH header"
   grep -q -- "--server\|--listen" "$page" || fail "$m.1 lacks the --help text"
   if command -v man >/dev/null 2>&1; then
-    MANWIDTH=100 man -l "$page" 2>/dev/null | grep -q "$m" || fail "man -l $m.1 does not render"
+    rendered=$(MANWIDTH=100 man -l "$page" 2>/dev/null) || true
+    grep -q "$m" <<<"$rendered" || fail "man -l $m.1 does not render"
   fi
 done
 # The installed server starts with the installed profiles as its preload dir.
