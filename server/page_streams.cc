@@ -363,6 +363,8 @@ class CompressReactor final
     return_metrics_ = h.return_page_metrics();
     options_.compute_metrics = return_metrics_ || !queries_->empty() ||
                                codec_->profile().quality_budget.has_any_metric();
+    // The budget's own k, as EvaluateQuality uses: one profile, one verdict rule.
+    options_.top_k = codec_->profile().quality_budget.top_k.value_or(kDefaultTopK);
     label_ = h.label();
     builder_.emplace(codec_);
     return absl::OkStatus();
@@ -465,14 +467,20 @@ struct DecompressResult {
   uint64_t raw_bytes = 0;
   uint64_t coded = 0;
   uint64_t raw_vectors = 0;
+  // The page's raw size in its profile's dtype: the compression ratio must not depend on the
+  // dtype the client asked the output in (bf16 data decoded to f32 is twice the bytes).
+  uint64_t profile_raw_bytes = 0;
   std::array<uint8_t, 32> frame_digest{};
+  std::array<uint8_t, 32> output_digest{};  // SHA-256 of the decoded bytes
 };
 
 class DecompressReactor final
     : public PageStream<v1::DecompressPagesRequest, v1::DecompressPagesResponse, DecompressResult> {
  public:
   DecompressReactor(const StreamEnv& env, grpc::CallbackServerContext* ctx)
-      : PageStream(env, ctx, "DecompressPages"), frames_(std::string("fq_server_decode_receipt_v1")) {
+      : PageStream(env, ctx, "DecompressPages"),
+        frames_(std::string("fq_server_decode_receipt_v2")),
+        outputs_(std::string("fq_server_decode_outputs_v1")) {
     Start();
   }
 
@@ -521,9 +529,14 @@ class DecompressReactor final
       r.raw_bytes = page->data.size();
       r.coded = page->counts.coded;
       r.raw_vectors = page->counts.raw_total();
+      r.profile_raw_bytes = uint64_t{page->coords.token_count} * codec->profile().shape.head_dim *
+                            DTypeSize(codec->profile().shape.dtype);
       Sha256Hasher h;
       h.Update(*frame);
       r.frame_digest = h.FinishRaw();
+      Sha256Hasher out_hash;
+      out_hash.Update(std::string_view(reinterpret_cast<const char*>(page->data.data()), page->data.size()));
+      r.output_digest = out_hash.FinishRaw();
       v1::DecodedPage* out = r.resp.mutable_page();
       out->set_sequence(seq);
       out->set_client_sequence(client_seq);
@@ -550,7 +563,11 @@ class DecompressReactor final
     raw_bytes_ += r.raw_bytes;
     coded_ += r.coded;
     raw_vectors_ += r.raw_vectors;
+    profile_raw_bytes_ += r.profile_raw_bytes;
     frames_.Bytes(r.frame_digest.data(), r.frame_digest.size());
+    outputs_.Bytes(r.output_digest.data(), r.output_digest.size());
+    const std::string& profile = r.resp.page().profile_digest();
+    if (std::find(profiles_.begin(), profiles_.end(), profile) == profiles_.end()) profiles_.push_back(profile);
     *out = std::move(r.resp);
     return absl::OkStatus();
   }
@@ -564,10 +581,19 @@ class DecompressReactor final
     r.set_raw_vectors(raw_vectors_);
     r.set_input_bytes(frame_bytes_);
     r.set_output_bytes(raw_bytes_);
+    // Raw size in the profiles' own dtypes over frame bytes: the same figure as the compress
+    // receipt's, whatever output dtype was asked for.
     r.set_compression_ratio(frame_bytes_ == 0 ? 0.0
-                                              : static_cast<double>(raw_bytes_) / static_cast<double>(frame_bytes_));
-    // The decode receipt's digest binds the ordered frame digests and the totals.
+                                              : static_cast<double>(profile_raw_bytes_) /
+                                                    static_cast<double>(frame_bytes_));
+    // The decode receipt's digest binds the ordered frame digests, the ordered digests of the decoded
+    // pages (what was handed out), every profile involved and the totals.
+    const std::string output_digest = Sha256Digest(outputs_.bytes());
     CanonicalWriter w = frames_;
+    w.Str(output_digest);
+    w.U64(profiles_.size());
+    for (const auto& p : profiles_) w.Str(p);
+    w.U64(profile_raw_bytes_);
     w.Str(r.profile_digest());
     w.U8(static_cast<uint8_t>(dtype_));
     w.U64(pages_);
@@ -577,8 +603,11 @@ class DecompressReactor final
     w.U64(raw_vectors_);
     const std::string digest = w.Digest();
     const int64_t now = NowUnixSeconds();
-    json j = {{"schema_version", "fq_server_decode_receipt_v1"},
+    json j = {{"schema_version", "fq_server_decode_receipt_v2"},
               {"profile_digest", r.profile_digest()},
+              {"profile_digests", profiles_},
+              {"output_digest", output_digest},
+              {"profile_raw_bytes", profile_raw_bytes_},
               {"output_dtype", std::string(DTypeName(dtype_))},
               {"pages", pages_},
               {"frame_bytes", frame_bytes_},
@@ -602,7 +631,10 @@ class DecompressReactor final
   std::string first_profile_;  // gRPC read thread
   // Written by Account (under the base's mu_, in order) and read by MakeFinal (after the last one).
   uint64_t pages_ = 0, frame_bytes_ = 0, raw_bytes_ = 0, coded_ = 0, raw_vectors_ = 0;
-  CanonicalWriter frames_;  // ordered raw frame digests
+  uint64_t profile_raw_bytes_ = 0;
+  CanonicalWriter frames_;   // ordered raw frame digests
+  CanonicalWriter outputs_;  // ordered digests of the decoded pages
+  std::vector<std::string> profiles_;  // every profile of the stream, in order of first use
 };
 }  // namespace
 
