@@ -196,11 +196,11 @@ absl::Status KvCompressionServiceImpl::PreloadDir(const std::string& dir) {
       if (lead) RunFlight(key, std::move(p), absl::OkStatus());
       done.WaitForNotification();
       FQ_RETURN_IF_ERROR(result.status());
-      std::fprintf(stderr, "fibquant: preloaded %s as %s\n", f.c_str(), (*result)->digest.c_str());
+      std::fprintf(stderr, "fibquant-server: preloaded %s as %s\n", f.c_str(), (*result)->digest.c_str());
       return absl::OkStatus();
     }();
     if (!s.ok()) {
-      std::fprintf(stderr, "fibquant: preload of %s failed: %s\n", f.c_str(), s.ToString().c_str());
+      std::fprintf(stderr, "fibquant-server: preload of %s failed: %s\n", f.c_str(), s.ToString().c_str());
       if (first.ok()) first = Prefixed(s, absl::StrCat(f, ": "));
     }
   }

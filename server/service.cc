@@ -56,7 +56,7 @@ KvCompressionServiceImpl::~KvCompressionServiceImpl() {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   if (const uint32_t open = open_streams_.load(); open != 0) {
-    std::fprintf(stderr, "fibquant: service destroyed with %u stream(s) still open\n", open);
+    std::fprintf(stderr, "fibquant-server: service destroyed with %u stream(s) still open\n", open);
   }
   // Runs (with Cancelled) any task still queued, so nothing outlives the service. Builds first: a
   // cancelled build tells its waiters, which finish their reactors (no pool needed).
