@@ -343,7 +343,11 @@ class CompressReactor final
       return absl::InvalidArgumentError("the first CompressPages message must carry `header`");
     }
     const v1::CompressStreamHeader& h = req.header();
-    FQ_ASSIGN_OR_RETURN(auto entry, env_.registry->Lookup(h.profile_digest()));
+    auto found = env_.registry->Lookup(h.profile_digest());
+    if (absl::IsNotFound(found.status()) && h.has_register_if_missing() && env_.service != nullptr) {
+      return env_.service->BuildMissingProfile(h.profile_digest(), h.register_if_missing(), *ctx_);
+    }
+    FQ_ASSIGN_OR_RETURN(auto entry, std::move(found));
     FQ_ASSIGN_OR_RETURN(dtype_, FromProtoDType(h.input_dtype(), "header.input_dtype"));
     const uint32_t d = entry->codec->profile().shape.head_dim;
     if (h.queries_size() % d != 0) {
@@ -492,7 +496,11 @@ class DecompressReactor final
     FQ_ASSIGN_OR_RETURN(dtype_, FromProtoDType(req.header().output_dtype(), "header.output_dtype"));
     only_profile_ = req.header().profile_digest();
     if (!only_profile_.empty()) {
-      FQ_RETURN_IF_ERROR(env_.registry->Lookup(only_profile_).status());
+      absl::Status found = env_.registry->Lookup(only_profile_).status();
+      if (absl::IsNotFound(found) && req.header().has_register_if_missing() && env_.service != nullptr) {
+        return env_.service->BuildMissingProfile(only_profile_, req.header().register_if_missing(), *ctx_);
+      }
+      FQ_RETURN_IF_ERROR(found);
     }
     return absl::OkStatus();
   }
@@ -660,14 +668,14 @@ grpc::ServerBidiReactor<Req, Resp>* OpenStream(const StreamEnv& env, grpc::Callb
 
 grpc::ServerBidiReactor<v1::CompressPagesRequest, v1::CompressPagesResponse>*
 KvCompressionServiceImpl::CompressPages(grpc::CallbackServerContext* ctx) {
-  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_};
+  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, this};
   return OpenStream<CompressReactor, v1::CompressPagesRequest, v1::CompressPagesResponse>(
       env, ctx, draining_.load(), "CompressPages");
 }
 
 grpc::ServerBidiReactor<v1::DecompressPagesRequest, v1::DecompressPagesResponse>*
 KvCompressionServiceImpl::DecompressPages(grpc::CallbackServerContext* ctx) {
-  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_};
+  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, this};
   return OpenStream<DecompressReactor, v1::DecompressPagesRequest, v1::DecompressPagesResponse>(
       env, ctx, draining_.load(), "DecompressPages");
 }

@@ -108,6 +108,16 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // returned status is the first failure (OK if every file registered).
   absl::Status PreloadDir(const std::string& dir);
 
+  // A stream named `digest`, which this server does not have, and carried its registration
+  // (header.register_if_missing): starts building it in the background under RegisterProfile's
+  // rules (admin authorization on `ctx`, draining, capacity, single-flight on the build pool) and
+  // returns the status the stream fails with: Unavailable "building, retry" when a build started
+  // or is in flight, else the reason it cannot be (the authorization error, an invalid spec, or
+  // NotFound when the spec is registered under another digest).
+  absl::Status BuildMissingProfile(const std::string& digest,
+                                   const fibquant::v1::RegisterProfileRequest& registration,
+                                   const grpc::ServerContextBase& ctx);
+
   // Drain: from now on new streams and registrations are refused with Unavailable; streams already
   // open run to completion.
   void StartDrain();

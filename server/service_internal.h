@@ -120,6 +120,9 @@ struct StreamEnv {
   Metrics* metrics;
   const ServiceOptions* options;
   std::atomic<uint32_t>* open_streams;
+  // Header's register_if_missing for an unknown digest (KvCompressionServiceImpl::
+  // BuildMissingProfile); outlives the stream (the service waits for open streams).
+  KvCompressionServiceImpl* service = nullptr;
 };
 
 }  // namespace internal
