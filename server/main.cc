@@ -105,6 +105,10 @@ ABSL_FLAG(uint64_t, max_eval_values, kDefaults.max_eval_values,
           "EvaluateQuality: largest keys/values/queries sample, in floats each.");
 ABSL_FLAG(uint32_t, max_eval_profiles, kDefaults.max_eval_profiles,
           "EvaluateQuality: most profiles and candidates per call.");
+ABSL_FLAG(double, quality_sample_rate, kDefaults.quality_sample_rate,
+          "Fraction of CompressPages pages whose quality (MSE, cosine, attention TV with queries) is "
+          "measured and exported per profile as fibquant_sampled_page_distortion (0 = off, 1 = every "
+          "page; each sampled page costs one extra decode).");
 ABSL_FLAG(int32_t, drain_seconds, 30,
           "On SIGTERM/SIGINT: seconds running calls may take to finish before they are cancelled.");
 
@@ -151,6 +155,9 @@ absl::Status CheckFlagRanges() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--tls-reload-seconds must be 0 (no reload) or in [1, 86400], got ", r));
   }
+  if (const double r = absl::GetFlag(FLAGS_quality_sample_rate); !(r >= 0 && r <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--quality-sample-rate must be in [0, 1], got ", r));
+  }
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
     return absl::InvalidArgumentError("--drain-seconds must be >= 0");
   }
@@ -179,6 +186,7 @@ ServiceOptions ServiceOptionsFromFlags() {
   o.build_workers = absl::GetFlag(FLAGS_build_workers);
   o.max_eval_values = absl::GetFlag(FLAGS_max_eval_values);
   o.max_eval_profiles = absl::GetFlag(FLAGS_max_eval_profiles);
+  o.quality_sample_rate = absl::GetFlag(FLAGS_quality_sample_rate);
   return o;
 }
 
@@ -305,6 +313,8 @@ int Run(int argc, char** argv) {
       return auth->Authorize(ctx);
     };
   }
+  metrics.SetQueueCapacities(options.worker_queue_capacity, options.worker_queue_capacity);
+  metrics.WatchDataDir(options.data_dir);
   auto service = KvCompressionServiceImpl::Create(options, &metrics);
   if (!service.ok()) return Fail(service.status());
   if (const std::string dir = absl::GetFlag(FLAGS_preload_dir); !dir.empty()) {

@@ -396,9 +396,13 @@ class CompressReactor final
     }
     auto data = std::make_shared<std::string>(std::move(*page->mutable_data()));
     const uint64_t client_seq = page->client_sequence();
-    return Work([codec = codec_, queries = queries_, data, coords, dtype = dtype_, opts = options_,
-                 want_metrics = return_metrics_, seq, client_seq, where, metrics = env_.metrics]() mutable
-                -> absl::StatusOr<CompressResult> {
+    const bool sampled = env_.service != nullptr && env_.metrics != nullptr && env_.service->SampleQuality();
+    KvCompressOptions opts = options_;
+    if (sampled) opts.compute_metrics = true;
+    return Work([codec = codec_, queries = queries_, data, coords, dtype = dtype_, opts,
+                 want_metrics = return_metrics_, seq, client_seq, where, metrics = env_.metrics,
+                 sampled]() mutable -> absl::StatusOr<CompressResult> {
+      const auto started = Clock::now();
       KvPageInput in;
       in.coords = coords;
       in.dtype = dtype;
@@ -407,6 +411,16 @@ class CompressReactor final
       auto page = codec->CompressPage(in, opts);
       if (!page.ok()) return Prefixed(page.status(), where);
       RecordPageMetrics(metrics, *page);
+      if (metrics != nullptr) {
+        metrics->ObservePageSeconds("compress", SecondsSince(started));
+        if (sampled && page->metrics.has_value()) {
+          // Label: the digest's first 16 hex digits (server-derived; at most --max-profiles values).
+          const std::string label = codec->profile_digest().substr(7, 16);
+          metrics->ObserveSampledQuality(label, "mse", page->metrics->reconstruction_mse);
+          metrics->ObserveSampledQuality(label, "cosine_distance", 1.0 - page->metrics->cosine_similarity);
+          if (page->metrics->attention_tv) metrics->ObserveSampledQuality(label, "attention_tv", *page->metrics->attention_tv);
+        }
+      }
       CompressResult r;
       r.resp.set_sequence(seq);
       r.resp.set_client_sequence(client_seq);
@@ -529,9 +543,11 @@ class DecompressReactor final
     const uint64_t client_seq = req.frame().client_sequence();
     return Work([codec = (*entry)->codec, frame, dtype = dtype_, seq, client_seq, where, digest,
                  metrics = env_.metrics]() -> absl::StatusOr<DecompressResult> {
+      const auto started = Clock::now();
       auto span = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(frame->data()), frame->size());
       auto page = codec->DecodeFrame(span, dtype);
       if (!page.ok()) return Prefixed(page.status(), where);
+      if (metrics != nullptr) metrics->ObservePageSeconds("decompress", SecondsSince(started));
       DecompressResult r;
       r.frame_bytes = frame->size();
       r.raw_bytes = page->data.size();

@@ -82,6 +82,10 @@ struct ServiceOptions {
   // EvaluateQuality: largest keys/values/queries sample (floats, each) and most profiles per call.
   uint64_t max_eval_values = 4ull << 20;
   uint32_t max_eval_profiles = 8;
+  // Fraction of CompressPages pages whose quality is measured even when nobody asked (pages paced
+  // evenly, not random), exported per profile as fibquant_sampled_page_distortion so a dashboard
+  // shows drift. 0 turns it off; 1 measures every page (one extra decode each).
+  double quality_sample_rate = 0.01;
   // Reported by GetServerInfo.
   std::string version = "0.1.0";
   // Admin check run first by RegisterProfile (the only RPC that changes server state on request),
@@ -117,6 +121,10 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   absl::Status BuildMissingProfile(const std::string& digest,
                                    const fibquant::v1::RegisterProfileRequest& registration,
                                    const grpc::ServerContextBase& ctx);
+
+  // True for the pages whose quality is sampled (ServiceOptions::quality_sample_rate), evenly paced
+  // over all streams. Thread-safe.
+  bool SampleQuality();
 
   // Drain: from now on new streams and registrations are refused with Unavailable; streams already
   // open run to completion.
@@ -214,6 +222,7 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // Unresolved spec -> its registration build in progress (single-flight).
   std::map<std::string, Flight> flights_ ABSL_GUARDED_BY(spec_mu_);
   std::atomic<uint64_t> builds_started_{0};
+  std::atomic<uint64_t> quality_pages_{0};  // pages seen by SampleQuality
 };
 
 }  // namespace fibquant::server

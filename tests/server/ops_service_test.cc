@@ -5,6 +5,8 @@
 // (ratio independent of the output dtype; mixed-profile streams list every profile and bind the
 // decoded output).
 #include <cmath>
+#include <cstdlib>
+#include <ctime>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -73,6 +75,8 @@ class OpsServiceTest : public ::testing::Test {
     options.data_dir = data_dir_;
     options.worker_threads = 2;
     options.build_threads = 1;
+    options.quality_sample_rate = 1.0;  // every page sampled: the metrics test counts them
+    metrics_.WatchDataDir(data_dir_);
     auto svc = KvCompressionServiceImpl::Create(options, &metrics_);
     ASSERT_TRUE(svc.ok()) << svc.status();
     svc_ = *std::move(svc);
@@ -276,6 +280,53 @@ TEST_F(OpsServiceTest, DecodeReceiptRatioIgnoresTheOutputDTypeAndMixedStreamsLis
   const v1::Receipt again = Decompress(mixed, v1::DTYPE_F32);
   EXPECT_EQ(nlohmann::json::parse(again.receipt_json()).at("output_digest"), out_digest);
   EXPECT_NE(r.receipt_digest(), r16.receipt_digest());
+}
+
+// Metrics an operator expects: process_*, build info, per-page latency of both streams, stream
+// buckets up to the CLI's 600 s deadline, zero-valued counters before their first event, queue
+// capacities, receipts stored, data-dir bytes, sampled quality per profile.
+TEST_F(OpsServiceTest, MetricsOperatorsExpect) {
+  const std::string before = metrics_.Serialize();
+  for (const char* zero : {"fibquant_fallbacks_total{reason=\"encode_failure\"} 0",
+                           "fibquant_fallbacks_total{reason=\"quality_budget\"} 0",
+                           "fibquant_registry_files_quarantined_total 0",
+                           "fibquant_receipts_total{result=\"memory_only\"} 0",
+                           "fibquant_page_duration_seconds_count{op=\"decompress\"} 0"}) {
+    EXPECT_THAT(before, HasSubstr(zero));
+  }
+  const std::string digest = Register(Spec("metrics", "f32"));
+  Compressed c = Compress(digest, DType::kF32, queries_);
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  (void)Decompress(c.frames, v1::DTYPE_F32);
+  const std::string text = metrics_.Serialize();
+  for (const char* present : {"process_cpu_seconds_total ", "process_resident_memory_bytes ", "process_open_fds ",
+                              "process_start_time_seconds ", "process_max_fds ", "process_virtual_memory_bytes ",
+                              "fibquant_build_info{commit=\"", "version=\"0.1.0\"} 1",
+                              "fibquant_page_duration_seconds_count{op=\"compress\"} 4",
+                              "fibquant_page_duration_seconds_count{op=\"decompress\"} 4",
+                              "fibquant_rpc_duration_seconds_bucket{method=\"CompressPages\",le=\"600\"} 1",
+                              "fibquant_receipts_total{result=\"stored\"} 2",
+                              "fibquant_worker_queue_capacity ", "fibquant_build_queue_capacity ",
+                              "fibquant_data_dir_bytes "}) {
+    EXPECT_THAT(text, HasSubstr(present));
+  }
+  const std::string label = digest.substr(7, 16);
+  for (const char* metric : {"mse", "cosine_distance", "attention_tv"}) {
+    EXPECT_THAT(text, HasSubstr(absl::StrCat("fibquant_sampled_page_distortion_count{metric=\"", metric,
+                                             "\",profile=\"", label, "\"} 4")));
+  }
+  // Values that must be real: RSS and the data dir are not zero, the start time is recent.
+  auto value_of = [&](const std::string& name) {
+    const size_t at = text.find("\n" + name + " ");
+    return at == std::string::npos ? -1.0 : std::strtod(text.c_str() + at + name.size() + 2, nullptr);
+  };
+  EXPECT_GT(value_of("process_resident_memory_bytes"), 1e6);
+  EXPECT_GT(value_of("fibquant_data_dir_bytes"), 1000);
+  EXPECT_GT(value_of("process_open_fds"), 2);
+  const double start = value_of("process_start_time_seconds");
+  const double now = static_cast<double>(std::time(nullptr));
+  EXPECT_GT(start, now - 3600 * 24);
+  EXPECT_LE(start, now + 5);
 }
 
 }  // namespace
