@@ -280,8 +280,10 @@ absl::Status KvCompressionServiceImpl::BuildMissingProfile(const std::string& di
   const std::string what = absl::StrCat("profile ", digest, " is not registered on this server");
   if (options_.authorize_admin) {
     if (absl::Status auth = options_.authorize_admin(ctx); !auth.ok()) {
-      return absl::Status(auth.code(), absl::StrCat(what, "; its header.register_if_missing needs the admin "
-                                                          "token, as RegisterProfile: ", auth.message()));
+      // Still NOT_FOUND: a client without the token on its streams re-registers through
+      // RegisterProfile (with the token) on NOT_FOUND, as it did before streams carried specs.
+      return absl::NotFoundError(absl::StrCat(what, " (header.register_if_missing ignored: building needs the "
+                                                    "admin token, as RegisterProfile: ", auth.message(), ")"));
     }
   }
   if (draining_.load()) return absl::UnavailableError(absl::StrCat(what, "; server is draining"));

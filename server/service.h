@@ -116,8 +116,9 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // (header.register_if_missing): starts building it in the background under RegisterProfile's
   // rules (admin authorization on `ctx`, draining, capacity, single-flight on the build pool) and
   // returns the status the stream fails with: Unavailable "building, retry" when a build started
-  // or is in flight, else the reason it cannot be (the authorization error, an invalid spec, or
-  // NotFound when the spec is registered under another digest).
+  // or is in flight, else the reason it cannot be (NotFound when the call lacks the admin token,
+  // so the client falls back to RegisterProfile, or when the spec is registered under another
+  // digest; the spec's parse error).
   absl::Status BuildMissingProfile(const std::string& digest,
                                    const fibquant::v1::RegisterProfileRequest& registration,
                                    const grpc::ServerContextBase& ctx);

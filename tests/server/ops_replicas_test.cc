@@ -11,6 +11,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "client/client.h"
@@ -198,6 +199,81 @@ TEST_F(OpsReplicasTest, ReceiptIdsNeverCollideAcrossReplicas) {
         << "receipt id " << r->receipt.receipt_id() << " issued twice (by two replicas)";
   }
   EXPECT_EQ(ids.size(), static_cast<size_t>(streams));
+}
+
+// register_if_missing follows RegisterProfile's rules: without the admin token the stream is
+// NOT_FOUND (so a client falls back to RegisterProfile with its token); with it the server builds
+// the profile, answers UNAVAILABLE meanwhile, and serves the retry.
+TEST(OpsReplicasAdminTest, RegisterIfMissingNeedsTheAdminToken) {
+  TempDir dir;
+  const std::string token = "ops-replicas-admin-token-0123456789";
+  testing::WriteWholeFile(dir.path() / "token", token + "\n");
+  ServerProcess server;
+  server.Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=1", "--drain-seconds=5",
+                "--data-dir=" + (dir.path() / "data").string(),
+                "--admin-token-file=" + (dir.path() / "token").string()},
+               dir.path());
+  auto port = server.WaitForPort();
+  ASSERT_TRUE(port.has_value()) << server.Log();
+  {
+    // The digest the spec has (a throwaway server without a token computes it).
+    std::string digest;
+    {
+      TempDir other;
+      ServerProcess calc;
+      calc.Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=1", "--drain-seconds=2",
+                  "--data-dir=" + (other.path() / "data").string()},
+                 other.path());
+      auto p2 = calc.WaitForPort();
+      ASSERT_TRUE(p2.has_value()) << calc.Log();
+      {
+        client::KvClient c(grpc::CreateChannel("127.0.0.1:" + std::to_string(*p2), grpc::InsecureChannelCredentials()));
+        auto info = c.RegisterProfileJson(kSpec);
+        ASSERT_TRUE(info.ok()) << info.status();
+        digest = info->digest();
+      }
+      calc.Signal(SIGTERM);
+      EXPECT_EQ(calc.WaitForExit(), 0) << calc.Log();
+    }
+    auto stub = v1::KvCompressionService::NewStub(
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(*port), grpc::InsecureChannelCredentials()));
+    auto stream_once = [&](bool with_token) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      if (with_token) ctx.AddMetadata("authorization", "Bearer " + token);
+      auto stream = stub->CompressPages(&ctx);
+      v1::CompressPagesRequest h;
+      h.mutable_header()->set_profile_digest(digest);
+      h.mutable_header()->set_input_dtype(v1::DTYPE_F32);
+      h.mutable_header()->mutable_register_if_missing()->set_spec_json(kSpec);
+      stream->Write(h);
+      for (const auto& page : Pages(1)) {
+        v1::CompressPagesRequest r;
+        *r.mutable_page() = page;
+        if (!stream->Write(r)) break;
+      }
+      stream->WritesDone();
+      v1::CompressPagesResponse resp;
+      while (stream->Read(&resp)) {
+      }
+      return stream->Finish();
+    };
+    grpc::Status no_token = stream_once(false);
+    EXPECT_EQ(no_token.error_code(), grpc::StatusCode::NOT_FOUND) << no_token.error_message();
+    EXPECT_THAT(no_token.error_message(), ::testing::HasSubstr("register_if_missing ignored"));
+    grpc::Status building = stream_once(true);
+    EXPECT_EQ(building.error_code(), grpc::StatusCode::UNAVAILABLE) << building.error_message();
+    EXPECT_THAT(building.error_message(), ::testing::HasSubstr("building it from header.register_if_missing"));
+    grpc::Status served = grpc::Status(grpc::StatusCode::UNKNOWN, "not tried");
+    for (int attempt = 0; attempt < 600; ++attempt) {  // bounded: the build takes milliseconds
+      served = stream_once(true);
+      if (served.error_code() != grpc::StatusCode::UNAVAILABLE) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_TRUE(served.ok()) << served.error_code() << " " << served.error_message();
+  }
+  server.Signal(SIGTERM);
+  EXPECT_EQ(server.WaitForExit(), 0) << server.Log();
 }
 
 }  // namespace
