@@ -398,10 +398,11 @@ class CompressReactor final
     const uint64_t client_seq = page->client_sequence();
     const bool sampled = env_.service != nullptr && env_.metrics != nullptr && env_.service->SampleQuality();
     KvCompressOptions opts = options_;
+    const bool metrics_requested = options_.compute_metrics;
     if (sampled) opts.compute_metrics = true;
     return Work([codec = codec_, queries = queries_, data, coords, dtype = dtype_, opts,
                  want_metrics = return_metrics_, seq, client_seq, where, metrics = env_.metrics,
-                 sampled]() mutable -> absl::StatusOr<CompressResult> {
+                 sampled, metrics_requested]() mutable -> absl::StatusOr<CompressResult> {
       const auto started = Clock::now();
       KvPageInput in;
       in.coords = coords;
@@ -410,7 +411,6 @@ class CompressReactor final
       in.queries = absl::Span<const float>(queries->data(), queries->size());
       auto page = codec->CompressPage(in, opts);
       if (!page.ok()) return Prefixed(page.status(), where);
-      RecordPageMetrics(metrics, *page);
       if (metrics != nullptr) {
         metrics->ObservePageSeconds("compress", SecondsSince(started));
         if (sampled && page->metrics.has_value()) {
@@ -421,6 +421,10 @@ class CompressReactor final
           if (page->metrics->attention_tv) metrics->ObserveSampledQuality(label, "attention_tv", *page->metrics->attention_tv);
         }
       }
+      // Sampled metrics are for the dashboard only: the stream did not ask for them, and its receipt
+      // (quality_mean, digest) must not depend on which pages the server happened to sample.
+      if (sampled && !metrics_requested) page->metrics.reset();
+      RecordPageMetrics(metrics, *page);
       CompressResult r;
       r.resp.set_sequence(seq);
       r.resp.set_client_sequence(client_seq);

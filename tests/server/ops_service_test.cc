@@ -315,6 +315,13 @@ TEST_F(OpsServiceTest, MetricsOperatorsExpect) {
     EXPECT_THAT(text, HasSubstr(absl::StrCat("fibquant_sampled_page_distortion_count{metric=\"", metric,
                                              "\",profile=\"", label, "\"} 4")));
   }
+  // Sampling never leaks into a receipt: a stream that asked for no metrics (no queries, no budget,
+  // no page metrics) has no quality_mean although every page was sampled.
+  Compressed plain = Compress(digest, DType::kF32);
+  ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+  EXPECT_TRUE(nlohmann::json::parse(plain.receipt.receipt_json()).at("quality_mean").is_null());
+  EXPECT_THAT(metrics_.Serialize(), HasSubstr(absl::StrCat("fibquant_sampled_page_distortion_count{metric=\"mse\",profile=\"",
+                                                           label, "\"} 8")));
   // Values that must be real: RSS and the data dir are not zero, the start time is recent.
   auto value_of = [&](const std::string& name) {
     const size_t at = text.find("\n" + name + " ");
