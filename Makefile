@@ -58,8 +58,10 @@ run: configure
 
 # `make install [PREFIX=/usr/local] [DESTDIR=...]`: builds, then installs fibquant-server and
 # fibquant (bin/), the default profiles (share/fibquant/profiles/), man pages and docs.
+# Only the installed programs are built (not the tests and benchmarks).
 PREFIX ?= /usr/local
-install: build
+install: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target fibquant-server fibquant
 	DESTDIR=$(DESTDIR) cmake --install $(BUILD_DIR) --prefix $(PREFIX)
 
 clean:

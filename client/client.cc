@@ -123,6 +123,13 @@ absl::StatusOr<v1::ProfileInfo> KvClient::RegisterProfileJson(const std::string&
   return Register(req, already_registered);
 }
 
+std::optional<v1::RegisterProfileRequest> KvClient::HeldRegistration(const std::string& digest) const {
+  absl::MutexLock lock(&mu_);
+  auto it = held_.find(digest);
+  if (it == held_.end()) return std::nullopt;
+  return it->second.request;
+}
+
 absl::Status KvClient::RecoverProfile(const std::string& digest, const absl::Status& not_found) {
   v1::RegisterProfileRequest req;
   {
@@ -373,6 +380,9 @@ absl::StatusOr<CompressResult> KvClient::CompressPages(const std::string& profil
                                                        std::span<const v1::RawPage> pages,
                                                        const CompressOptions& options) {
   CompressResult result;
+  // A spec this client registered travels with the stream: a replica that never saw it builds it
+  // and answers UNAVAILABLE until it has it (retried below with backoff).
+  const std::optional<v1::RegisterProfileRequest> held = HeldRegistration(profile_digest);
   auto attempt = [&]() -> absl::Status {
     result = CompressResult{};
     result.pages.reserve(pages.size());
@@ -389,6 +399,7 @@ absl::StatusOr<CompressResult> KvClient::CompressPages(const std::string& profil
           h->set_return_page_metrics(options.return_page_metrics);
           h->set_label(options.label);
           h->mutable_queries()->Assign(options.queries.begin(), options.queries.end());
+          if (held) *h->mutable_register_if_missing() = *held;
         },
         [&](size_t i, v1::CompressPagesRequest* req) {
           *req->mutable_page() = pages[i];
@@ -433,6 +444,8 @@ absl::StatusOr<DecompressResult> KvClient::DecompressPages(std::span<const std::
                                                            v1::DType output_dtype,
                                                            const std::string& profile_digest) {
   DecompressResult result;
+  const std::optional<v1::RegisterProfileRequest> held =
+      profile_digest.empty() ? std::nullopt : HeldRegistration(profile_digest);
   auto attempt = [&]() -> absl::Status {
     result = DecompressResult{};
     result.pages.reserve(frames.size());
@@ -444,6 +457,7 @@ absl::StatusOr<DecompressResult> KvClient::DecompressPages(std::span<const std::
         [&](v1::DecompressPagesRequest* req) {
           req->mutable_header()->set_output_dtype(output_dtype);
           req->mutable_header()->set_profile_digest(profile_digest);
+          if (held) *req->mutable_header()->mutable_register_if_missing() = *held;
         },
         [&](size_t i, v1::DecompressPagesRequest* req) {
           req->mutable_frame()->set_frame(frames[i]);

@@ -10,6 +10,8 @@
 //     NOT_FOUND for one of those digests (e.g. the server lost its data dir, or the call reached
 //     a replica that never saw the spec) it registers the spec again, checks that the digest is
 //     unchanged and retries the call (up to max_profile_recoveries times);
+//   - streams carry the held registration (header.register_if_missing): a replica behind a load
+//     balancer that lacks the profile builds it and answers UNAVAILABLE meanwhile (retried);
 //   - pipelined streaming: CompressPages/DecompressPages keep up to max_pages_in_flight pages
 //     written but not yet answered, while results are read concurrently and returned in input
 //     order (the order is verified against the server's sequence numbers);
@@ -150,6 +152,8 @@ class KvClient {
   absl::Status WithRetries(Fn&& attempt);
   [[nodiscard]] absl::StatusOr<fibquant::v1::ProfileInfo> Register(
       const fibquant::v1::RegisterProfileRequest& req, bool* already_registered = nullptr);
+  // The registration this client sent for `digest` (streams carry it as register_if_missing).
+  std::optional<fibquant::v1::RegisterProfileRequest> HeldRegistration(const std::string& digest) const;
   // On NOT_FOUND for a held digest: re-registers it. OK means "retry the call".
   absl::Status RecoverProfile(const std::string& digest, const absl::Status& not_found);
   void SetDeadline(grpc::ClientContext& ctx, std::chrono::milliseconds budget) const;

@@ -204,11 +204,30 @@ absl::Status KvCompressionProfile::Validate() const {
     return absl::OkStatus();
   };
   if (fallback_policy.mode == KvFallbackMode::kKeepRaw) FQ_RETURN_IF_ERROR(check_keep_raw("fallback_policy.mode"));
+  // Protected vectors (sinks, recent window, raw layers/heads) are stored raw whatever the fallback
+  // mode, so a profile that protects anything must allow raw vectors and reserve room for them; a
+  // profile declaring raw_fallback_available = false would otherwise still carry raw vectors.
+  const bool protects = pp.first_tokens_raw > 0 || pp.last_tokens_raw > 0 || !pp.raw_layers.empty() ||
+                        !pp.raw_heads.empty();
+  if (protects && !fallback_policy.raw_fallback_available) {
+    return absl::InvalidArgumentError(
+        "protected_policy stores protected vectors raw, which fallback_policy.raw_fallback_available = false "
+        "forbids: protect nothing (first_tokens_raw, last_tokens_raw, raw_layers, raw_heads all empty) or allow "
+        "raw vectors");
+  }
+  if (protects && page_geometry.reserved_vector_bytes < raw_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "protected_policy stores protected vectors raw: page_geometry.reserved_vector_bytes must be >= the raw "
+        "vector size ", raw_bytes, "; got ", page_geometry.reserved_vector_bytes));
+  }
   const KvQualityBudget& b = quality_budget;
   FQ_RETURN_IF_ERROR(CheckBudgetValue(b.max_logit_mse, "max_logit_mse"));
   FQ_RETURN_IF_ERROR(CheckBudgetValue(b.max_attention_tv, "max_attention_tv"));
   FQ_RETURN_IF_ERROR(CheckBudgetValue(b.max_topk_disagreement, "max_topk_disagreement"));
   FQ_RETURN_IF_ERROR(CheckBudgetValue(b.max_value_aggregation_mse, "max_value_aggregation_mse"));
+  if (b.top_k.has_value() && (*b.top_k < 1 || *b.top_k > 4096)) {
+    return absl::InvalidArgumentError(absl::StrCat("quality_budget.top_k must be in [1, 4096]; got ", *b.top_k));
+  }
   if (static_cast<uint8_t>(b.fallback_on_violation) > 1) {
     return absl::InvalidArgumentError("quality_budget.fallback_on_violation is not a known mode");
   }
@@ -320,6 +339,11 @@ absl::StatusOr<std::string> KvCompressionProfile::CanonicalBytes() const {
     w.Str(KvChannelTransformName(channel_transform));
     w.Bool(renormalize);
   }
+  // Appended only when set: every profile without it keeps the digest it had before the field.
+  if (b.top_k.has_value()) {
+    w.Str("quality_budget.top_k");
+    w.U32(*b.top_k);
+  }
   return w.bytes();
 }
 
@@ -364,6 +388,7 @@ std::string KvCompressionProfile::ToJson(int indent) const {
   b["max_topk_disagreement"] = OptNum(quality_budget.max_topk_disagreement);
   b["max_value_aggregation_mse"] = OptNum(quality_budget.max_value_aggregation_mse);
   b["fallback_on_violation"] = S(KvFallbackModeName(quality_budget.fallback_on_violation));
+  if (quality_budget.top_k) b["top_k"] = *quality_budget.top_k;
   j["quality_budget"] = b;
   j["calibration_digest"] = calibration_digest;
   if (centering != KvCentering::kNone) j["centering"] = S(KvCenteringName(centering));
@@ -431,14 +456,20 @@ absl::StatusOr<KvFallbackPolicy> ParseFallback(const nlohmann::json& f, bool all
 absl::StatusOr<KvQualityBudget> ParseBudget(const nlohmann::json& b, bool all_required) {
   using namespace kv_internal;
   constexpr std::string_view kCtx = "quality_budget";
+  std::initializer_list<const char*> required = {"max_logit_mse", "max_attention_tv", "max_topk_disagreement",
+                                                 "max_value_aggregation_mse", "fallback_on_violation"};
   std::initializer_list<const char*> fields = {"max_logit_mse", "max_attention_tv", "max_topk_disagreement",
-                                               "max_value_aggregation_mse", "fallback_on_violation"};
-  FQ_RETURN_IF_ERROR(CheckKeys(b, kCtx, fields, all_required ? fields : std::initializer_list<const char*>{}));
+                                               "max_value_aggregation_mse", "fallback_on_violation", "top_k"};
+  FQ_RETURN_IF_ERROR(CheckKeys(b, kCtx, fields, all_required ? required : std::initializer_list<const char*>{}));
   KvQualityBudget out;
   FQ_ASSIGN_OR_RETURN(out.max_logit_mse, GetOptDouble(b, kCtx, "max_logit_mse"));
   FQ_ASSIGN_OR_RETURN(out.max_attention_tv, GetOptDouble(b, kCtx, "max_attention_tv"));
   FQ_ASSIGN_OR_RETURN(out.max_topk_disagreement, GetOptDouble(b, kCtx, "max_topk_disagreement"));
   FQ_ASSIGN_OR_RETURN(out.max_value_aggregation_mse, GetOptDouble(b, kCtx, "max_value_aggregation_mse"));
+  if (b.contains("top_k")) {
+    FQ_ASSIGN_OR_RETURN(uint32_t k, GetU32(b, kCtx, "top_k"));
+    out.top_k = k;
+  }
   if (b.contains("fallback_on_violation")) {
     FQ_ASSIGN_OR_RETURN(std::string m, GetString(b, kCtx, "fallback_on_violation"));
     FQ_ASSIGN_OR_RETURN(out.fallback_on_violation, ParseKvFallbackMode(m));
@@ -593,7 +624,10 @@ absl::StatusOr<KvCompressionProfile> KvCompressionProfile::FromSpecJson(std::str
   if (j.contains("reserved_vector_bytes")) {
     FQ_ASSIGN_OR_RETURN(p.page_geometry.reserved_vector_bytes, GetU32(j, kCtx, "reserved_vector_bytes"));
   } else {
+    const KvProtectedPolicy& pp = p.protected_policy;
     const bool may_raw = p.fallback_policy.mode == KvFallbackMode::kKeepRaw ||
+                         pp.first_tokens_raw > 0 || pp.last_tokens_raw > 0 || !pp.raw_layers.empty() ||
+                         !pp.raw_heads.empty() ||
                          (p.quality_budget.has_any_metric() &&
                           p.quality_budget.fallback_on_violation == KvFallbackMode::kKeepRaw) ||
                          p.axis_policy == KvAxisPolicy::kRaw;

@@ -60,6 +60,11 @@ struct KvQualityBudget {
   std::optional<double> max_topk_disagreement;
   std::optional<double> max_value_aggregation_mse;
   KvFallbackMode fallback_on_violation = KvFallbackMode::kKeepRaw;
+  // k of the top-k attention agreement (max_topk_disagreement) for every verdict on this profile:
+  // CompressPages and EvaluateQuality both use it, so the two never judge one profile with
+  // different settings. Unset: 8 (kDefaultTopK). Digested only when set, so profiles without it
+  // keep their digests. In [1, 4096].
+  std::optional<uint32_t> top_k;
   bool has_any_metric() const {
     return max_logit_mse || max_attention_tv || max_topk_disagreement || max_value_aggregation_mse;
   }

@@ -22,6 +22,7 @@
 #include "core/codebook.h"
 #include "core/codec.h"
 #include "core/digest.h"
+#include "core/half.h"
 #include "core/kv_codec.h"
 #include "core/kv_frame.h"
 #include "core/kv_profile.h"
@@ -71,15 +72,34 @@ using namespace ::fibquant::server::internal;  // NOLINT(build/namespaces): this
   KvCompressOptions opts;
   opts.compute_metrics = true;
   opts.enforce_budget = false;  // measure only: the verdict is reported, nothing falls back
-  opts.top_k = req.top_k() == 0 ? kDefaultTopK : req.top_k();
+  // The verdict uses the profile's recorded k (quality_budget.top_k, default 8), as CompressPages
+  // does. A request top_k only changes the reported metric, and may not differ from the k a
+  // top-k budget is defined with.
+  const uint32_t profile_k = p.quality_budget.top_k.value_or(kDefaultTopK);
+  if (req.top_k() != 0 && req.top_k() != profile_k && p.quality_budget.max_topk_disagreement.has_value()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        ctx, "top_k ", req.top_k(), " differs from the profile's quality_budget.top_k ", profile_k,
+        ", which its max_topk_disagreement verdict is defined with (leave top_k 0)"));
+  }
+  opts.top_k = req.top_k() == 0 ? profile_k : req.top_k();
+  // The sample is f32; a f16/bf16 profile compresses pages of its own dtype, so each page is
+  // converted first (round to nearest even: what `fibquant compress` does to an f32 file).
+  const DType dtype = p.shape.dtype;
+  std::vector<uint8_t> converted;
   for (uint32_t start = 0; start < tokens && start < p.shape.tokens; start += tpp) {
     const uint32_t count = std::min(tpp, p.shape.tokens - start);
     if (start + count > tokens) break;
     KvPageInput in;
     in.coords = KvPageCoords{0, 0, 0, start, count};
-    in.dtype = DType::kF32;
-    in.data = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data() + size_t{start} * d),
-                                        size_t{count} * d * sizeof(float));
+    in.dtype = dtype;
+    const float* rows = data.data() + size_t{start} * d;
+    if (dtype == DType::kF32) {
+      in.data = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(rows), size_t{count} * d * sizeof(float));
+    } else {
+      converted.resize(size_t{count} * d * DTypeSize(dtype));
+      FromFloat(dtype, rows, size_t{count} * d, converted.data());
+      in.data = absl::Span<const uint8_t>(converted.data(), converted.size());
+    }
     in.queries = absl::Span<const float>(req.queries().data(), req.queries().size());
     if (!key && !req.keys().empty() && !req.queries().empty()) {
       in.keys = absl::Span<const float>(req.keys().data() + size_t{start} * d, size_t{count} * d);

@@ -108,6 +108,10 @@ ABSL_FLAG(uint64_t, max_eval_values, kDefaults.max_eval_values,
           "EvaluateQuality: largest keys/values/queries sample, in floats each.");
 ABSL_FLAG(uint32_t, max_eval_profiles, kDefaults.max_eval_profiles,
           "EvaluateQuality: most profiles and candidates per call.");
+ABSL_FLAG(double, quality_sample_rate, kDefaults.quality_sample_rate,
+          "Fraction of CompressPages pages whose quality (MSE, cosine, attention TV with queries) is "
+          "measured and exported per profile as fibquant_sampled_page_distortion (0 = off, 1 = every "
+          "page; each sampled page costs one extra decode).");
 ABSL_FLAG(int32_t, drain_seconds, 30,
           "On SIGTERM/SIGINT: seconds running calls may take to finish before they are cancelled "
           "(codebook builds still running then stop at their next Lloyd iteration).");
@@ -177,6 +181,9 @@ absl::Status CheckFlagRanges() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--tls-reload-seconds must be 0 (no reload) or in [1, 86400], got ", r));
   }
+  if (const double r = absl::GetFlag(FLAGS_quality_sample_rate); !(r >= 0 && r <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--quality-sample-rate must be in [0, 1], got ", r));
+  }
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
     return absl::InvalidArgumentError("--drain-seconds must be >= 0");
   }
@@ -223,6 +230,7 @@ ServiceOptions ServiceOptionsFromFlags() {
   o.stream_idle_timeout_seconds = absl::GetFlag(FLAGS_stream_idle_timeout_seconds);
   o.max_unauthenticated_build_cost = absl::GetFlag(FLAGS_max_unauthenticated_build_cost);
   o.max_build_memory_bytes = absl::GetFlag(FLAGS_max_build_memory_bytes);
+  o.quality_sample_rate = absl::GetFlag(FLAGS_quality_sample_rate);
   return o;
 }
 
@@ -429,6 +437,8 @@ int Run(int argc, char** argv) {
     // frame_keys outlives the service (declared earlier in this scope).
     options.frame_keys = [keys = frame_keys.get()] { return keys->Current(); };
   }
+  metrics.SetQueueCapacities(options.worker_queue_capacity, options.worker_queue_capacity);
+  metrics.WatchDataDir(options.data_dir);
   auto service = KvCompressionServiceImpl::Create(options, &metrics);
   if (!service.ok()) return Fail(service.status());
   if (const std::string dir = absl::GetFlag(FLAGS_preload_dir); !dir.empty()) {

@@ -1,11 +1,22 @@
 #include "server/metrics.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <exception>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "prometheus/client_metric.h"
+#include "prometheus/collectable.h"
 #include "prometheus/counter.h"
+#include "prometheus/metric_family.h"
 #include "prometheus/exposer.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -18,12 +29,128 @@ namespace {
 
 using prometheus::Histogram;
 
-// Latency buckets from 0.5 ms (a small unary call) to 60 s (a long stream or a profile build).
+// Latency buckets from 0.5 ms (a small unary call) to 30 min: a stream may run as long as its
+// deadline (the CLI's default is 600 s), and a stream longer than the last bucket is only +Inf.
 const Histogram::BucketBoundaries& DurationBuckets() {
   static const Histogram::BucketBoundaries* const kBuckets = new Histogram::BucketBoundaries{
-      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+      120, 300, 600, 1800};
   return *kBuckets;
 }
+
+// One page's encode/decode: tens of microseconds (small pages) to a few hundred milliseconds.
+const Histogram::BucketBoundaries& PageBuckets() {
+  static const Histogram::BucketBoundaries* const kBuckets = new Histogram::BucketBoundaries{
+      1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1};
+  return *kBuckets;
+}
+
+#ifndef FQ_VERSION
+#define FQ_VERSION "unknown"
+#endif
+#ifndef FQ_GIT_COMMIT
+#define FQ_GIT_COMMIT "unknown"
+#endif
+
+// Reads a whole small /proc file ("" when unreadable).
+std::string ReadProc(const char* path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+prometheus::MetricFamily Family(const char* name, const char* help, prometheus::MetricType type,
+                                double value) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = type;
+  prometheus::ClientMetric m;
+  if (type == prometheus::MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  f.metric.push_back(m);
+  return f;
+}
+
+// The standard process_* metrics (as the Prometheus client libraries name them), from /proc/self,
+// and fibquant_data_dir_bytes; computed when scraped.
+class ProcessCollector final : public prometheus::Collectable {
+ public:
+  void SetDataDir(const std::string& dir) {
+    absl::MutexLock lock(&mu_);
+    data_dir_ = dir;
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> out;
+    const long ticks = sysconf(_SC_CLK_TCK);
+    const long page = sysconf(_SC_PAGESIZE);
+    // /proc/self/stat: fields after the parenthesised command name; utime 14, stime 15,
+    // starttime 22, vsize 23, rss 24 (1-based, as in proc(5)).
+    const std::string stat = ReadProc("/proc/self/stat");
+    const size_t close = stat.rfind(')');
+    if (close != std::string::npos && ticks > 0) {
+      std::istringstream fields(stat.substr(close + 2));
+      std::vector<std::string> f;
+      for (std::string x; fields >> x;) f.push_back(x);
+      auto num = [&](size_t field) { return field - 3 < f.size() ? std::strtod(f[field - 3].c_str(), nullptr) : 0.0; };
+      out.push_back(Family("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
+                           prometheus::MetricType::Counter, (num(14) + num(15)) / static_cast<double>(ticks)));
+      out.push_back(Family("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                           prometheus::MetricType::Gauge, num(23)));
+      out.push_back(Family("process_resident_memory_bytes", "Resident memory size in bytes.",
+                           prometheus::MetricType::Gauge, num(24) * static_cast<double>(page)));
+      // starttime is in ticks since boot; btime (/proc/stat) is the boot time in unix seconds.
+      double boot = 0;
+      std::istringstream st(ReadProc("/proc/stat"));
+      for (std::string line; std::getline(st, line);) {
+        if (line.rfind("btime ", 0) == 0) boot = std::strtod(line.c_str() + 6, nullptr);
+      }
+      out.push_back(Family("process_start_time_seconds", "Start time of the process since unix epoch in seconds.",
+                           prometheus::MetricType::Gauge, boot + num(22) / static_cast<double>(ticks)));
+    }
+    std::error_code ec;
+    double fds = 0;
+    for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+      ++fds;
+    }
+    out.push_back(Family("process_open_fds", "Number of open file descriptors.", prometheus::MetricType::Gauge, fds));
+    rlimit lim{};
+    if (getrlimit(RLIMIT_NOFILE, &lim) == 0) {
+      out.push_back(Family("process_max_fds", "Maximum number of open file descriptors.",
+                           prometheus::MetricType::Gauge, static_cast<double>(lim.rlim_cur)));
+    }
+    std::string dir;
+    {
+      absl::MutexLock lock(&mu_);
+      dir = data_dir_;
+    }
+    if (!dir.empty()) {
+      double bytes = 0;
+      // Bounded: the data dir holds at most --max-profiles + --receipt-retention files plus the
+      // quarantine; the walk stops after 100000 entries regardless.
+      int seen = 0;
+      for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
+           !ec && it != std::filesystem::recursive_directory_iterator() && seen < 100000; it.increment(ec), ++seen) {
+        std::error_code fe;
+        if (it->is_regular_file(fe)) bytes += static_cast<double>(it->file_size(fe));
+      }
+      out.push_back(Family("fibquant_data_dir_bytes",
+                           "Bytes of the files in the data dir (profiles, receipts, quarantine).",
+                           prometheus::MetricType::Gauge, bytes));
+    }
+    return out;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::string data_dir_ ABSL_GUARDED_BY(mu_);
+};
 
 // FibQuant rates run from about 1 to 8 bits per coordinate against 16- or 32-bit inputs, so ratios
 // between 2 and 32 matter most; 1 catches pages stored mostly raw.
@@ -51,7 +178,8 @@ std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(co
 
 }  // namespace
 
-Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+Metrics::Metrics()
+    : registry_(std::make_shared<prometheus::Registry>()), process_(std::make_shared<ProcessCollector>()) {
   auto& reg = *registry_;
   rpc_handled_ = &prometheus::BuildCounter()
                       .Name("fibquant_rpc_handled_total")
@@ -129,7 +257,40 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                       .Register(reg)
                       .Add({});
 
+  page_seconds_ = &prometheus::BuildHistogram()
+                       .Name("fibquant_page_duration_seconds")
+                       .Help("Time to encode (compress) or decode (decompress) one page on a worker.")
+                       .Register(reg);
+  queue_capacity_ = &prometheus::BuildGauge()
+                         .Name("fibquant_worker_queue_capacity")
+                         .Help("Capacity of the worker queue (--worker-queue-capacity).")
+                         .Register(reg)
+                         .Add({});
+  build_queue_capacity_ = &prometheus::BuildGauge()
+                               .Name("fibquant_build_queue_capacity")
+                               .Help("Capacity of the build queue (--worker-queue-capacity).")
+                               .Register(reg)
+                               .Add({});
+  receipts_ = &prometheus::BuildCounter()
+                   .Name("fibquant_receipts_total")
+                   .Help("Receipts recorded: stored in the data dir, or kept in memory only (not written).")
+                   .Register(reg);
+  sampled_quality_ = &prometheus::BuildHistogram()
+                          .Name("fibquant_sampled_page_distortion")
+                          .Help("Distortion of pages sampled at --quality-sample-rate, by profile (digest "
+                                "prefix) and metric.")
+                          .Register(reg);
+  prometheus::BuildGauge()
+      .Name("fibquant_build_info")
+      .Help("Always 1; the labels say which build is running.")
+      .Register(reg)
+      .Add({{"version", FQ_VERSION}, {"commit", FQ_GIT_COMMIT}})
+      .Set(1);
+
   // Create the known series up front so dashboards and alerts see zeros instead of absent series.
+  for (const char* reason : {"encode_failure", "quality_budget"}) fallbacks_->Add({{"reason", reason}});
+  for (const char* op : {"compress", "decompress"}) page_seconds_->Add({{"op", op}}, PageBuckets());
+  for (const char* r : {"stored", "memory_only"}) receipts_->Add({{"result", r}});
   for (const char* d : {"raw_in", "compressed_out", "compressed_in", "raw_out"}) {
     bytes_->Add({{"direction", d}});
   }
@@ -196,6 +357,27 @@ void Metrics::ObserveBuildSeconds(double seconds) { build_seconds_->Observe(seco
 
 void Metrics::RegistryFileQuarantined() { quarantined_->Increment(); }
 
+void Metrics::ObservePageSeconds(std::string_view op, double seconds) {
+  page_seconds_->Add({{"op", std::string(op)}}, PageBuckets()).Observe(seconds);
+}
+
+void Metrics::SetQueueCapacities(int64_t worker_queue, int64_t build_queue) {
+  queue_capacity_->Set(static_cast<double>(worker_queue));
+  build_queue_capacity_->Set(static_cast<double>(build_queue));
+}
+
+void Metrics::ReceiptRecorded(bool persisted) {
+  receipts_->Add({{"result", persisted ? "stored" : "memory_only"}}).Increment();
+}
+
+void Metrics::ObserveSampledQuality(const std::string& profile, std::string_view metric, double value) {
+  sampled_quality_->Add({{"profile", profile}, {"metric", std::string(metric)}}, DistortionBuckets()).Observe(value);
+}
+
+void Metrics::WatchDataDir(const std::string& dir) {
+  static_cast<ProcessCollector*>(process_.get())->SetDataDir(dir);
+}
+
 void Metrics::SetTlsCertificateExpiry(absl::Time not_after) {
   absl::MutexLock lock(&tls_mu_);
   if (tls_expiry_ == nullptr) {
@@ -211,7 +393,9 @@ void Metrics::SetTlsCertificateExpiry(absl::Time not_after) {
 
 std::string Metrics::Serialize() const {
   prometheus::TextSerializer serializer;
-  return serializer.Serialize(registry_->Collect());
+  std::vector<prometheus::MetricFamily> all = registry_->Collect();
+  for (auto& f : process_->Collect()) all.push_back(std::move(f));
+  return serializer.Serialize(all);
 }
 
 absl::StatusOr<int> Metrics::StartExposer(const std::string& listen) {
@@ -233,6 +417,7 @@ absl::StatusOr<int> Metrics::StartExposer(const std::string& listen) {
         absl::StrCat("--metrics-listen: no listening port for '", listen, "'"));
   }
   exposer->RegisterCollectable(registry_);
+  exposer->RegisterCollectable(process_);
   exposer_ = std::move(exposer);
   return ports.front();
 }

@@ -27,6 +27,7 @@
 #include "grpcpp/support/status.h"
 
 namespace prometheus {
+class Collectable;
 class Counter;
 class Exposer;
 class Gauge;
@@ -81,6 +82,22 @@ class Metrics {
   void ObserveBuildSeconds(double seconds);
   // A registry file failed verification at load and was moved aside.
   void RegistryFileQuarantined();
+  // Wall time of one page's encode or decode on a worker (fibquant_page_duration_seconds{op});
+  // op: "compress", "decompress".
+  void ObservePageSeconds(std::string_view op, double seconds);
+  // Capacities beside the depths (fibquant_worker_queue_capacity, fibquant_build_queue_capacity).
+  void SetQueueCapacities(int64_t worker_queue, int64_t build_queue);
+  // A receipt was written to the data dir ("stored") or kept in memory only ("memory_only").
+  void ReceiptRecorded(bool persisted);
+  // Quality of a sampled page (--quality-sample-rate) of profile `profile` (label: the first 16
+  // hex digits of its digest, server-derived; at most --max-profiles values):
+  // fibquant_sampled_page_distortion{profile, metric} for "mse", "cosine_distance" and, with
+  // queries, "attention_tv".
+  void ObserveSampledQuality(const std::string& profile, std::string_view metric, double value);
+  // Reports the size of every regular file under `dir` as fibquant_data_dir_bytes at each scrape
+  // (walked then; the data dir holds at most --max-profiles + --receipt-retention files).
+  void WatchDataDir(const std::string& dir);
+
   // notAfter of the TLS certificate being served, as unix seconds
   // (fibquant_tls_certificate_expiry_timestamp_seconds). The series exists only once this has been
   // called (only TLS servers call it), so a plaintext server exports no misleading zero.
@@ -100,6 +117,8 @@ class Metrics {
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
+  // process_* and fibquant_data_dir_bytes, computed at each scrape from /proc and the data dir.
+  std::shared_ptr<prometheus::Collectable> process_;
 
   prometheus::Family<prometheus::Counter>* rpc_handled_;
   prometheus::Family<prometheus::Histogram>* rpc_duration_;
@@ -117,6 +136,11 @@ class Metrics {
   prometheus::Gauge* registry_size_;
   prometheus::Histogram* build_seconds_;
   prometheus::Counter* quarantined_;
+  prometheus::Family<prometheus::Histogram>* page_seconds_;
+  prometheus::Gauge* queue_capacity_;
+  prometheus::Gauge* build_queue_capacity_;
+  prometheus::Family<prometheus::Counter>* receipts_;
+  prometheus::Family<prometheus::Histogram>* sampled_quality_;
 
   absl::Mutex tls_mu_;
   prometheus::Gauge* tls_expiry_ ABSL_GUARDED_BY(tls_mu_) = nullptr;  // created on first use

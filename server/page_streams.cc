@@ -431,7 +431,11 @@ class CompressReactor final
       return absl::InvalidArgumentError("the first CompressPages message must carry `header`");
     }
     const v1::CompressStreamHeader& h = req.header();
-    FQ_ASSIGN_OR_RETURN(auto entry, env_.registry->Lookup(h.profile_digest()));
+    auto found = env_.registry->Lookup(h.profile_digest());
+    if (absl::IsNotFound(found.status()) && h.has_register_if_missing() && env_.service != nullptr) {
+      return env_.service->BuildMissingProfile(h.profile_digest(), h.register_if_missing(), *ctx_);
+    }
+    FQ_ASSIGN_OR_RETURN(auto entry, std::move(found));
     FQ_ASSIGN_OR_RETURN(dtype_, FromProtoDType(h.input_dtype(), "header.input_dtype"));
     const uint32_t d = entry->codec->profile().shape.head_dim;
     if (h.queries_size() % d != 0) {
@@ -451,6 +455,8 @@ class CompressReactor final
     return_metrics_ = h.return_page_metrics();
     options_.compute_metrics = return_metrics_ || !queries_->empty() ||
                                codec_->profile().quality_budget.has_any_metric();
+    // The budget's own k, as EvaluateQuality uses: one profile, one verdict rule.
+    options_.top_k = codec_->profile().quality_budget.top_k.value_or(kDefaultTopK);
     label_ = h.label();
     builder_.emplace(codec_);
     if (env_.options->frame_keys) keys_ = env_.options->frame_keys();
@@ -481,9 +487,14 @@ class CompressReactor final
     const uint64_t client_seq = page->client_sequence();
     // The raw page, its frame (at most the raw size plus headers) and the response holding it.
     page_bytes_ = 3 * data->size() + 4096;
-    return Work([codec = codec_, queries = queries_, data, coords, dtype = dtype_, opts = options_,
+    const bool sampled = env_.service != nullptr && env_.metrics != nullptr && env_.service->SampleQuality();
+    KvCompressOptions opts = options_;
+    const bool metrics_requested = options_.compute_metrics;
+    if (sampled) opts.compute_metrics = true;
+    return Work([codec = codec_, queries = queries_, data, coords, dtype = dtype_, opts,
                  want_metrics = return_metrics_, seq, client_seq, where, metrics = env_.metrics,
-                 keys = keys_]() mutable -> absl::StatusOr<CompressResult> {
+                 keys = keys_, sampled, metrics_requested]() mutable -> absl::StatusOr<CompressResult> {
+      const auto started = Clock::now();
       KvPageInput in;
       in.coords = coords;
       in.dtype = dtype;
@@ -501,6 +512,19 @@ class CompressReactor final
         fh.Update(page->frame);
         page->frame_digest = fh.FinishRaw();
       }
+      if (metrics != nullptr) {
+        metrics->ObservePageSeconds("compress", SecondsSince(started));
+        if (sampled && page->metrics.has_value()) {
+          // Label: the digest's first 16 hex digits (server-derived; at most --max-profiles values).
+          const std::string label = codec->profile_digest().substr(7, 16);
+          metrics->ObserveSampledQuality(label, "mse", page->metrics->reconstruction_mse);
+          metrics->ObserveSampledQuality(label, "cosine_distance", 1.0 - page->metrics->cosine_similarity);
+          if (page->metrics->attention_tv) metrics->ObserveSampledQuality(label, "attention_tv", *page->metrics->attention_tv);
+        }
+      }
+      // Sampled metrics are for the dashboard only: the stream did not ask for them, and its receipt
+      // (quality_mean, digest) must not depend on which pages the server happened to sample.
+      if (sampled && !metrics_requested) page->metrics.reset();
       RecordPageMetrics(metrics, *page);
       CompressResult r;
       r.resp.set_sequence(seq);
@@ -567,14 +591,20 @@ struct DecompressResult {
   uint64_t raw_bytes = 0;
   uint64_t coded = 0;
   uint64_t raw_vectors = 0;
+  // The page's raw size in its profile's dtype: the compression ratio must not depend on the
+  // dtype the client asked the output in (bf16 data decoded to f32 is twice the bytes).
+  uint64_t profile_raw_bytes = 0;
   std::array<uint8_t, 32> frame_digest{};
+  std::array<uint8_t, 32> output_digest{};  // SHA-256 of the decoded bytes
 };
 
 class DecompressReactor final
     : public PageStream<v1::DecompressPagesRequest, v1::DecompressPagesResponse, DecompressResult> {
  public:
   DecompressReactor(const StreamEnv& env, grpc::CallbackServerContext* ctx)
-      : PageStream(env, ctx, "DecompressPages"), frames_(std::string("fq_server_decode_receipt_v1")) {
+      : PageStream(env, ctx, "DecompressPages"),
+        frames_(std::string("fq_server_decode_receipt_v2")),
+        outputs_(std::string("fq_server_decode_outputs_v1")) {
     Start();
   }
 
@@ -587,7 +617,11 @@ class DecompressReactor final
     only_profile_ = req.header().profile_digest();
     if (env_.options->frame_keys) keys_ = env_.options->frame_keys();
     if (!only_profile_.empty()) {
-      FQ_RETURN_IF_ERROR(env_.registry->Lookup(only_profile_).status());
+      absl::Status found = env_.registry->Lookup(only_profile_).status();
+      if (absl::IsNotFound(found) && req.header().has_register_if_missing() && env_.service != nullptr) {
+        return env_.service->BuildMissingProfile(only_profile_, req.header().register_if_missing(), *ctx_);
+      }
+      FQ_RETURN_IF_ERROR(found);
     }
     return absl::OkStatus();
   }
@@ -627,20 +661,27 @@ class DecompressReactor final
     }
     return Work([codec = (*entry)->codec, frame, dtype = dtype_, seq, client_seq, where, digest,
                  metrics = env_.metrics, keys = keys_]() -> absl::StatusOr<DecompressResult> {
+      const auto started = Clock::now();
       auto span = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(frame->data()), frame->size());
       if (keys != nullptr) {
         if (absl::Status a = VerifyKvFrameAuth(span, *keys); !a.ok()) return Prefixed(a, where);
       }
       auto page = codec->DecodeFrame(span, dtype);
       if (!page.ok()) return Prefixed(page.status(), where);
+      if (metrics != nullptr) metrics->ObservePageSeconds("decompress", SecondsSince(started));
       DecompressResult r;
       r.frame_bytes = frame->size();
       r.raw_bytes = page->data.size();
       r.coded = page->counts.coded;
       r.raw_vectors = page->counts.raw_total();
+      r.profile_raw_bytes = uint64_t{page->coords.token_count} * codec->profile().shape.head_dim *
+                            DTypeSize(codec->profile().shape.dtype);
       Sha256Hasher h;
       h.Update(*frame);
       r.frame_digest = h.FinishRaw();
+      Sha256Hasher out_hash;
+      out_hash.Update(std::string_view(reinterpret_cast<const char*>(page->data.data()), page->data.size()));
+      r.output_digest = out_hash.FinishRaw();
       v1::DecodedPage* out = r.resp.mutable_page();
       out->set_sequence(seq);
       out->set_client_sequence(client_seq);
@@ -667,7 +708,11 @@ class DecompressReactor final
     raw_bytes_ += r.raw_bytes;
     coded_ += r.coded;
     raw_vectors_ += r.raw_vectors;
+    profile_raw_bytes_ += r.profile_raw_bytes;
     frames_.Bytes(r.frame_digest.data(), r.frame_digest.size());
+    outputs_.Bytes(r.output_digest.data(), r.output_digest.size());
+    const std::string& profile = r.resp.page().profile_digest();
+    if (std::find(profiles_.begin(), profiles_.end(), profile) == profiles_.end()) profiles_.push_back(profile);
     *out = std::move(r.resp);
     return absl::OkStatus();
   }
@@ -681,10 +726,19 @@ class DecompressReactor final
     r.set_raw_vectors(raw_vectors_);
     r.set_input_bytes(frame_bytes_);
     r.set_output_bytes(raw_bytes_);
+    // Raw size in the profiles' own dtypes over frame bytes: the same figure as the compress
+    // receipt's, whatever output dtype was asked for.
     r.set_compression_ratio(frame_bytes_ == 0 ? 0.0
-                                              : static_cast<double>(raw_bytes_) / static_cast<double>(frame_bytes_));
-    // The decode receipt's digest binds the ordered frame digests and the totals.
+                                              : static_cast<double>(profile_raw_bytes_) /
+                                                    static_cast<double>(frame_bytes_));
+    // The decode receipt's digest binds the ordered frame digests, the ordered digests of the decoded
+    // pages (what was handed out), every profile involved and the totals.
+    const std::string output_digest = Sha256Digest(outputs_.bytes());
     CanonicalWriter w = frames_;
+    w.Str(output_digest);
+    w.U64(profiles_.size());
+    for (const auto& p : profiles_) w.Str(p);
+    w.U64(profile_raw_bytes_);
     w.Str(r.profile_digest());
     w.U8(static_cast<uint8_t>(dtype_));
     w.U64(pages_);
@@ -694,8 +748,11 @@ class DecompressReactor final
     w.U64(raw_vectors_);
     const std::string digest = w.Digest();
     const int64_t now = NowUnixSeconds();
-    json j = {{"schema_version", "fq_server_decode_receipt_v1"},
+    json j = {{"schema_version", "fq_server_decode_receipt_v2"},
               {"profile_digest", r.profile_digest()},
+              {"profile_digests", profiles_},
+              {"output_digest", output_digest},
+              {"profile_raw_bytes", profile_raw_bytes_},
               {"output_dtype", std::string(DTypeName(dtype_))},
               {"pages", pages_},
               {"frame_bytes", frame_bytes_},
@@ -720,7 +777,10 @@ class DecompressReactor final
   std::string first_profile_;  // gRPC read thread
   // Written by Account (under the base's mu_, in order) and read by MakeFinal (after the last one).
   uint64_t pages_ = 0, frame_bytes_ = 0, raw_bytes_ = 0, coded_ = 0, raw_vectors_ = 0;
-  CanonicalWriter frames_;  // ordered raw frame digests
+  uint64_t profile_raw_bytes_ = 0;
+  CanonicalWriter frames_;   // ordered raw frame digests
+  CanonicalWriter outputs_;  // ordered digests of the decoded pages
+  std::vector<std::string> profiles_;  // every profile of the stream, in order of first use
 };
 }  // namespace
 
@@ -746,14 +806,14 @@ grpc::ServerBidiReactor<Req, Resp>* OpenStream(const StreamEnv& env, grpc::Callb
 
 grpc::ServerBidiReactor<v1::CompressPagesRequest, v1::CompressPagesResponse>*
 KvCompressionServiceImpl::CompressPages(grpc::CallbackServerContext* ctx) {
-  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, budget_.get(), reaper_.get()};
+  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, budget_.get(), reaper_.get(), this};
   return OpenStream<CompressReactor, v1::CompressPagesRequest, v1::CompressPagesResponse>(
       env, ctx, draining_.load(), "CompressPages");
 }
 
 grpc::ServerBidiReactor<v1::DecompressPagesRequest, v1::DecompressPagesResponse>*
 KvCompressionServiceImpl::DecompressPages(grpc::CallbackServerContext* ctx) {
-  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, budget_.get(), reaper_.get()};
+  StreamEnv env{registry_.get(), pool_.get(), metrics_, &options_, &open_streams_, budget_.get(), reaper_.get(), this};
   return OpenStream<DecompressReactor, v1::DecompressPagesRequest, v1::DecompressPagesResponse>(
       env, ctx, draining_.load(), "DecompressPages");
 }

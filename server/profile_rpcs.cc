@@ -342,6 +342,50 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::RegisterProfile(grpc::Callba
   return reactor;
 }
 
+absl::Status KvCompressionServiceImpl::BuildMissingProfile(const std::string& digest,
+                                                         const v1::RegisterProfileRequest& registration,
+                                                         const grpc::ServerContextBase& ctx) {
+  const std::string what = absl::StrCat("profile ", digest, " is not registered on this server");
+  if (options_.authorize_admin) {
+    if (absl::Status auth = options_.authorize_admin(ctx); !auth.ok()) {
+      // Still NOT_FOUND: a client without the token on its streams re-registers through
+      // RegisterProfile (with the token) on NOT_FOUND, as it did before streams carried specs.
+      return absl::NotFoundError(absl::StrCat(what, " (header.register_if_missing ignored: building needs the "
+                                                    "admin token, as RegisterProfile: ", auth.message(), ")"));
+    }
+  }
+  if (draining_.load()) return absl::UnavailableError(absl::StrCat(what, "; server is draining"));
+  absl::StatusOr<KvCompressionProfile> profile =
+      registration.has_structured() ? ParseSpec(&registration.structured(), nullptr)
+      : registration.has_spec_json() ? ParseSpec(nullptr, &registration.spec_json())
+                                     : absl::InvalidArgumentError("it has neither `structured` nor `spec_json`");
+  if (!profile.ok()) {
+    return Prefixed(profile.status(), absl::StrCat(what, "; header.register_if_missing: "));
+  }
+  if (auto existing = FindSpec(*profile)) {
+    return absl::NotFoundError(absl::StrCat(what, "; header.register_if_missing is registered as ",
+                                            existing->digest, ", a different profile"));
+  }
+  FQ_RETURN_IF_ERROR(registry_->CheckCapacity());
+  // Single-flight with RegisterProfile; nobody waits (the stream fails now and is retried), and
+  // the build is not tied to this stream's lifetime (no context: never cancelled by it).
+  const std::string key = SpecKey(*profile);
+  bool lead = false;
+  FQ_RETURN_IF_ERROR(JoinFlight(key, nullptr, [](const BuildResult&, bool) {}, &lead));
+  if (lead) {
+    absl::Status submitted = build_pool_->Submit(
+        [this, key, p = *std::move(profile)](absl::Status pool_status) mutable {
+          RunFlight(key, std::move(p), pool_status);
+        });
+    if (!submitted.ok()) {
+      FinishFlight(key, submitted, false);
+      return submitted;
+    }
+  }
+  return absl::UnavailableError(
+      absl::StrCat(what, "; building it from header.register_if_missing now: retry shortly"));
+}
+
 grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetProfile(grpc::CallbackServerContext* ctx,
                                                                const v1::GetProfileRequest* req,
                                                                v1::GetProfileResponse* resp) {

@@ -658,6 +658,7 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::AddReceipt(fibquant::v1::Receipt
                    std::string(w.message()).c_str());
     }
   }
+  if (metrics_) metrics_->ReceiptRecorded(receipt.persisted());
   std::vector<std::string> drop;
   {
     absl::MutexLock lock(&mu_);

@@ -181,4 +181,14 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetServerInfo(grpc::Callback
   return reactor;
 }
 
+bool KvCompressionServiceImpl::SampleQuality() {
+  const double rate = options_.quality_sample_rate;
+  if (!(rate > 0)) return false;
+  if (rate >= 1) return true;
+  // Page n is sampled when floor(n * rate) steps: exactly `rate` of the pages, evenly spaced.
+  const uint64_t n = quality_pages_.fetch_add(1, std::memory_order_relaxed) + 1;
+  return static_cast<uint64_t>(static_cast<double>(n) * rate) !=
+         static_cast<uint64_t>(static_cast<double>(n - 1) * rate);
+}
+
 }  // namespace fibquant::server

@@ -105,6 +105,10 @@ struct ServiceOptions {
   // Largest memory one codebook build may take (training samples, search bounds, codewords, the
   // rotation), estimated before the build; above it ResourceExhausted naming --max-build-memory-bytes.
   uint64_t max_build_memory_bytes = 2ull << 30;
+  // Fraction of CompressPages pages whose quality is measured even when nobody asked (pages paced
+  // evenly, not random), exported per profile as fibquant_sampled_page_distortion so a dashboard
+  // shows drift. 0 turns it off; 1 measures every page (one extra decode each).
+  double quality_sample_rate = 0.01;
   // Reported by GetServerInfo.
   std::string version = "0.1.0";
   // Frame keys (core/kv_frame_auth.h): when it returns a ring, every frame CompressPages returns is
@@ -138,6 +142,21 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // codebooks synchronously on the calling thread. A file that fails is logged and skipped; the
   // returned status is the first failure (OK if every file registered).
   absl::Status PreloadDir(const std::string& dir);
+
+  // A stream named `digest`, which this server does not have, and carried its registration
+  // (header.register_if_missing): starts building it in the background under RegisterProfile's
+  // rules (admin authorization on `ctx`, draining, capacity, single-flight on the build pool) and
+  // returns the status the stream fails with: Unavailable "building, retry" when a build started
+  // or is in flight, else the reason it cannot be (NotFound when the call lacks the admin token,
+  // so the client falls back to RegisterProfile, or when the spec is registered under another
+  // digest; the spec's parse error).
+  absl::Status BuildMissingProfile(const std::string& digest,
+                                   const fibquant::v1::RegisterProfileRequest& registration,
+                                   const grpc::ServerContextBase& ctx);
+
+  // True for the pages whose quality is sampled (ServiceOptions::quality_sample_rate), evenly paced
+  // over all streams. Thread-safe.
+  bool SampleQuality();
 
   // Drain: from now on new streams and registrations are refused with Unavailable; streams already
   // open run to completion.
@@ -269,6 +288,7 @@ class KvCompressionServiceImpl final : public fibquant::v1::KvCompressionService
   // Unresolved spec -> its registration build in progress (single-flight).
   std::map<std::string, Flight> flights_ ABSL_GUARDED_BY(spec_mu_);
   std::atomic<uint64_t> builds_started_{0};
+  std::atomic<uint64_t> quality_pages_{0};  // pages seen by SampleQuality
 };
 
 }  // namespace fibquant::server

@@ -94,6 +94,7 @@ std::string SpecToJson(const v1::KvProfileSpec& s) {
     if (b.has_max_topk_disagreement()) q["max_topk_disagreement"] = b.max_topk_disagreement();
     if (b.has_max_value_aggregation_mse()) q["max_value_aggregation_mse"] = b.max_value_aggregation_mse();
     if (!b.fallback_on_violation().empty()) q["fallback_on_violation"] = b.fallback_on_violation();
+    if (b.top_k() != 0) q["top_k"] = b.top_k();
     j["quality_budget"] = q;
   }
   if (!s.calibration_digest().empty()) j["calibration_digest"] = s.calibration_digest();

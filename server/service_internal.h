@@ -124,6 +124,9 @@ struct StreamEnv {
   std::atomic<uint32_t>* open_streams;
   MemoryBudget* budget;  // --max-buffered-bytes
   IdleReaper* reaper;    // --stream-idle-timeout-seconds
+  // Header's register_if_missing for an unknown digest (KvCompressionServiceImpl::
+  // BuildMissingProfile); outlives the stream (the service waits for open streams).
+  KvCompressionServiceImpl* service = nullptr;
 };
 
 }  // namespace internal

@@ -297,8 +297,54 @@ TEST(KvProfileValidate, FailClosedWithoutRawFallbackIsValid) {
   KvCompressionProfile p = Resolved();
   p.fallback_policy = {KvFallbackMode::kFailClosed, false};
   p.quality_budget.fallback_on_violation = KvFallbackMode::kFailClosed;
+  p.protected_policy = KvProtectedPolicy{};  // nothing stored raw by policy either
   p.page_geometry.reserved_vector_bytes = p.page_geometry.encoded_vector_bytes;
   EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+}
+// Protected vectors are stored raw whatever the fallback mode: raw_fallback_available = false
+// with any protection is a contradiction, and protection needs room for a raw vector.
+TEST(KvProfileValidate, ProtectionNeedsRawVectorsAndTheirReservedBytes) {
+  KvCompressionProfile base = Resolved();
+  base.fallback_policy = {KvFallbackMode::kFailClosed, false};
+  base.quality_budget.fallback_on_violation = KvFallbackMode::kFailClosed;
+  base.protected_policy = KvProtectedPolicy{};
+  base.protected_policy.first_tokens_raw = 4;
+  absl::Status s = base.Validate();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("raw_fallback_available = false"));
+  KvCompressionProfile heads = base;
+  heads.protected_policy = KvProtectedPolicy{};
+  heads.protected_policy.raw_heads = {0};
+  EXPECT_EQ(heads.Validate().code(), StatusCode::kInvalidArgument);
+  KvCompressionProfile tight = base;
+  tight.fallback_policy.raw_fallback_available = true;
+  tight.page_geometry.reserved_vector_bytes = tight.page_geometry.encoded_vector_bytes;
+  s = tight.Validate();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("reserved_vector_bytes must be >= the raw vector size"));
+  tight.page_geometry.reserved_vector_bytes = tight.page_geometry.raw_vector_bytes;
+  EXPECT_TRUE(tight.Validate().ok()) << tight.Validate();
+}
+// quality_budget.top_k: range-checked, digested only when set (profiles without it keep their
+// digest), and round-trips through the JSON.
+TEST(KvProfileValidate, BudgetTopKIsDigestedOnlyWhenSet) {
+  KvCompressionProfile p = Resolved();
+  const auto before = p.Digest();
+  ASSERT_TRUE(before.ok()) << before.status();
+  p.quality_budget.top_k = 8;
+  const auto with_k = p.Digest();
+  ASSERT_TRUE(with_k.ok()) << with_k.status();
+  EXPECT_NE(*with_k, *before);
+  p.quality_budget.top_k = 4;
+  EXPECT_NE(*p.Digest(), *with_k);
+  auto back = KvCompressionProfile::FromJson(p.ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->quality_budget.top_k, std::optional<uint32_t>(4));
+  EXPECT_EQ(*back->Digest(), *p.Digest());
+  p.quality_budget.top_k = 0;
+  EXPECT_EQ(p.Validate().code(), StatusCode::kInvalidArgument);
+  p.quality_budget.top_k = 4097;
+  EXPECT_EQ(p.Validate().code(), StatusCode::kInvalidArgument);
 }
 TEST(KvProfileValidate, BudgetFiniteNonNegative) {
   ExpectCode([](KvCompressionProfile& p) { p.quality_budget.max_attention_tv = -0.1; }, StatusCode::kInvalidArgument);

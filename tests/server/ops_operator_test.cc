@@ -110,10 +110,12 @@ constexpr char kSmallSpec[] = R"({
   "fibquant": {"block_dim": 2, "codebook_size": 16, "seed": 7}
 })";
 
-// Runs a server to its "serving" line, stops it with SIGTERM, returns its log.
-std::string RunOnce(const std::vector<std::string>& flags, const TempDir& dir) {
+// Runs a server to its "serving" line, stops it with SIGTERM, returns its log. Each run logs into
+// a fresh directory: a log left by an earlier run would be read as this one's "serving" line.
+std::string RunOnce(const std::vector<std::string>& flags, const TempDir&) {
+  TempDir logs;
   ServerProcess p;
-  p.Start(flags, dir.path());
+  p.Start(flags, logs.path());
   EXPECT_TRUE(p.WaitForPort().has_value()) << p.Log();
   p.Signal(SIGTERM);
   EXPECT_EQ(p.WaitForExit(), 0) << p.Log();
@@ -130,6 +132,13 @@ TEST(OpsOperatorTest, PreloadLogCountsWhatThePreloadDidNotTheRegistryTotal) {
   EXPECT_THAT(first, HasSubstr("preloaded 1 profile spec from " + (dir.path() / "preload").string() +
                                " (1 newly registered, 0 already in the data dir); 1 profiles "
                                "registered in total"));
+  // One prefix for every line the server writes (the per-spec preload lines included).
+  std::istringstream first_lines(first);
+  for (std::string line; std::getline(first_lines, line);) {
+    EXPECT_TRUE(line.starts_with("fibquant-server: ")) << line;
+  }
+  EXPECT_THAT(first, HasSubstr("fibquant-server: preloaded " + (dir.path() / "preload" / "small.json").string() +
+                               " as sha256:"));
   // Second start: the profile comes from the data dir; the preload registers nothing new.
   const std::string second = RunOnce(flags, dir);
   EXPECT_THAT(second, HasSubstr("(0 newly registered, 1 already in the data dir); 1 profiles "
