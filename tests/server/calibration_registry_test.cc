@@ -52,7 +52,7 @@ std::shared_ptr<const KvCodec> CalibratedCodec(const KvCalibration& cal) {
   j["calibration_digest"] = cal.digest;
   auto p = KvCompressionProfile::FromSpecJson(j.dump());
   EXPECT_TRUE(p.ok()) << p.status();
-  auto c = KvCodec::Build(*p, 1, std::make_shared<const KvCalibration>(cal));
+  auto c = KvCodec::Build(*p, 1, nullptr, std::make_shared<const KvCalibration>(cal));
   EXPECT_TRUE(c.ok()) << c.status();
   return *c;
 }
