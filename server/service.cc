@@ -151,7 +151,8 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetServerInfo(grpc::Callback
   auto* reactor = ctx->DefaultReactor();
   const UnaryFinisher finish(metrics_, reactor, "GetServerInfo");
   resp->set_version(options_.version);
-  resp->add_frame_formats(absl::StrCat("FQKV v", kKvFrameVersion));
+  // Every version the decoders accept (version 1 is still what plain pages are written as).
+  for (uint16_t v = 1; v <= kKvFrameVersion; ++v) resp->add_frame_formats(absl::StrCat("FQKV v", v));
   resp->add_rotation_algorithms(std::string(kRotationHaarQr));
   resp->add_rotation_algorithms(std::string(kRotationHadamard));
   for (auto a : {KvAxisPolicy::kRaw, KvAxisPolicy::kPerToken, KvAxisPolicy::kPerChannel,
