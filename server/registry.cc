@@ -220,6 +220,24 @@ std::string NewInstanceId() {
   return absl::StrFormat("%02x%02x%02x%02x", b[0], b[1], b[2], b[3]);
 }
 
+// The `*.json` files of a registry subdirectory, sorted by name (a deterministic load order).
+// Leftovers of interrupted atomic writes (`*.tmp.*`) are never complete and are removed on the way.
+absl::StatusOr<std::vector<std::string>> ListStoredJsonFiles(const fs::path& dir) {
+  std::error_code ec;
+  std::vector<std::string> files;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    if (it->path().filename().string().find(".tmp.") != std::string::npos) {
+      std::error_code ignored;
+      fs::remove(it->path(), ignored);
+      continue;
+    }
+    if (it->path().extension() == ".json") files.push_back(it->path().string());
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
 }  // namespace
 
 absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
@@ -391,19 +409,7 @@ absl::StatusOr<ProfileEntry> Registry::ReadProfileFile(const std::string& path) 
 
 absl::Status Registry::LoadProfiles() {
   fs::path dir = fs::path(options_.data_dir) / "profiles";
-  std::error_code ec;
-  std::vector<std::string> files;
-  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.find(".tmp.") != std::string::npos) {  // an interrupted write: never complete
-      fs::remove(it->path(), ec);
-      ec.clear();
-      continue;
-    }
-    if (it->path().extension() == ".json") files.push_back(it->path().string());
-  }
-  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
-  std::sort(files.begin(), files.end());
+  FQ_ASSIGN_OR_RETURN(const std::vector<std::string> files, ListStoredJsonFiles(dir));
   for (const std::string& f : files) {
     auto e = ReadProfileFile(f);
     if (!e.ok()) {
@@ -419,18 +425,7 @@ absl::Status Registry::LoadProfiles() {
 
 absl::Status Registry::LoadCalibrations() {
   fs::path dir = fs::path(options_.data_dir) / "calibrations";
-  std::error_code ec;
-  std::vector<std::string> files;
-  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
-    if (it->path().filename().string().find(".tmp.") != std::string::npos) {
-      fs::remove(it->path(), ec);
-      ec.clear();
-      continue;
-    }
-    if (it->path().extension() == ".json") files.push_back(it->path().string());
-  }
-  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
-  std::sort(files.begin(), files.end());
+  FQ_ASSIGN_OR_RETURN(const std::vector<std::string> files, ListStoredJsonFiles(dir));
   for (const std::string& f : files) {
     absl::StatusOr<KvCalibration> c = [&]() -> absl::StatusOr<KvCalibration> {
       FQ_ASSIGN_OR_RETURN(std::string text, ReadFileBounded(f));
@@ -517,17 +512,7 @@ absl::StatusOr<fibquant::v1::Receipt> Registry::ReadReceiptFile(const std::strin
 
 absl::Status Registry::LoadReceipts() {
   fs::path dir = fs::path(options_.data_dir) / "receipts";
-  std::error_code ec;
-  std::vector<std::string> files;
-  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
-    if (it->path().filename().string().find(".tmp.") != std::string::npos) {
-      fs::remove(it->path(), ec);
-      ec.clear();
-      continue;
-    }
-    if (it->path().extension() == ".json") files.push_back(it->path().string());
-  }
-  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir.string(), ": ", ec.message()));
+  FQ_ASSIGN_OR_RETURN(const std::vector<std::string> files, ListStoredJsonFiles(dir));
   std::vector<fibquant::v1::Receipt> loaded;
   for (const std::string& f : files) {
     auto r = ReadReceiptFile(f);
@@ -552,6 +537,7 @@ absl::Status Registry::LoadReceipts() {
       receipts_.pop_front();
     }
   }
+  std::error_code ec;
   for (const auto& id : drop) fs::remove(dir / absl::StrCat(id, ".json"), ec);
   return absl::OkStatus();
 }
