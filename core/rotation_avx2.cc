@@ -233,6 +233,44 @@ FQ_AVX2 void HadamardBatchAvx2(const float* x, float* y, size_t n, uint32_t dim,
   }
 }
 
+// Any length: 8 lanes at a time, then scalar for the tail (the product is the same IEEE multiply).
+FQ_AVX2 inline void MulRowTail(float* x, const float* s, size_t d) {
+  size_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(s + i)));
+  }
+  for (; i < d; ++i) x[i] *= s[i];
+}
+
+FQ_AVX2 void HadamardWindowsBatchAvx2(const float* x, float* y, size_t n, uint32_t dim, uint32_t window,
+                                      const float* signs, float last_scale, bool inverse) {
+  const size_t d = dim, p = window;
+  if (p < 8) {  // too short for a register; the scalar kernel is exact and already cheap
+    HadamardWindowsBatchScalar(x, y, n, dim, window, signs, last_scale, inverse);
+    return;
+  }
+  for (size_t r = 0; r < n; ++r) {
+    float* out = y + r * d;
+    std::memcpy(out, x + r * d, d * sizeof(float));
+    if (!inverse) {
+      for (size_t round = 0; round < 3; ++round) {
+        MulRowTail(out, signs + 2 * round * d, d);
+        FwhtRow(out, p);
+        MulRowTail(out, signs + (2 * round + 1) * d, d);
+        FwhtRow(out + d - p, p);
+      }
+      for (size_t i = d - p; i < d; ++i) out[i] *= last_scale;
+    } else {
+      for (size_t round = 3; round-- > 0;) {
+        FwhtRow(out + d - p, p);
+        MulRowTail(out, signs + (2 * round + 1) * d, d);
+        FwhtRow(out, p);
+        MulRowTail(out, signs + 2 * round * d, d);
+      }
+    }
+  }
+}
+
 #undef FQ_AVX2
 
 }  // namespace fibquant::rotation_internal
