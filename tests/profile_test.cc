@@ -163,6 +163,30 @@ TEST(CodeBytes, TwoNormBytesPlusPackedIndices) {
   EXPECT_EQ(Make(4096, 1, 1u << 20, 1).code_bytes(), 2u + 10240u);  // 4096 x 20 bits
 }
 
+// Any head_dim: k need not divide d; the vector is padded to rotation_dim = ceil(d/k)*k, which
+// sets the block count and the code length. Dividing profiles keep rotation_dim == d.
+TEST(Profile, AnyHeadDimPadsToAMultipleOfBlockDim) {
+  struct Case {
+    uint32_t d, k, n, rotation_dim, blocks;
+    size_t code_bytes;
+  };
+  for (const Case& c : {Case{100, 8, 256, 104, 13, 2 + 13}, Case{80, 3, 256, 81, 27, 2 + 27},
+                        Case{96, 4, 256, 96, 24, 2 + 24}, Case{300, 8, 16, 304, 38, 2 + 19},
+                        Case{4096, 3, 256, 4098, 1366, 2 + 1366}, Case{3, 2, 4, 4, 2, 2 + 1}}) {
+    const Profile p = Make(c.d, c.k, c.n, 1);
+    EXPECT_TRUE(p.Validate().ok()) << c.d << "/" << c.k;
+    EXPECT_EQ(p.rotation_dim(), c.rotation_dim) << c.d << "/" << c.k;
+    EXPECT_EQ(p.block_count(), c.blocks) << c.d << "/" << c.k;
+    EXPECT_EQ(p.code_bytes(), c.code_bytes) << c.d << "/" << c.k;
+    // The same under Hadamard, which no longer needs a power of two.
+    absl::StatusOr<Profile> h = Profile::PaperDefault(c.d, c.k, c.n, 1, kRotationHadamard);
+    ASSERT_TRUE(h.ok()) << h.status();
+    EXPECT_EQ(h->rotation_dim(), c.rotation_dim);
+  }
+  // The padding is implied by (ambient_dim, block_dim), both already digested: pinned here.
+  EXPECT_EQ(DigestOf(Make(100, 8, 256, 1)), "sha256:4507ae7fdcae474aa0d5e3b299ac3dfe6e3b88e9f3cc3fa914db9f9009b446ea");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Validate: every rule, with its exact code and a message naming the field.
 
