@@ -55,34 +55,31 @@ def coords_of(c) -> tuple:
     return (c.batch, c.layer, c.kv_head, c.token_start, c.token_count)
 
 
-class _TypedPages:
-    """`pages`: the kept page messages as their typed result class (built on access)."""
-    _page_type: ClassVar[type]
-
-    @property
-    def pages(self) -> list:
-        return [self._page_type.from_proto(p) for p in self._protos]
-
-
 @dataclass
-class CompressResult(_TypedPages):
+class CompressResult:
     """Frames in input order (bytes), the page messages (typed on access) and the receipt."""
     frames: list = field(default_factory=list)
     coordinates: list = field(default_factory=list)
     receipt: Optional[Receipt] = None
     _protos: list = field(default_factory=list, repr=False)
-    _page_type: ClassVar[type] = CompressedPage
+
+    @property
+    def pages(self) -> list:
+        return [CompressedPage.from_proto(p) for p in self._protos]
 
 
 @dataclass
-class DecompressResult(_TypedPages):
+class DecompressResult:
     """Decoded pages in input order: coordinates and raw bytes; the receipt when the server sends one."""
     data: list = field(default_factory=list)
     coordinates: list = field(default_factory=list)
     profile_digests: list = field(default_factory=list)
     receipt: Optional[Receipt] = None
     _protos: list = field(default_factory=list, repr=False)
-    _page_type: ClassVar[type] = DecodedPage
+
+    @property
+    def pages(self) -> list:
+        return [DecodedPage.from_proto(p) for p in self._protos]
 
 
 class _Collector:
