@@ -251,3 +251,27 @@ def _like_register(client, fn):
             return fn(*a, **kw)
         return coro
     return fn
+
+
+def test_both_clients_share_constructor_checks(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+
+    async def make_async(**kw):
+        return fibquant.AsyncClient("127.0.0.1:1", **kw)
+    loop = asyncio.new_event_loop()
+    try:
+        for make in (lambda **kw: fibquant.Client("127.0.0.1:1", **kw),
+                     lambda **kw: loop.run_until_complete(make_async(**kw))):
+            with pytest.raises(fibquant.InvalidArgumentError, match="unknown client option 'windw'"):
+                make(windw=4)
+            with pytest.raises(fibquant.InvalidArgumentError, match="window must be an integer in"):
+                make(window=0)
+            c = make(token_file=token, unary_timeout=2.5)
+            assert c._metadata == (("authorization", "Bearer s3cret"),) and c.options.unary_timeout == 2.5
+            assert c.options.stream_timeout == ClientOptions().stream_timeout
+            closed = c.close()
+            if closed is not None:
+                loop.run_until_complete(closed)
+    finally:
+        loop.close()
