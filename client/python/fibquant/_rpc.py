@@ -22,7 +22,9 @@ from ._streams import CompressCollector, DecompressCollector, compress_header, d
 from ._stubs import pb
 from .errors import FailedPreconditionError, FibquantError, InvalidArgumentError
 from .tensors import as_numpy, convert
-from .types import Codebook, ProfileInfo, QualityReport, Receipt, ServerInfo
+from .types import (
+    Calibration, Codebook, ProfileInfo, QualityReport, Receipt, Recommendation, RegisteredCalibration, ServerInfo,
+)
 
 SERVICE = "fibquant.v1.KvCompressionService"
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
@@ -81,6 +83,66 @@ def evaluate_request(profiles, candidates, keys, values, queries, top_k):
     return req
 
 
+def calibration_request(calibration) -> Any:
+    """RegisterCalibrationRequest from the artifact's JSON (str, bytes or a dict of it) or from a
+    result carrying it (Calibration, Recommendation)."""
+    text = getattr(calibration, "calibration_json", calibration)
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8")
+    elif isinstance(text, dict):
+        text = json.dumps(text)
+    if not isinstance(text, str) or not text:
+        raise InvalidArgumentError("calibration must be the artifact's JSON (str, bytes or dict), a Calibration "
+                                   f"or a Recommendation, got {type(calibration).__name__}")
+    return pb.RegisterCalibrationRequest(calibration_json=text)
+
+
+def _sample_rows(name: str, arr, head_dim: Optional[int]) -> np.ndarray:
+    """One head's sample [tokens, head_dim] of any float kind and strides, as contiguous f32 rows."""
+    a, kind = as_numpy(arr)
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise InvalidArgumentError(f"{name} must be one head's sample [tokens, head_dim], got shape {tuple(a.shape)}")
+    if head_dim is not None and a.shape[1] != head_dim:
+        raise InvalidArgumentError(f"{name} has head_dim {a.shape[1]}, the sample has {head_dim}")
+    return np.ascontiguousarray(convert(a, kind, "f32"), dtype=np.float32)
+
+
+def recommend_request(keys=None, values=None, queries=None, *, role: Optional[str] = None, budget=None,
+                      min_ratio: float = 0.0, calibration_fraction: float = 0.0, tokens_per_page: int = 0,
+                      max_codebook_size: int = 0, target_shape=None, profile_id_prefix: str = "",
+                      store_calibration: bool = False):
+    """RecommendProfileRequest. role defaults as `fibquant recommend`: "key" when keys are given, else
+    "value"; the role's sample sets head_dim, every other sample must have it."""
+    role = role or ("key" if keys is not None else "value")
+    if role not in ("key", "value"):
+        raise InvalidArgumentError(f"role must be 'key' or 'value', got {role!r}")
+    main_name = "keys" if role == "key" else "values"
+    main = keys if role == "key" else values
+    if main is None:
+        raise InvalidArgumentError(f"role {role!r} needs {main_name} (the sample to compress)")
+    rows = {main_name: _sample_rows(main_name, main, None)}
+    head_dim = rows[main_name].shape[1]
+    for name, arr in (("keys", keys), ("values", values), ("queries", queries)):
+        if arr is not None and name not in rows:
+            rows[name] = _sample_rows(name, arr, head_dim)
+    if isinstance(budget, dict):
+        try:
+            budget = pb.QualityBudget(**budget)
+        except (ValueError, TypeError) as e:
+            raise InvalidArgumentError(f"budget: {e}") from None
+    elif budget is not None and not isinstance(budget, pb.QualityBudget):
+        raise InvalidArgumentError(f"budget must be a dict or a QualityBudget, got {type(budget).__name__}")
+    if isinstance(target_shape, dict):
+        target_shape = json.dumps(target_shape)
+    req = pb.RecommendProfileRequest(
+        role=role, head_dim=head_dim, budget=budget, min_ratio=min_ratio, calibration_fraction=calibration_fraction,
+        tokens_per_page=tokens_per_page, max_codebook_size=max_codebook_size, target_shape_json=target_shape or "",
+        profile_id_prefix=profile_id_prefix, store_calibration=store_calibration)
+    for name, a in rows.items():
+        getattr(req, name).extend(a.ravel())
+    return req
+
+
 def health_request(service: str) -> bytes:
     """A serialized grpc.health.v1.HealthCheckRequest (no stubs for it are generated)."""
     name = service.encode()
@@ -134,16 +196,21 @@ LIST_RECEIPTS = Rpc(
 EVALUATE_QUALITY = Rpc("EvaluateQuality", evaluate_request,
                        lambda resp: [QualityReport.from_proto(r) for r in resp.reports], timeout="register_timeout")
 GET_SERVER_INFO = Rpc("GetServerInfo", pb.GetServerInfoRequest, ServerInfo.from_proto)
+REGISTER_CALIBRATION = Rpc("RegisterCalibration", calibration_request, RegisteredCalibration.from_proto)
+GET_CALIBRATION = Rpc("GetCalibration", lambda digest: pb.GetCalibrationRequest(calibration_digest=digest),
+                      Calibration.from_proto)
+# Candidate codebooks are built on the server like registrations, hence the registration deadline.
+RECOMMEND_PROFILE = Rpc("RecommendProfile", recommend_request, Recommendation.from_proto, timeout="register_timeout")
 # One attempt: a probe reports what it sees.
 HEALTH_CHECK = Rpc("Health/Check", health_request, health_status, retryable=False, path=HEALTH_METHOD)
 
 RPCS = {r.method: r for r in (REGISTER_PROFILE, GET_PROFILE, LIST_PROFILES, GET_CODEBOOK, COMPRESS_PAGES,
                               DECOMPRESS_PAGES, GET_RECEIPT, LIST_RECEIPTS, EVALUATE_QUALITY, GET_SERVER_INFO,
-                              HEALTH_CHECK)}
+                              REGISTER_CALIBRATION, GET_CALIBRATION, RECOMMEND_PROFILE, HEALTH_CHECK)}
 
-# KvCompressionService methods the Python client does not wrap yet (the CLI and C++ client do);
+# KvCompressionService methods the Python client does not wrap (none today);
 # tests/test_rpc_table.py fails when the service gains a method that is in neither list.
-NOT_WRAPPED = frozenset({"RegisterCalibration", "GetCalibration", "RecommendProfile"})
+NOT_WRAPPED: frozenset = frozenset()
 
 
 def bind(channel, stub) -> dict:

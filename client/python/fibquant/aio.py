@@ -19,9 +19,9 @@ import grpc.aio
 
 from ._common import CancelToken, ClientOptions, CompressedTensor, ProfileBook, check_window, client_setup, retry_delays
 from ._rpc import (
-    EVALUATE_QUALITY, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK, LIST_PROFILES,
-    LIST_RECEIPTS, REGISTER_PROFILE, RPCS, Pager, Rpc, bind, check_reregistered, health_serving, register_request,
-    reregistration_failed,
+    EVALUATE_QUALITY, GET_CALIBRATION, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK,
+    LIST_PROFILES, LIST_RECEIPTS, RECOMMEND_PROFILE, REGISTER_CALIBRATION, REGISTER_PROFILE, RPCS, Pager, Rpc, bind,
+    check_reregistered, health_serving, register_request, reregistration_failed,
 )
 from ._streams import (
     CompressResult, DecompressResult, Progress, StreamJob, compress_pages_job, compress_tensor_job,
@@ -30,7 +30,7 @@ from ._streams import (
 from ._stubs import pb_grpc
 from .errors import CancelledError, FibquantError, NotFoundError, UnavailableError
 from .errors import error_from_code as from_rpc_error_parts, from_rpc_error
-from .types import Codebook, ProfileInfo, Receipt, ServerInfo
+from .types import Calibration, Codebook, ProfileInfo, Receipt, Recommendation, RegisteredCalibration, ServerInfo
 
 __all__ = ["AsyncClient"]
 
@@ -206,6 +206,23 @@ class AsyncClient:
     async def _profile(self, profile) -> ProfileInfo:
         info, digest = self._profiles.lookup(profile)
         return info or await self.get_profile(digest)
+
+    async def register_calibration(self, calibration, *, timeout=None) -> RegisteredCalibration:
+        return await self._call(REGISTER_CALIBRATION, calibration, timeout=timeout)
+
+    async def get_calibration(self, calibration_digest: str, *, timeout=None) -> Calibration:
+        return await self._call(GET_CALIBRATION, calibration_digest, timeout=timeout)
+
+    async def recommend_profile(self, keys=None, values=None, queries=None, *, role: Optional[str] = None,
+                                budget=None, min_ratio: float = 0.0, calibration_fraction: float = 0.0,
+                                tokens_per_page: int = 0, max_codebook_size: int = 0, target_shape=None,
+                                profile_id_prefix: str = "", store_calibration: bool = False,
+                                timeout=None) -> Recommendation:
+        return await self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget,
+                                min_ratio=min_ratio, calibration_fraction=calibration_fraction,
+                                tokens_per_page=tokens_per_page, max_codebook_size=max_codebook_size,
+                                target_shape=target_shape, profile_id_prefix=profile_id_prefix,
+                                store_calibration=store_calibration, timeout=timeout)
 
     async def get_receipt(self, receipt_id: str, *, timeout=None) -> Receipt:
         return await self._call(GET_RECEIPT, receipt_id, timeout=timeout)

@@ -33,9 +33,9 @@ from ._common import (
     CancelToken, ClientOptions, CompressedTensor, ProfileBook, TlsConfig, check_window, client_setup, retry_delays,
 )
 from ._rpc import (
-    EVALUATE_QUALITY, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK, LIST_PROFILES,
-    LIST_RECEIPTS, REGISTER_PROFILE, RPCS, Pager, Rpc, bind, check_reregistered, health_serving, register_request,
-    reregistration_failed,
+    EVALUATE_QUALITY, GET_CALIBRATION, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK,
+    LIST_PROFILES, LIST_RECEIPTS, RECOMMEND_PROFILE, REGISTER_CALIBRATION, REGISTER_PROFILE, RPCS, Pager, Rpc, bind,
+    check_reregistered, health_serving, register_request, reregistration_failed,
 )
 from ._streams import (
     CompressResult, DecompressResult, Progress, StreamJob, compress_pages_job, compress_tensor_job,
@@ -43,7 +43,7 @@ from ._streams import (
 )
 from ._stubs import pb_grpc
 from .errors import FibquantError, InvalidArgumentError, NotFoundError, UnavailableError, from_rpc_error
-from .types import Codebook, ProfileInfo, Receipt, ServerInfo
+from .types import Calibration, Codebook, ProfileInfo, Receipt, Recommendation, RegisteredCalibration, ServerInfo
 
 __all__ = ["Client", "CancelToken", "CompressedTensor", "Progress", "TlsConfig", "ClientOptions",
            "CompressResult", "DecompressResult"]
@@ -169,6 +169,33 @@ class Client:
     def _profile(self, profile: Union[str, ProfileInfo]) -> ProfileInfo:
         info, digest = self._profiles.lookup(profile)
         return info or self.get_profile(digest)
+
+    # ---- calibrations and recommendations
+
+    def register_calibration(self, calibration, *, timeout: Optional[float] = None) -> RegisteredCalibration:
+        """Stores a calibration artifact: its JSON (str, bytes or dict), or a Calibration or
+        Recommendation carrying it. The server recomputes the digest (InvalidArgumentError on a
+        mismatch). Idempotent: `created` is False when it was registered already. Admin-guarded."""
+        return self._call(REGISTER_CALIBRATION, calibration, timeout=timeout)
+
+    def get_calibration(self, calibration_digest: str, *, timeout: Optional[float] = None) -> Calibration:
+        """A registered calibration artifact (NotFoundError when unknown)."""
+        return self._call(GET_CALIBRATION, calibration_digest, timeout=timeout)
+
+    def recommend_profile(self, keys=None, values=None, queries=None, *, role: Optional[str] = None, budget=None,
+                          min_ratio: float = 0.0, calibration_fraction: float = 0.0, tokens_per_page: int = 0,
+                          max_codebook_size: int = 0, target_shape=None, profile_id_prefix: str = "",
+                          store_calibration: bool = False, timeout: Optional[float] = None) -> Recommendation:
+        """RecommendProfile on one head's sample: keys/values/queries [tokens, head_dim], any float
+        array of any strides (sent as f32). role: "key" (default when keys are given) compresses keys,
+        with queries one per token; "value" compresses values (keys optional: attention weights).
+        budget: a dict of QualityBudget fields ({"max_attention_tv": 0.15}) per held-out page.
+        target_shape: the serving KvShape (dict or JSON). store_calibration also registers the
+        calibration (admin-guarded). No candidate meeting the budget is an answer: `best` is None."""
+        return self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget, min_ratio=min_ratio,
+                          calibration_fraction=calibration_fraction, tokens_per_page=tokens_per_page,
+                          max_codebook_size=max_codebook_size, target_shape=target_shape,
+                          profile_id_prefix=profile_id_prefix, store_calibration=store_calibration, timeout=timeout)
 
     # ---- receipts, evaluation, server
 

@@ -289,3 +289,76 @@ class QualityReport(_FromProto):
     report_json: str
     proto: Any = _proto_field()
     _nested: ClassVar[dict] = {"metrics": QualityMetrics}
+
+
+@dataclass(frozen=True)
+class RegisteredCalibration(_FromProto):
+    """RegisterCalibration's answer: the artifact's digest (recomputed by the server) and whether this
+    call stored it (False: it was registered already)."""
+    calibration_digest: str
+    created: bool
+    proto: Any = _proto_field()
+
+
+@dataclass(frozen=True)
+class Calibration(_FromProto):
+    """A calibration artifact (docs/format/kv.md, "Calibration artifact") as GetCalibration returns it."""
+    calibration_json: str
+    proto: Any = _proto_field()
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.calibration_json)
+
+    @property
+    def digest(self) -> str:
+        """The digest the artifact names itself by (the server checked it on registration)."""
+        return self.document["digest"]
+
+
+@dataclass(frozen=True)
+class RecommendedProfile(_FromProto):
+    """One measured candidate of RecommendProfile; spec_json is ready for Client.register_profile."""
+    profile_id: str
+    spec_json: str
+    compression_ratio: float
+    bits_per_value: float
+    mean: Optional[QualityMetrics]
+    max: Optional[QualityMetrics]
+    meets_budget: bool
+    qualifies: bool
+    reason: str
+    block_dim: int
+    codebook_size: int
+    calibrated: bool
+    centering: str
+    renormalize: bool
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"mean": QualityMetrics, "max": QualityMetrics}
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(self.spec_json)
+
+
+@dataclass(frozen=True)
+class Recommendation(_FromProto):
+    """RecommendProfile's answer: candidates ranked (qualifying first, highest ratio first). A budget
+    no candidate meets is an answer, not an error: best_index is -1 and `best` None, `summary` says
+    which metric failed or how far the ratio fell short."""
+    candidates: tuple
+    best_index: int
+    summary: str
+    calibration_digest: str
+    calibration_json: str
+    calibration_stored: bool
+    calibration_tokens: int
+    evaluation_tokens: int
+    seconds: float
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"candidates": RecommendedProfile}
+
+    @property
+    def best(self) -> Optional[RecommendedProfile]:
+        """The best candidate that meets the budget and min_ratio, or None when none does."""
+        return self.candidates[self.best_index] if 0 <= self.best_index < len(self.candidates) else None

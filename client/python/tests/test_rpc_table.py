@@ -8,6 +8,7 @@ import asyncio
 import inspect
 
 import grpc
+import numpy as np
 import pytest
 
 import fibquant
@@ -24,6 +25,8 @@ WRAPPERS = {
     "DecompressPages": ["decompress_pages", "decompress"], "GetReceipt": ["get_receipt"],
     "ListReceipts": ["list_receipts"], "EvaluateQuality": ["evaluate_quality"],
     "GetServerInfo": ["get_server_info"], "Health/Check": ["check_health"],
+    "RegisterCalibration": ["register_calibration"], "GetCalibration": ["get_calibration"],
+    "RecommendProfile": ["recommend_profile"],
 }
 DIGEST = "sha256:" + "ab" * 32
 # Arguments each request builder is called with here (paged: remaining, page_token first).
@@ -32,6 +35,8 @@ SAMPLE_ARGS = {
     "GetCodebook": (DIGEST,), "CompressPages": (DIGEST, "f16"), "DecompressPages": ("f32", DIGEST),
     "GetReceipt": ("rcpt-1",), "ListReceipts": (2000, "t"),
     "EvaluateQuality": ([DIGEST], [], None, None, None, 0), "GetServerInfo": (),
+    "RegisterCalibration": ('{"digest": "x"}',), "GetCalibration": (DIGEST,),
+    "RecommendProfile": (np.zeros((4, 8), np.float32),),
 }
 
 
@@ -275,3 +280,53 @@ def test_both_clients_share_constructor_checks(tmp_path):
                 loop.run_until_complete(closed)
     finally:
         loop.close()
+
+
+def test_recommend_request_sends_f32_rows_of_any_kind_and_strides():
+    """The samples go out as the f32 values of [tokens, head_dim] rows whatever their dtype and
+    strides (bf16 as uint16 bits, f16, a strided head of [tokens, heads, head_dim])."""
+    rng = np.random.default_rng(7)
+    kv = rng.standard_normal((12, 3, 8)).astype(np.float32)
+    k, q = kv[:, 1, :], kv[::-1, 2, :]  # neither is contiguous
+    want_k, want_q = np.ascontiguousarray(k).ravel(), np.ascontiguousarray(q).ravel()
+    req = _rpc.recommend_request(k, queries=q, budget={"max_attention_tv": 0.2}, max_codebook_size=64,
+                                 target_shape={"role": "key"}, profile_id_prefix="p", store_calibration=True)
+    assert req.role == "key" and req.head_dim == 8 and not req.values
+    assert np.array_equal(np.asarray(req.keys, np.float32), want_k)
+    assert np.array_equal(np.asarray(req.queries, np.float32), want_q)
+    assert req.budget.HasField("max_attention_tv") and not req.budget.HasField("max_logit_mse")
+    assert req.max_codebook_size == 64 and req.target_shape_json == '{"role": "key"}' and req.store_calibration
+    f16 = _rpc.recommend_request(k.astype(np.float16))
+    assert np.array_equal(np.asarray(f16.keys, np.float32), want_k.astype(np.float16).astype(np.float32))
+    bf16 = _rpc.recommend_request(fibquant.f32_to_bf16(k))
+    assert np.array_equal(np.asarray(bf16.keys, np.float32), fibquant.bf16_to_f32(fibquant.f32_to_bf16(want_k)))
+    # A value sample: role from the arguments, keys (attention weights) ride along.
+    v = _rpc.recommend_request(keys=k, values=q, role="value")
+    assert v.role == "value" and v.head_dim == 8 and len(v.keys) == len(v.values) == 96
+    assert _rpc.recommend_request(values=q).role == "value"
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((), {}, "needs values"),
+    ((np.zeros((4, 8), np.float32),), {"role": "value"}, "needs values"),
+    ((np.zeros((2, 4, 8), np.float32),), {}, r"keys must be one head's sample \[tokens, head_dim\]"),
+    ((np.zeros((4, 8), np.float32), None, np.zeros((4, 16), np.float32)), {}, "queries has head_dim 16"),
+    ((np.zeros((4, 8), np.int32),), {}, "int32 is not supported"),
+    ((np.zeros((4, 8), np.float32),), {"budget": {"max_attention": 1}}, "budget"),
+    ((np.zeros((4, 8), np.float32),), {"role": "query"}, "role must be"),
+])
+def test_recommend_request_rejects_malformed_samples(args, kwargs, match):
+    with pytest.raises(fibquant.InvalidArgumentError, match=match):
+        _rpc.recommend_request(*args, **kwargs)
+
+
+def test_calibration_request_takes_json_dict_bytes_or_results():
+    text = '{"digest": "sha256:00"}'
+    rec = fibquant.Recommendation.from_proto(pb.RecommendProfileResponse(calibration_json=text))
+    cal = fibquant.Calibration.from_proto(pb.GetCalibrationResponse(calibration_json=text))
+    for given in (text, text.encode(), rec, cal):
+        assert _rpc.calibration_request(given).calibration_json == text
+    assert _rpc.calibration_request({"digest": "sha256:00"}).calibration_json == '{"digest": "sha256:00"}'
+    for bad in ("", 3, fibquant.Recommendation.from_proto(pb.RecommendProfileResponse())):
+        with pytest.raises(fibquant.InvalidArgumentError, match="calibration must be"):
+            _rpc.calibration_request(bad)

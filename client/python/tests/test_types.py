@@ -20,6 +20,8 @@ MESSAGES = {
     fibquant.Receipt: pb.Receipt, fibquant.ServerLimits: pb.ServerLimits,
     fibquant.ServerInfo: pb.GetServerInfoResponse, fibquant.QualityMetrics: pb.QualityMetrics,
     fibquant.QualityReport: pb.QualityReport,
+    fibquant.RegisteredCalibration: pb.RegisterCalibrationResponse, fibquant.Calibration: pb.GetCalibrationResponse,
+    fibquant.RecommendedProfile: pb.RecommendedProfile, fibquant.Recommendation: pb.RecommendProfileResponse,
 }
 CLIENT_ONLY_FIELDS = {"proto", "already_registered"}
 
@@ -85,3 +87,18 @@ def test_per_class_extras():
     again = fibquant.ProfileInfo.from_proto(msg, already_registered=True)
     assert again.already_registered is True and again.head_dim == 64 and again.build_stats is None
     assert again.proto is msg
+
+
+def test_recommendation_best_and_documents():
+    """best is the candidate at best_index, None for -1 (a budget nobody meets is an answer)."""
+    cands = [pb.RecommendedProfile(profile_id="a", spec_json='{"profile_id": "a"}', qualifies=True,
+                                   max=pb.QualityMetrics(attention_tv=0.1)),
+             pb.RecommendedProfile(profile_id="b", reason="ratio 2 < 5")]
+    rec = fibquant.Recommendation.from_proto(pb.RecommendProfileResponse(candidates=cands, best_index=0))
+    assert rec.best is rec.candidates[0] and rec.best.spec == {"profile_id": "a"}
+    assert rec.best.max.attention_tv == 0.1 and rec.best.mean is None
+    none = fibquant.Recommendation.from_proto(pb.RecommendProfileResponse(candidates=cands, best_index=-1))
+    assert none.best is None and none.candidates[1].reason == "ratio 2 < 5"
+    assert fibquant.Recommendation.from_proto(pb.RecommendProfileResponse(best_index=3)).best is None
+    cal = fibquant.Calibration.from_proto(pb.GetCalibrationResponse(calibration_json='{"digest": "sha256:00"}'))
+    assert cal.digest == "sha256:00" and cal.document == {"digest": "sha256:00"}
