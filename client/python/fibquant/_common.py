@@ -160,13 +160,43 @@ def client_setup(tls, token: Optional[str], token_file, options: Optional[Client
 
 class ProfileBook:
     """A client's profiles: the specs it registered (digest -> RegisterProfileRequest), kept to
-    re-register a profile a server answers NOT_FOUND for, and the ProfileInfos it fetched
-    (immutable per digest). Locked: a sync Client is shared by threads."""
+    re-register a profile a server answers NOT_FOUND for, the calibrations it registered or had
+    stored (digest -> RegisterCalibrationRequest), re-registered before a calibrated spec that names
+    one, and the ProfileInfos it fetched (immutable per digest). Locked: a sync Client is shared by
+    threads."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._held: dict = {}
         self._infos: dict = {}
+        self._calibrations: dict = {}
+
+    def calibration_registered(self, req, reg):
+        """Holds a registered calibration (req: its RegisterCalibrationRequest, reg: the answer)."""
+        if reg.calibration_digest:
+            with self._lock:
+                self._calibrations[reg.calibration_digest] = req
+        return reg
+
+    def recommended(self, rec):
+        """Holds the calibration a RecommendProfile stored (store_calibration)."""
+        if rec.calibration_stored and rec.calibration_digest:
+            with self._lock:
+                self._calibrations[rec.calibration_digest] = pb.RegisterCalibrationRequest(
+                    calibration_json=rec.calibration_json)
+        return rec
+
+    def calibration_for(self, spec_req):
+        """The RegisterCalibrationRequest held for the calibration a RegisterProfileRequest names, or None."""
+        if spec_req.WhichOneof("spec") == "structured":
+            digest = spec_req.structured.calibration_digest
+        else:
+            try:
+                digest = json.loads(spec_req.spec_json).get("calibration_digest", "")
+            except (ValueError, AttributeError):
+                digest = ""
+        with self._lock:
+            return self._calibrations.get(digest) if digest else None
 
     def registered(self, req, info: ProfileInfo) -> ProfileInfo:
         with self._lock:

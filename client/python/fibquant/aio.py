@@ -21,7 +21,7 @@ from ._common import CancelToken, ClientOptions, CompressedTensor, ProfileBook, 
 from ._rpc import (
     EVALUATE_QUALITY, GET_CALIBRATION, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK,
     LIST_PROFILES, LIST_RECEIPTS, RECOMMEND_PROFILE, REGISTER_CALIBRATION, REGISTER_PROFILE, RPCS, Pager, Rpc, bind,
-    check_reregistered, health_serving, register_request, reregistration_failed,
+    calibration_request, check_reregistered, health_serving, register_request, reregistration_failed,
 )
 from ._streams import (
     CompressResult, DecompressResult, Progress, StreamJob, compress_pages_job, compress_tensor_job,
@@ -180,6 +180,9 @@ class AsyncClient:
             if req is None:
                 raise
             try:
+                calibration = self._profiles.calibration_for(req)
+                if calibration is not None:  # a server that lost the profile may have lost its calibration
+                    await self._send(REGISTER_CALIBRATION, calibration)
                 info = await self._register(req)
             except FibquantError as e:
                 raise reregistration_failed(digest, nf, e) from None
@@ -208,7 +211,8 @@ class AsyncClient:
         return info or await self.get_profile(digest)
 
     async def register_calibration(self, calibration, *, timeout=None) -> RegisteredCalibration:
-        return await self._call(REGISTER_CALIBRATION, calibration, timeout=timeout)
+        req = calibration_request(calibration)
+        return self._profiles.calibration_registered(req, await self._send(REGISTER_CALIBRATION, req, timeout))
 
     async def get_calibration(self, calibration_digest: str, *, timeout=None) -> Calibration:
         return await self._call(GET_CALIBRATION, calibration_digest, timeout=timeout)
@@ -218,11 +222,12 @@ class AsyncClient:
                                 tokens_per_page: int = 0, max_codebook_size: int = 0, target_shape=None,
                                 profile_id_prefix: str = "", store_calibration: bool = False,
                                 timeout=None) -> Recommendation:
-        return await self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget,
-                                min_ratio=min_ratio, calibration_fraction=calibration_fraction,
-                                tokens_per_page=tokens_per_page, max_codebook_size=max_codebook_size,
-                                target_shape=target_shape, profile_id_prefix=profile_id_prefix,
-                                store_calibration=store_calibration, timeout=timeout)
+        rec = await self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget, min_ratio=min_ratio,
+                               calibration_fraction=calibration_fraction, tokens_per_page=tokens_per_page,
+                               max_codebook_size=max_codebook_size, target_shape=target_shape,
+                               profile_id_prefix=profile_id_prefix, store_calibration=store_calibration,
+                               timeout=timeout)
+        return self._profiles.recommended(rec)
 
     async def get_receipt(self, receipt_id: str, *, timeout=None) -> Receipt:
         return await self._call(GET_RECEIPT, receipt_id, timeout=timeout)

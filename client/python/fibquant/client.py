@@ -11,8 +11,9 @@ What it adds over the generated stub (as the C++ client, client/client.h, does):
   - deadlines on every call (ClientOptions; `timeout=` overrides one call);
   - UNAVAILABLE retries with exponential backoff and jitter (every retried call is idempotent);
   - profile recovery: specs registered through the client are kept, and a NOT_FOUND for one of
-    their digests (a replica that never saw it, a lost data dir) re-registers the spec, checks the
-    digest is unchanged and retries once (profiles are content-addressed);
+    their digests (a replica that never saw it, a lost data dir) re-registers the spec (after the
+    calibration it names, when the client registered that too), checks the digest is unchanged and
+    retries once (profiles are content-addressed);
   - pipelined streams: up to `window` pages written and not yet answered while answers are read, in
     input order (checked by sequence); the streams of every Client run on one shared asyncio event
     loop thread (grpc.aio), the calling thread waits for the result;
@@ -35,7 +36,7 @@ from ._common import (
 from ._rpc import (
     EVALUATE_QUALITY, GET_CALIBRATION, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK,
     LIST_PROFILES, LIST_RECEIPTS, RECOMMEND_PROFILE, REGISTER_CALIBRATION, REGISTER_PROFILE, RPCS, Pager, Rpc, bind,
-    check_reregistered, health_serving, register_request, reregistration_failed,
+    calibration_request, check_reregistered, health_serving, register_request, reregistration_failed,
 )
 from ._streams import (
     CompressResult, DecompressResult, Progress, StreamJob, compress_pages_job, compress_tensor_job,
@@ -135,6 +136,9 @@ class Client:
             if req is None:
                 raise
             try:
+                calibration = self._profiles.calibration_for(req)
+                if calibration is not None:  # a server that lost the profile may have lost its calibration
+                    self._send(REGISTER_CALIBRATION, calibration)
                 info = self._register(req)
             except FibquantError as e:
                 raise reregistration_failed(digest, nf, e) from None
@@ -176,7 +180,8 @@ class Client:
         """Stores a calibration artifact: its JSON (str, bytes or dict), or a Calibration or
         Recommendation carrying it. The server recomputes the digest (InvalidArgumentError on a
         mismatch). Idempotent: `created` is False when it was registered already. Admin-guarded."""
-        return self._call(REGISTER_CALIBRATION, calibration, timeout=timeout)
+        req = calibration_request(calibration)
+        return self._profiles.calibration_registered(req, self._send(REGISTER_CALIBRATION, req, timeout))
 
     def get_calibration(self, calibration_digest: str, *, timeout: Optional[float] = None) -> Calibration:
         """A registered calibration artifact (NotFoundError when unknown)."""
@@ -192,10 +197,11 @@ class Client:
         budget: a dict of QualityBudget fields ({"max_attention_tv": 0.15}) per held-out page.
         target_shape: the serving KvShape (dict or JSON). store_calibration also registers the
         calibration (admin-guarded). No candidate meeting the budget is an answer: `best` is None."""
-        return self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget, min_ratio=min_ratio,
-                          calibration_fraction=calibration_fraction, tokens_per_page=tokens_per_page,
-                          max_codebook_size=max_codebook_size, target_shape=target_shape,
-                          profile_id_prefix=profile_id_prefix, store_calibration=store_calibration, timeout=timeout)
+        rec = self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget, min_ratio=min_ratio,
+                         calibration_fraction=calibration_fraction, tokens_per_page=tokens_per_page,
+                         max_codebook_size=max_codebook_size, target_shape=target_shape,
+                         profile_id_prefix=profile_id_prefix, store_calibration=store_calibration, timeout=timeout)
+        return self._profiles.recommended(rec)
 
     # ---- receipts, evaluation, server
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 import fibquant
-from conftest import SOURCE_DIR
+from conftest import SOURCE_DIR, ServerProcess
 
 LAYER, HEAD, TOKENS = 1, 1, 512  # layer 1 has head_dim 128
 BUDGET = {"max_attention_tv": 0.25}
@@ -173,3 +174,34 @@ def test_errors_name_the_exact_class(server, rec, sample):
     # The server kept serving.
     with fibquant.Client(server.target) as c:
         assert c.check_health()
+
+
+def test_recovery_re_registers_the_calibration_of_a_calibrated_profile(workdir, sample):
+    """A server that lost its data dir lost the calibrated profile and its calibration: the client
+    holding both (the calibration stored by recommend_profile) registers them again, in that order."""
+    d = workdir / "calibrated-recovery"
+    d.mkdir()
+    s = ServerProcess(d)
+    port = s.port
+    c = fibquant.Client(s.target, initial_backoff=0.2)
+    try:
+        rec = c.recommend_profile(sample[0], queries=sample[1], budget=BUDGET, max_codebook_size=16,
+                                  store_calibration=True)
+        assert rec.calibration_stored
+        spec = next(x.spec_json for x in rec.candidates if x.calibrated)
+        info = c.register_profile(spec)
+        first = c.compress(sample[0], info)
+        assert s.stop() == 0
+        shutil.rmtree(s.data_dir)
+        s = ServerProcess(d, listen=f"127.0.0.1:{port}")
+        with fibquant.Client(s.target) as other:
+            with pytest.raises(fibquant.NotFoundError):
+                other.get_calibration(rec.calibration_digest)  # the new server knows neither ...
+            with pytest.raises(fibquant.NotFoundError):
+                other.get_profile(info.digest)
+        again = c.compress(sample[0], info.digest)  # ... the client holding both recovers them
+        assert again.frames == first.frames
+        assert c.get_calibration(rec.calibration_digest).calibration_json == rec.calibration_json
+    finally:
+        c.close()
+        assert s.stop() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 
 import grpc
 import numpy as np
@@ -247,6 +248,44 @@ def test_profile_recovery(attempts):
         run(_rpc.GET_PROFILE, req, _Flaky(1, fibquant.NotFoundError))
     assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and "re-registering profile" in e.value.message
     assert e.value.method == "RegisterProfile"
+
+
+def test_profile_recovery_re_registers_the_held_calibration_first(attempts):
+    """A held spec naming a calibration this client registered (or had stored by RecommendProfile):
+    the calibration is registered again before the spec (a server that lost one lost both)."""
+    client, run = attempts
+    cal_digest = "sha256:" + "ef" * 32
+    cal = pb.RegisterCalibrationRequest(calibration_json=json.dumps({"digest": cal_digest}))
+    client._profiles.calibration_registered(cal, fibquant.RegisteredCalibration.from_proto(
+        pb.RegisterCalibrationResponse(calibration_digest=cal_digest, created=True)))
+    spec = pb.RegisterProfileRequest(spec_json=json.dumps({"profile_id": "c", "calibration_digest": cal_digest}))
+    client._profiles.registered(spec, fibquant.ProfileInfo.from_proto(pb.ProfileInfo(digest=DIGEST)))
+    calls = []
+
+    def send(rpc, req, timeout=None):
+        calls.append((rpc.method, req))
+        return fibquant.RegisteredCalibration.from_proto(pb.RegisterCalibrationResponse(calibration_digest=cal_digest))
+
+    def register(req, timeout=None):
+        calls.append(("RegisterProfile", req))
+        return fibquant.ProfileInfo.from_proto(pb.ProfileInfo(digest=DIGEST))
+    client._send, client._register = _like_register(client, send), _like_register(client, register)
+    lost = _Flaky(1, fibquant.NotFoundError)
+    assert run(_rpc.GET_PROFILE, pb.GetProfileRequest(digest=DIGEST), lost) == "answer" and lost.calls == 2
+    assert calls == [("RegisterCalibration", cal), ("RegisterProfile", spec)]
+    book = client._profiles
+    assert book.calibration_for(pb.RegisterProfileRequest(
+        structured=pb.KvProfileSpec(calibration_digest=cal_digest))) is cal
+    for other in ('{"calibration_digest": "sha256:00"}', "{}", "[1]", "not json"):
+        assert book.calibration_for(pb.RegisterProfileRequest(spec_json=other)) is None
+    stored = fibquant.Recommendation.from_proto(pb.RecommendProfileResponse(
+        calibration_digest="sha256:11", calibration_json="{}", calibration_stored=True))
+    assert book.recommended(stored) is stored
+    assert book.calibration_for(pb.RegisterProfileRequest(
+        spec_json='{"calibration_digest": "sha256:11"}')).calibration_json == "{}"
+    unstored = fibquant.Recommendation.from_proto(pb.RecommendProfileResponse(calibration_digest="sha256:22"))
+    book.recommended(unstored)
+    assert book.calibration_for(pb.RegisterProfileRequest(spec_json='{"calibration_digest": "sha256:22"}')) is None
 
 
 def _like_register(client, fn):
