@@ -23,7 +23,8 @@ from ._stubs import pb
 from .errors import FailedPreconditionError, FibquantError, InvalidArgumentError
 from .tensors import as_numpy, convert
 from .types import (
-    Calibration, Codebook, ProfileInfo, QualityReport, Receipt, Recommendation, RegisteredCalibration, ServerInfo,
+    Calibration, Codebook, ProfileInfo, QualityReport, Receipt, Recommendation, RecommendedProfile,
+    RegisteredCalibration, ServerInfo,
 )
 
 SERVICE = "fibquant.v1.KvCompressionService"
@@ -47,13 +48,16 @@ class Rpc:
 
 
 def register_request(spec) -> Any:
+    if isinstance(spec, RecommendedProfile):
+        spec = spec.spec_json
     if isinstance(spec, pb.KvProfileSpec):
         return pb.RegisterProfileRequest(structured=spec)
     if isinstance(spec, dict):
         return pb.RegisterProfileRequest(spec_json=json.dumps(spec))
     if isinstance(spec, str):
         return pb.RegisterProfileRequest(spec_json=spec)
-    raise InvalidArgumentError(f"spec must be a dict, a spec JSON string or a KvProfileSpec, got {type(spec)}")
+    raise InvalidArgumentError("spec must be a dict, a spec JSON string, a KvProfileSpec or a RecommendedProfile, "
+                               f"got {type(spec)}")
 
 
 def register_result(resp) -> ProfileInfo:

@@ -151,8 +151,9 @@ class Client:
         return self._profiles.registered(req, self._send(REGISTER_PROFILE, req, timeout))
 
     def register_profile(self, spec, *, timeout: Optional[float] = None) -> ProfileInfo:
-        """Registers a spec (dict or spec JSON string as `fibquant profile register` reads, or a
-        KvProfileSpec message) and remembers it for recovery. Idempotent: same spec, same digest."""
+        """Registers a spec (dict or spec JSON string as `fibquant profile register` reads, a
+        KvProfileSpec message, or a RecommendedProfile) and remembers it for recovery. Idempotent:
+        same spec, same digest."""
         return self._register(register_request(spec), timeout)
 
     def get_profile(self, digest: str, *, timeout: Optional[float] = None) -> ProfileInfo:

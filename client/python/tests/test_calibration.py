@@ -95,8 +95,9 @@ def test_calibration_registers_round_trips_and_enables_the_calibrated_spec(serve
         doc = got.document
         assert doc["role"] == "key" and doc["head_dim"] == sample[0].shape[1] and len(doc["mean"]) == doc["head_dim"]
         # The recommended spec now registers and compresses the sample (its serving shape).
-        info = c.register_profile(spec)
+        info = c.register_profile(calibrated[0])  # a RecommendedProfile registers as its spec_json
         assert info.profile["calibration_digest"] == rec.calibration_digest
+        assert c.register_profile(spec).digest == info.digest
         packed = c.compress(sample[0], info)  # a strided [tokens, head_dim] head
         assert packed.receipt.pages >= 1
         assert packed.receipt.compression_ratio == pytest.approx(calibrated[0].compression_ratio, rel=0.1)

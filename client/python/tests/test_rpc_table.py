@@ -366,6 +366,8 @@ def test_calibration_request_takes_json_dict_bytes_or_results():
     for given in (text, text.encode(), rec, cal):
         assert _rpc.calibration_request(given).calibration_json == text
     assert _rpc.calibration_request({"digest": "sha256:00"}).calibration_json == '{"digest": "sha256:00"}'
+    best = fibquant.RecommendedProfile.from_proto(pb.RecommendedProfile(spec_json='{"profile_id": "r"}'))
+    assert _rpc.register_request(best).spec_json == '{"profile_id": "r"}'
     for bad in ("", 3, fibquant.Recommendation.from_proto(pb.RecommendProfileResponse())):
         with pytest.raises(fibquant.InvalidArgumentError, match="calibration must be"):
             _rpc.calibration_request(bad)
