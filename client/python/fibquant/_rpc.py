@@ -138,10 +138,14 @@ def recommend_request(keys=None, values=None, queries=None, *, role: Optional[st
         raise InvalidArgumentError(f"budget must be a dict or a QualityBudget, got {type(budget).__name__}")
     if isinstance(target_shape, dict):
         target_shape = json.dumps(target_shape)
-    req = pb.RecommendProfileRequest(
-        role=role, head_dim=head_dim, budget=budget, min_ratio=min_ratio, calibration_fraction=calibration_fraction,
-        tokens_per_page=tokens_per_page, max_codebook_size=max_codebook_size, target_shape_json=target_shape or "",
-        profile_id_prefix=profile_id_prefix, store_calibration=store_calibration)
+    try:
+        req = pb.RecommendProfileRequest(
+            role=role, head_dim=head_dim, budget=budget, min_ratio=min_ratio,
+            calibration_fraction=calibration_fraction, tokens_per_page=tokens_per_page,
+            max_codebook_size=max_codebook_size, target_shape_json=target_shape or "",
+            profile_id_prefix=profile_id_prefix, store_calibration=store_calibration)
+    except (TypeError, ValueError) as e:  # e.g. a negative tokens_per_page, a target_shape not dict or str
+        raise InvalidArgumentError(f"RecommendProfile: {e}") from None
     for name, a in rows.items():
         getattr(req, name).extend(a.ravel())
     return req

@@ -353,6 +353,8 @@ def test_recommend_request_sends_f32_rows_of_any_kind_and_strides():
     ((np.zeros((4, 8), np.int32),), {}, "int32 is not supported"),
     ((np.zeros((4, 8), np.float32),), {"budget": {"max_attention": 1}}, "budget"),
     ((np.zeros((4, 8), np.float32),), {"role": "query"}, "role must be"),
+    ((np.zeros((4, 8), np.float32),), {"tokens_per_page": -1}, "RecommendProfile"),
+    ((np.zeros((4, 8), np.float32),), {"target_shape": 3}, "RecommendProfile"),
 ])
 def test_recommend_request_rejects_malformed_samples(args, kwargs, match):
     with pytest.raises(fibquant.InvalidArgumentError, match=match):
