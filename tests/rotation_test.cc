@@ -342,8 +342,8 @@ void CheckAllBatchShapes() {
       CheckBatchAgainstReference(rot, n, true);
     }
   }
-  for (uint32_t d : {1u, 2u, 3u, 4u, 5u, 8u, 12u, 16u, 32u, 48u, 64u, 80u, 96u, 100u, 104u, 128u,
-                     129u, 256u, 1024u, 4351u}) {
+  for (uint32_t d : {1u, 2u, 3u, 4u, 5u, 8u, 12u, 16u, 24u, 32u, 40u, 48u, 56u, 64u, 80u, 96u, 100u, 104u, 128u,
+                     129u, 160u, 192u, 248u, 256u, 1024u, 4351u}) {
     const Rotation rot = MustCreate(kRotationHadamard, d, 11);
     for (size_t n : {1u, 3u, 40u}) {
       CheckBatchAgainstReference(rot, n, false);
@@ -378,7 +378,8 @@ TEST(RotationBatch, SimdKernelIsExercisedWhenAvailable) {
 
 // The SIMD FWHT performs exactly the scalar butterflies, so Hadamard batch output is bit-identical.
 TEST(RotationBatch, HadamardKernelsAgreeBitForBit) {
-  for (uint32_t d : {5u, 8u, 12u, 16u, 32u, 64u, 80u, 96u, 100u, 128u, 129u, 256u, 512u}) {
+  for (uint32_t d : {5u, 8u, 12u, 16u, 24u, 32u, 40u, 64u, 80u, 96u, 100u, 104u, 128u, 129u, 192u, 248u,
+                     256u, 512u}) {
     const Rotation rot = MustCreate(kRotationHadamard, d, 8);
     const size_t n = 9;
     Rng rng(d);
