@@ -54,10 +54,14 @@ constexpr const char* kUsage =
     "  profile register <spec.json>   register a KV profile spec; prints the ProfileInfo JSON\n"
     "  profile get <digest|id>        one registered profile\n"
     "  profile list                   all registered profiles\n"
-    "  compress --profile DIGEST|ID --in FILE --out FILE.fqc [--format npy|safetensors|raw]\n"
-    "           [--tensor NAME] [--raw-dtype f32|f16|bf16 --shape D0,D1,..] [--npy-bf16]\n"
-    "           [--label TEXT] [--window N]\n"
+    "  compress (--profile DIGEST|ID | --spec SPEC.json [--profile DIGEST]) --in FILE --out FILE.fqc\n"
+    "           [--format npy|safetensors|raw] [--tensor NAME] [--raw-dtype f32|f16|bf16 --shape D0,D1,..]\n"
+    "           [--npy-bf16] [--label TEXT] [--window N] [--no-register-if-missing]\n"
+    "                                 --spec: the stream carries the spec, so a server without the\n"
+    "                                 profile builds it (register_if_missing; kept in the .fqc for\n"
+    "                                 decompress); without --profile the digest is computed locally\n"
     "  decompress --in FILE.fqc --out FILE [--dtype f16|bf16|f32] [--format npy|raw] [--window N]\n"
+    "           [--no-register-if-missing]\n"
     "  receipt <id>                   one stored receipt\n"
     "  eval (--profile DIGEST|ID | --candidate SPEC.json)... --keys FILE [--values FILE]\n"
     "       [--queries FILE] [--layer L] [--head H] [--top-k K] [--max-logit-mse X]\n"
@@ -160,7 +164,8 @@ struct Command {
 std::map<std::string, Command> Commands() {
   std::set<std::string> tensor = kTensorFlags;
   FlagSpec compress{tensor, {}, {"npy-bf16"}};
-  compress.values.insert({"profile", "in", "out", "label", "window"});
+  compress.values.insert({"profile", "spec", "in", "out", "label", "window"});
+  compress.bools.insert("no-register-if-missing");
   FlagSpec eval{{"format", "raw-dtype", "shape", "keys", "values", "queries", "keys-tensor", "values-tensor",
                  "queries-tensor", "layer", "head", "top-k", "max-logit-mse", "max-attention-tv",
                  "max-topk-disagreement", "max-value-aggregation-mse"},
@@ -169,7 +174,7 @@ std::map<std::string, Command> Commands() {
   return {
       {"profile", {CmdProfile, {}}},
       {"compress", {CmdCompress, compress}},
-      {"decompress", {CmdDecompress, {{"in", "out", "dtype", "format", "window"}, {}, {}}}},
+      {"decompress", {CmdDecompress, {{"in", "out", "dtype", "format", "window"}, {}, {"no-register-if-missing"}}}},
       {"receipt", {CmdReceipt, {}}},
       {"info", {CmdInfo, {}}},
       {"health", {CmdHealth, {}}},

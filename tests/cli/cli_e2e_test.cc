@@ -325,6 +325,59 @@ TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   EXPECT_EQ(down.code, 1);
 }
 
+// register_if_missing from the CLI: `compress --spec` against a server that never had the profile.
+// The stream header carries the spec, the server builds it (UNAVAILABLE "building ... retry" until
+// it is done; the CLI retries), the compress succeeds under the digest the fixture's server gave the
+// same spec (computed by the CLI), and the profile is then listed. The container keeps the spec,
+// so `decompress` against another fresh server builds it there too. With --no-register-if-missing
+// both streams are NOT_FOUND and nothing is registered.
+TEST_F(CliE2eTest, SpecStreamsRegisterTheProfileOnAFreshServer) {
+  CliServer fresh;
+  auto failed = fresh.Start();
+  ASSERT_FALSE(failed.has_value()) << *failed;
+  WriteWholeFile(fresh.Path("spec.json"), kSpec);
+  WriteWholeFile(fresh.Path("k.npy"), EncodeNpy(*keys_));
+  auto compress = [&](const std::string& out, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"compress", "--spec", fresh.Path("spec.json"), "--in", fresh.Path("k.npy"),
+                                     "--out", fresh.Path(out)};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return fresh.Run(args);
+  };
+  RunResult off = compress("off.fqc", {"--no-register-if-missing"});
+  EXPECT_EQ(off.code, 1) << off.err;
+  EXPECT_THAT(off.err, HasSubstr("NOT_FOUND"));
+  RunResult none = fresh.Run({"profile", "list"});
+  ASSERT_EQ(none.code, 0) << none.err;
+  EXPECT_THAT(none.err, HasSubstr("0 profile(s)"));
+
+  RunResult c = compress("k.fqc", {"--label", "fresh"});
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_THAT(c.err, HasSubstr("register_if_missing"));  // the server's "building ... retry shortly"
+  EXPECT_EQ(nlohmann::json::parse(c.out).at("profileDigest"), digest_);
+  RunResult listed = fresh.Run({"profile", "list"});
+  ASSERT_EQ(listed.code, 0) << listed.err;
+  EXPECT_THAT(listed.out, HasSubstr(digest_));
+  // With --spec, --profile names the digest (no local build); an id is a usage error.
+  RunResult given = compress("given.fqc", {"--profile", digest_});
+  ASSERT_EQ(given.code, 0) << given.err;
+  EXPECT_EQ(compress("id.fqc", {"--profile", "cli-e2e-l1-keys"}).code, 2);
+
+  CliServer other;
+  failed = other.Start();
+  ASSERT_FALSE(failed.has_value()) << *failed;
+  RunResult d_off = other.Run({"decompress", "--in", fresh.Path("k.fqc"), "--out", other.Path("off.npy"),
+                               "--no-register-if-missing"});
+  EXPECT_EQ(d_off.code, 1) << d_off.err;
+  EXPECT_THAT(d_off.err, HasSubstr("NOT_FOUND"));
+  RunResult d = other.Run({"decompress", "--in", fresh.Path("k.fqc"), "--out", other.Path("k.out.npy")});
+  ASSERT_EQ(d.code, 0) << d.err;
+  auto back = ReadNpy(other.Path("k.out.npy"), false);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_LT(RelErr(keys_->data, back->data), 0.05);
+  RunResult other_listed = other.Run({"profile", "list"});
+  EXPECT_THAT(other_listed.out, HasSubstr(digest_));
+}
+
 // The real binary against a server with mTLS and an admin token: the CLI's --tls-* and
 // --token-file flags, and the server's refusals surfacing as exit 1 with the status code.
 TEST(CliTlsE2eTest, MutualTlsAndAdminToken) {
