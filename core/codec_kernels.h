@@ -37,6 +37,11 @@ enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1 };
 Isa ActiveIsa();
 // Test hook: force the scalar kernels for every later call (process-wide) when `force` is true.
 void ForceScalarForTesting(bool force);
+// Test/benchmark hook (process-wide): when true, tables never take the AVX-512 kernels below even
+// on a CPU that has them, so the AVX2 kernels can be compared with them.
+void DisableAvx512ForTesting(bool disable);
+// Whether the AVX-512 kernels are in use (CPU support and the hook above).
+bool Avx512Active();
 
 // Margin that covers every rounding error of the f32 score s(c) = ||c||^2 + sum_j m_j c_j:
 // |err| <= (k+1) 2^-24 (||c||^2 + 2|y||c|) <= (k+1) 2^-24 (|y| + |c|)^2; we allow 16 times that.
@@ -76,6 +81,12 @@ class SearchTable {
   // Benchmark/test hook: run the blocks-across-lanes brute force instead of the clustered search
   // or the k = 2 grid.
   void DisableClustersForTesting() { use_clusters_ = false; }
+  // Benchmark/test hook: run the plain f32 brute force instead of the int16 screening (k = 4).
+  void DisableScreeningForTesting() { use_screen_ = false; }
+  bool screening() const { return screen_sc_ > 0 && use_screen_; }
+  // Blocks the last call on this thread resolved by the exact fallback of the screening (a
+  // diagnostic: how often the screening bound was too loose to decide).
+  static uint64_t ScreenFallbacksOnThisThread();
   // Groups of 8 codewords visited by the last call on this thread (a diagnostic for tests and
   // benchmarks: how much the pruning saves).
   static uint64_t GroupsVisitedOnThisThread();
@@ -137,7 +148,16 @@ class SearchTable {
   std::vector<uint32_t> start_lut_;
   double lut_scale_ = 0;
 
+  // Int16 screening (brute-force tables, k = 4, AVX-512 VNNI; see codec_kernels.cc): codewords
+  // quantised to int16 at the power-of-two scale screen_sc_ (|Cq|_2 < 2^15), coordinate pairs
+  // packed in one int32 (low half the even coordinate). screen_sc_ = 0: not built.
+  double screen_sc_ = 0;
+  bool use_screen_ = true;
+  double max_n2_ = 0;                // largest cw_n2_
+  std::vector<int32_t> screen_cq_;   // n * 2: (Cq0, Cq1), (Cq2, Cq3)
+
   static void BuildClusters(SearchTable* t);
+  static void BuildScreen(SearchTable* t);
   static void BuildGrid(SearchTable* t);
   friend struct SearchKernels;
 };

@@ -130,6 +130,28 @@ void SearchTable::BuildClusters(SearchTable* t) {
   }
 }
 
+void SearchTable::BuildScreen(SearchTable* t) {
+  const uint32_t n = t->n_, k = t->k_;
+  // The largest power of two with sc max|c| <= 2^15 - 2, so |Cq|_2 <= sc |c|_2 + 1 < 2^15 (the
+  // margin covers the rounding of max_norm_).
+  const double lim = (0x1p15 - 2) / (t->max_norm_ * (1 + 0x1p-40));
+  if (!(lim > 0) || !std::isfinite(lim)) return;
+  const double sc = std::ldexp(1.0, std::ilogb(lim));
+  t->screen_sc_ = sc;
+  t->max_n2_ = 0;
+  t->screen_cq_.assign(static_cast<size_t>(n) * 2, 0);
+  for (uint32_t i = 0; i < n; ++i) {
+    t->max_n2_ = std::max(t->max_n2_, static_cast<double>(t->cw_n2_[i]));
+    uint32_t q[4];
+    for (uint32_t j = 0; j < k; ++j) {
+      const double v = std::nearbyint(static_cast<double>(t->cw_[static_cast<size_t>(i) * k + j]) * sc);
+      q[j] = static_cast<uint16_t>(static_cast<int16_t>(v));
+    }
+    t->screen_cq_[2 * static_cast<size_t>(i)] = static_cast<int32_t>(q[0] | (q[1] << 16));
+    t->screen_cq_[2 * static_cast<size_t>(i) + 1] = static_cast<int32_t>(q[2] | (q[3] << 16));
+  }
+}
+
 void SearchTable::BuildGrid(SearchTable* t) {
   const uint32_t n = t->n_, k = t->k_;
   const float* cw = t->cw_.data();
