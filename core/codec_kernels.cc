@@ -481,6 +481,20 @@ struct SearchKernels {
   // so B_int = that sum + ss * PruneSlack, computed in f64 with a relative margin of 2^-30 and one
   // unit added (covers the f64 roundings of the bound itself). The test compares A2 - A1 (int64)
   // with 2 B_int.
+  // Four blocks of k = 4 from block b, one per 128-bit lane; past `floats` values, zeros.
+  __attribute__((target("avx512f"))) static inline __m512 Load4Blocks(const float* y, size_t floats,
+                                                                     size_t b) {
+    const size_t left = floats - b * 4;
+    const __mmask16 mk =
+        left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    return _mm512_maskz_loadu_ps(mk, y + b * 4);
+  }
+  // The sum of the four values of each 128-bit lane, in every value of the lane.
+  __attribute__((target("avx512f"))) static inline __m512 LaneSum4(__m512 v) {
+    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_add_ps(v, _mm512_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  }
+
   // (GCC 12's _mm512_min/max_epi32 read _mm512_undefined_epi32(), a -Wmaybe-uninitialized false
   // positive.)
 #pragma GCC diagnostic push
@@ -491,45 +505,57 @@ struct SearchKernels {
                                                                           uint32_t* out) {
     constexpr uint32_t k = 4;
     const uint32_t n = t.n_;
-    thread_local std::vector<int32_t> yq, n2q, s1v, s2v, biv;
-    thread_local std::vector<double> l1v;
-    thread_local std::vector<uint32_t> undecided, sub_out;
-    thread_local std::vector<float> sub_y;
+    thread_local std::vector<int32_t> yq_tl, n2q_tl, s1v_tl, s2v_tl, biv_tl;
+    thread_local std::vector<float> l1_tl, sub_y_tl;
+    thread_local std::vector<uint32_t> undecided_tl, sub_out_tl;
+    std::vector<int32_t>& yq = yq_tl;
+    std::vector<int32_t>& n2q = n2q_tl;
+    std::vector<int32_t>& s1v = s1v_tl;
+    std::vector<int32_t>& s2v = s2v_tl;
+    std::vector<int32_t>& biv = biv_tl;
+    std::vector<float>& l1v = l1_tl;
+    std::vector<float>& sub_y = sub_y_tl;
+    std::vector<uint32_t>& undecided = undecided_tl;
+    std::vector<uint32_t>& sub_out = sub_out_tl;
     const size_t padded = (count + 31) / 32 * 32;
-    yq.assign(2 * padded, 0);
-    l1v.resize(count);
-    double max_m2 = 0;  // largest |m|^2 over the blocks
-    for (size_t b = 0; b < count; ++b) {
-      const float* yb = y + b * k;
-      double m2 = 0, l1 = 0;
-      for (uint32_t j = 0; j < k; ++j) {
-        const double m = -2.0 * static_cast<double>(yb[j]);
-        m2 += m * m;
-        l1 += std::abs(m);
-      }
-      if (!std::isfinite(m2)) return Avx512Lanes<4>(t.cw_.data(), t.cw_n2_.data(), FullIds(n), n, k, y, count, out);
-      max_m2 = std::max(max_m2, m2);
-      l1v[b] = l1;
+    yq.resize(2 * padded);
+    l1v.resize(padded);
+    const size_t floats = count * k;
+    // Largest |y|^2 in f32 (every f32 rounding and underflow covered below); a non-finite or
+    // overflowing block sends the whole call to the f32 brute force.
+    __m512 ymax2 = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (size_t b = 0; b < count; b += 4) {
+      const __m512 v = Load4Blocks(y, floats, b);
+      const __m512 s2 = LaneSum4(_mm512_mul_ps(v, v));
+      bad |= _mm512_cmp_ps_mask(s2, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+      ymax2 = _mm512_max_ps(ymax2, s2);
     }
-    const double max_m = std::sqrt(max_m2) * (1 + 0x1p-40);
+    if (bad != 0) {
+      return Avx512Lanes<4>(t.cw_.data(), t.cw_n2_.data(), FullIds(n), n, k, y, count, out);
+    }
+    // |m| = 2|y| <= 2 sqrt((max f32 sum + 2^-140)(1 + 2^-20)): the sum of four f32 squares is
+    // within 4 * 2^-24 relative plus 4 * 2^-150 absolute (underflow) of the exact one.
+    const double max_m =
+        2.0 * std::sqrt((static_cast<double>(_mm512_reduce_max_ps(ymax2)) + 0x1p-140) * (1 + 0x1p-20));
     double lim = 0x1p29 / (t.screen_sc_ * t.max_n2_);
-    if (max_m > 0) lim = std::min(lim, (0x1p15 - 2) / max_m);
-    // sy in [1, 2^100]: m_j * sy is then exact in f32 and f64 and never overflows.
+    lim = std::min(lim, (0x1p15 - 2) / max_m);
+    // sy in [1, 2^100]: y_j * (-2 sy) is then exact in f32 (a power-of-two scaling up that stays
+    // below 2^15) and never overflows.
     if (!(lim >= 1.0)) {
       return Avx512Lanes<4>(t.cw_.data(), t.cw_n2_.data(), FullIds(n), n, k, y, count, out);
     }
     const double sy = std::ldexp(1.0, std::min(std::ilogb(lim), 100));
     const double ss = sy * t.screen_sc_;
-    for (size_t b = 0; b < count; ++b) {
-      int32_t q[4];
-      for (uint32_t j = 0; j < k; ++j) {
-        q[j] = static_cast<int32_t>(std::nearbyint(-2.0 * static_cast<double>(y[b * k + j]) * sy));
-      }
-      yq[2 * b] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(q[0])) |
-                                       (static_cast<uint32_t>(static_cast<uint16_t>(q[1])) << 16));
-      yq[2 * b + 1] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(q[2])) |
-                                           (static_cast<uint32_t>(static_cast<uint16_t>(q[3])) << 16));
+    const __m512 neg2sy = _mm512_set1_ps(static_cast<float>(-2.0 * sy));
+    for (size_t b = 0; b < count; b += 4) {
+      const __m512 ms = _mm512_mul_ps(Load4Blocks(y, floats, b), neg2sy);  // sy * m_j, exact
+      const __m512i q = _mm512_cvt_roundps_epi32(ms, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yq.data() + 2 * b), _mm512_cvtepi32_epi16(q));
+      const __m512 l1 = LaneSum4(_mm512_abs_ps(ms));  // sy |m|_1, within 3 * 2^-24 relative
+      _mm_storeu_ps(l1v.data() + b, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, l1)));
     }
+    std::fill(yq.begin() + 2 * ((count + 3) / 4 * 4), yq.end(), 0);
     n2q.resize(n);
     for (uint32_t i = 0; i < n; ++i) {
       n2q[i] = static_cast<int32_t>(std::nearbyint(static_cast<double>(t.cw_n2_[i]) * ss));
@@ -551,11 +577,12 @@ struct SearchKernels {
       }
       __m512i s1[2] = {imax, imax}, s2[2] = {imax, imax}, bi[2];
       bi[0] = bi[1] = _mm512_setzero_si512();
-      for (uint32_t i = 0; i < n; ++i) {
+      __m512i id = _mm512_setzero_si512();
+      const __m512i one = _mm512_set1_epi32(1);
+      for (uint32_t i = 0; i < n; ++i, id = _mm512_add_epi32(id, one)) {
         const __m512i nq = _mm512_set1_epi32(n2q[i]);
         const __m512i c01 = _mm512_set1_epi32(cq[2 * i]);
         const __m512i c23 = _mm512_set1_epi32(cq[2 * i + 1]);
-        const __m512i id = _mm512_set1_epi32(static_cast<int32_t>(i));
         for (int h = 0; h < 2; ++h) {
           const __m512i sc = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(nq, a[h], c01), bb[h], c23);
           const __mmask16 lt = _mm512_cmplt_epi32_mask(sc, s1[h]);
@@ -571,13 +598,38 @@ struct SearchKernels {
       }
     }
     const double fixed = 0.5 + t.screen_sc_ * t.max_norm_ * 1.0 + 1.0;  // sc max|c| sqrt(4)/2 + 4/4
+    // Decided iff s2 - s1 > 2 B_int, B_int = (fixed + sy|m|_1 / 2 + ss PruneSlack(4, |y|, max|c|))
+    // (1 + 2^-30) + 1 with sy|m|_1 taken as the f32 sum times (1 + 2^-20) and |y| <= |m|_1 / 2.
+    // PruneSlack is written out, (k + 4) 2^-20 (|y| + max|c|)^2, so eight blocks go at once (f64).
     undecided.clear();
-    for (size_t b = 0; b < count; ++b) {
-      const double ny = 0.5 * l1v[b];  // |y| = |m|_2 / 2 <= |m|_1 / 2
-      const double bound =
-          (fixed + 0.5 * sy * l1v[b] + ss * PruneSlack(k, ny, t.max_norm_)) * (1 + 0x1p-30) + 1;
-      const int64_t gap = static_cast<int64_t>(s2v[b]) - static_cast<int64_t>(s1v[b]);
-      if (static_cast<double>(gap) > 2 * bound) {
+    const double slack_c = static_cast<double>(k + 4) * 0x1p-20 * ss;
+    const double half_inv_sy = 0.5 / sy;
+    size_t b = 0;
+    for (; b + 8 <= count; b += 8) {
+      const __m512d l1 = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(l1v.data() + b)),
+                                       _mm512_set1_pd(1 + 0x1p-20));
+      const __m512d r = _mm512_add_pd(_mm512_mul_pd(l1, _mm512_set1_pd(half_inv_sy)),
+                                      _mm512_set1_pd(t.max_norm_));
+      __m512d bound = _mm512_add_pd(_mm512_set1_pd(fixed), _mm512_mul_pd(l1, _mm512_set1_pd(0.5)));
+      bound = _mm512_add_pd(bound, _mm512_mul_pd(_mm512_mul_pd(r, r), _mm512_set1_pd(slack_c)));
+      bound = _mm512_add_pd(_mm512_mul_pd(bound, _mm512_set1_pd(1 + 0x1p-30)), _mm512_set1_pd(1.0));
+      const __m512d gap = _mm512_sub_pd(
+          _mm512_cvtepi32_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s2v.data() + b))),
+          _mm512_cvtepi32_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s1v.data() + b))));
+      uint32_t open = static_cast<uint32_t>(
+          _mm512_cmp_pd_mask(gap, _mm512_add_pd(bound, bound), _CMP_NGT_UQ));
+      std::memcpy(out + b, biv.data() + b, 8 * sizeof(uint32_t));  // undecided ones: overwritten
+      while (open != 0) {
+        undecided.push_back(static_cast<uint32_t>(b + __builtin_ctz(open)));
+        open &= open - 1;
+      }
+    }
+    for (; b < count; ++b) {
+      const double l1 = static_cast<double>(l1v[b]) * (1 + 0x1p-20);
+      const double r = l1 * half_inv_sy + t.max_norm_;
+      const double bound = (fixed + 0.5 * l1 + r * r * slack_c) * (1 + 0x1p-30) + 1;
+      const double gap = static_cast<double>(s2v[b]) - static_cast<double>(s1v[b]);
+      if (gap > 2 * bound) {
         out[b] = static_cast<uint32_t>(biv[b]);
       } else {
         undecided.push_back(static_cast<uint32_t>(b));
