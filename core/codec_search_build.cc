@@ -12,6 +12,37 @@
 #include "core/codec_kernels.h"
 
 namespace fibquant::codec_internal {
+namespace {
+
+// The bounding ball of the codewords `ids` (a cluster or a super-cluster): centre `mu` (k values,
+// the f64 mean summed in the order of `ids`, rounded to f32), its squared norm (f64 sum of the f32
+// centre, rounded to f32) and a radius rounded up (f64 distances, grown by 1e-6 and one f32 ulp) so
+// the f32 tests of the clustered search never exclude a member.
+void Ball(const float* cw, uint32_t k, const std::vector<uint32_t>& ids, float* mu, float* mu_n2,
+          float* rho) {
+  double sum[256] = {};
+  for (uint32_t id : ids) {
+    for (uint32_t j = 0; j < k; ++j) sum[j] += cw[static_cast<size_t>(id) * k + j];
+  }
+  double mu2 = 0;
+  for (uint32_t j = 0; j < k; ++j) {
+    mu[j] = static_cast<float>(sum[j] / static_cast<double>(ids.size()));
+    mu2 += static_cast<double>(mu[j]) * mu[j];
+  }
+  *mu_n2 = static_cast<float>(mu2);
+  double r = 0;
+  for (uint32_t id : ids) {
+    double d2 = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) - mu[j];
+      d2 += d * d;
+    }
+    r = std::max(r, std::sqrt(d2));
+  }
+  *rho = std::nextafter(static_cast<float>(r * (1 + 1e-6)), std::numeric_limits<float>::infinity());
+}
+
+}  // namespace
 
 void SearchTable::BuildClusters(SearchTable* t) {
   const uint32_t n = t->n_, k = t->k_;
@@ -64,35 +95,15 @@ void SearchTable::BuildClusters(SearchTable* t) {
   t->cl_rho_.assign(c, 0.0f);
   for (uint32_t g = 0; g < c; ++g) {
     const auto& leaf = leaves[g];
-    double mu[256] = {};
     for (uint32_t i = 0; i < leaf.size(); ++i) {
       const uint32_t id = leaf[i];
       for (uint32_t j = 0; j < k; ++j) {
         t->cl_cw_[(static_cast<size_t>(g) * 8 + i) * k + j] = cw[static_cast<size_t>(id) * k + j];
-        mu[j] += cw[static_cast<size_t>(id) * k + j];
       }
       t->cl_n2_[static_cast<size_t>(g) * 8 + i] = t->cw_n2_[id];
       t->cl_idx_[static_cast<size_t>(g) * 8 + i] = static_cast<int32_t>(id);
     }
-    double mu2 = 0;
-    for (uint32_t j = 0; j < k; ++j) {
-      const float m = static_cast<float>(mu[j] / static_cast<double>(leaf.size()));
-      t->cl_mu_[static_cast<size_t>(g) * k + j] = m;
-      mu2 += static_cast<double>(m) * m;
-    }
-    t->cl_mu_n2_[g] = static_cast<float>(mu2);
-    double rho = 0;
-    for (uint32_t id : leaf) {
-      double d2 = 0;
-      for (uint32_t j = 0; j < k; ++j) {
-        const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) -
-                         t->cl_mu_[static_cast<size_t>(g) * k + j];
-        d2 += d * d;
-      }
-      rho = std::max(rho, std::sqrt(d2));
-    }
-    t->cl_rho_[g] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
-                                   std::numeric_limits<float>::infinity());
+    Ball(cw, k, leaf, t->cl_mu_.data() + static_cast<size_t>(g) * k, &t->cl_mu_n2_[g], &t->cl_rho_[g]);
   }
   const uint32_t ns = (c + 7) / 8;
   t->supers_ = ns;
@@ -104,29 +115,8 @@ void SearchTable::BuildClusters(SearchTable* t) {
     for (uint32_t g = 8 * sp; g < std::min(c, 8 * sp + 8); ++g) {
       members.insert(members.end(), leaves[g].begin(), leaves[g].end());
     }
-    double mu[256] = {};
-    for (uint32_t id : members) {
-      for (uint32_t j = 0; j < k; ++j) mu[j] += cw[static_cast<size_t>(id) * k + j];
-    }
-    double mu2 = 0;
-    for (uint32_t j = 0; j < k; ++j) {
-      const float m = static_cast<float>(mu[j] / static_cast<double>(members.size()));
-      t->sup_mu_[static_cast<size_t>(sp) * k + j] = m;
-      mu2 += static_cast<double>(m) * m;
-    }
-    t->sup_mu_n2_[sp] = static_cast<float>(mu2);
-    double rho = 0;
-    for (uint32_t id : members) {
-      double d2 = 0;
-      for (uint32_t j = 0; j < k; ++j) {
-        const double d = static_cast<double>(cw[static_cast<size_t>(id) * k + j]) -
-                         t->sup_mu_[static_cast<size_t>(sp) * k + j];
-        d2 += d * d;
-      }
-      rho = std::max(rho, std::sqrt(d2));
-    }
-    t->sup_rho_[sp] = std::nextafter(static_cast<float>(rho * (1 + 1e-6)),
-                                     std::numeric_limits<float>::infinity());
+    Ball(cw, k, members, t->sup_mu_.data() + static_cast<size_t>(sp) * k, &t->sup_mu_n2_[sp],
+         &t->sup_rho_[sp]);
   }
 }
 
