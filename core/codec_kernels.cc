@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <utility>
 
 #include "core/half.h"
 #include "core/rng.h"
@@ -411,7 +412,8 @@ struct SearchKernels {
 
   // Avx2Lanes with 32 blocks in two 512-bit registers (AVX-512F): the same f32 operations per
   // score (separate multiplies and adds; the build never contracts), the same strict < per lane.
-  template <uint32_t K>
+  // kLex: codewords in any order, ties broken by the lower id (the (score, index) minimum).
+  template <uint32_t K, bool kLex = false>
   __attribute__((target("avx512f"))) static void Avx512Lanes(const float* cw, const float* n2,
                                                             const int32_t* ids, uint32_t m,
                                                             uint32_t kk, const float* y,
@@ -431,7 +433,7 @@ struct SearchKernels {
         mv[1][j] = _mm512_load_ps(tmp[1]);
       }
       __m512 best0 = inf, best1 = inf;
-      __m512i bi0 = _mm512_setzero_si512(), bi1 = _mm512_setzero_si512();
+      __m512i bi0 = _mm512_set1_epi32(kLex ? std::numeric_limits<int32_t>::max() : 0), bi1 = bi0;
       const float* c = cw;
       for (uint32_t i = 0; i < m; ++i, c += k) {
         const __m512 base = _mm512_set1_ps(n2[i]);
@@ -442,8 +444,12 @@ struct SearchKernels {
           s1 = _mm512_add_ps(s1, _mm512_mul_ps(mv[1][j], cj));
         }
         const __m512i id = _mm512_set1_epi32(ids[i]);
-        const __mmask16 lt0 = _mm512_cmp_ps_mask(s0, best0, _CMP_LT_OQ);
-        const __mmask16 lt1 = _mm512_cmp_ps_mask(s1, best1, _CMP_LT_OQ);
+        __mmask16 lt0 = _mm512_cmp_ps_mask(s0, best0, _CMP_LT_OQ);
+        __mmask16 lt1 = _mm512_cmp_ps_mask(s1, best1, _CMP_LT_OQ);
+        if constexpr (kLex) {
+          lt0 |= _mm512_mask_cmpgt_epi32_mask(_mm512_cmp_ps_mask(s0, best0, _CMP_EQ_OQ), bi0, id);
+          lt1 |= _mm512_mask_cmpgt_epi32_mask(_mm512_cmp_ps_mask(s1, best1, _CMP_EQ_OQ), bi1, id);
+        }
         best0 = _mm512_mask_mov_ps(best0, lt0, s0);
         best1 = _mm512_mask_mov_ps(best1, lt1, s1);
         bi0 = _mm512_mask_mov_epi32(bi0, lt0, id);
@@ -499,12 +505,70 @@ struct SearchKernels {
   // positive.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+  // The screening over blocks in norm order (tables with screen_window_ > 0): sorts the blocks
+  // by their f32 norm (bucket sort), runs the screening with the shell test on the sorted copy and
+  // scatters the indices back. Without a window, the screening over all codewords in place.
   __attribute__((target("avx512f,avx512vnni"))) static void Avx512Screen4(const SearchTable& t,
                                                                           const float* y,
                                                                           size_t count,
                                                                           uint32_t* out) {
+    if (t.screen_window_ == 0) return Avx512Screen4Impl(t, y, count, out, nullptr);
+    constexpr size_t kBuckets = 1024;
+    thread_local std::vector<float> y2_tl, ys_tl, y2s_tl;
+    thread_local std::vector<uint32_t> key_tl, order_tl, start_tl, res_tl;
+    std::vector<float>& y2 = y2_tl;
+    std::vector<float>& ys = ys_tl;
+    std::vector<float>& y2s = y2s_tl;
+    std::vector<uint32_t>& key = key_tl;
+    std::vector<uint32_t>& order = order_tl;
+    std::vector<uint32_t>& start = start_tl;
+    std::vector<uint32_t>& res = res_tl;
+    y2.resize(count + 4);
+    const size_t floats = count * 4;
+    float y2max = 0;
+    for (size_t b = 0; b < count; b += 4) {
+      const __m512 v = Load4Blocks(y, floats, b);
+      const __m512 s2 = LaneSum4(_mm512_mul_ps(v, v));
+      _mm_storeu_ps(y2.data() + b, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, s2)));
+    }
+    for (size_t b = 0; b < count; ++b) {
+      if (y2[b] > y2max && y2[b] <= std::numeric_limits<float>::max()) y2max = y2[b];
+    }
+    const float scale = y2max > 0 ? static_cast<float>(kBuckets) / std::sqrt(y2max) : 0.0f;
+    key.resize(count);
+    start.assign(kBuckets + 1, 0);
+    for (size_t b = 0; b < count; ++b) {
+      const float f = std::sqrt(y2[b]) * scale;  // NaN and inf land in the last bucket
+      const uint32_t kb = f >= 0 && f < static_cast<float>(kBuckets) ? static_cast<uint32_t>(f)
+                                                                     : static_cast<uint32_t>(kBuckets - 1);
+      key[b] = kb;
+      ++start[kb + 1];
+    }
+    for (size_t q = 0; q < kBuckets; ++q) start[q + 1] += start[q];
+    order.resize(count);
+    for (size_t b = 0; b < count; ++b) order[start[key[b]]++] = static_cast<uint32_t>(b);
+    ys.resize(floats);
+    y2s.resize(count);
+    for (size_t i = 0; i < count; ++i) {
+      std::memcpy(ys.data() + 4 * i, y + 4 * static_cast<size_t>(order[i]), 4 * sizeof(float));
+      y2s[i] = y2[order[i]];
+    }
+    res.resize(count);
+    Avx512Screen4Impl(t, ys.data(), count, res.data(), y2s.data());
+    for (size_t i = 0; i < count; ++i) out[order[i]] = res[i];
+  }
+
+  // y2v: null (all codewords) or the f32 sums of squares of the blocks, which are in norm order
+  // (the shell test).
+  __attribute__((target("avx512f,avx512vnni"))) static void Avx512Screen4Impl(const SearchTable& t,
+                                                                              const float* y,
+                                                                              size_t count,
+                                                                              uint32_t* out,
+                                                                              const float* y2v) {
     constexpr uint32_t k = 4;
     const uint32_t n = t.n_;
+    const bool sorted = y2v != nullptr;
+    uint64_t visited_total = 0;
     thread_local std::vector<int32_t> yq_tl, n2q_tl, s1v_tl, s2v_tl, biv_tl;
     thread_local std::vector<float> l1_tl, sub_y_tl;
     thread_local std::vector<uint32_t> undecided_tl, sub_out_tl;
@@ -557,16 +621,31 @@ struct SearchKernels {
     }
     std::fill(yq.begin() + 2 * ((count + 3) / 4 * 4), yq.end(), 0);
     n2q.resize(n);
+    const float* n2src = sorted ? t.screen_sorted_n2_.data() : t.cw_n2_.data();
     for (uint32_t i = 0; i < n; ++i) {
-      n2q[i] = static_cast<int32_t>(std::nearbyint(static_cast<double>(t.cw_n2_[i]) * ss));
+      n2q[i] = static_cast<int32_t>(std::nearbyint(static_cast<double>(n2src[i]) * ss));
     }
     s1v.resize(padded);
     s2v.resize(padded);
     biv.resize(padded);
-    const int32_t* cq = t.screen_cq_.data();
+    const double fixed = 0.5 + t.screen_sc_ * t.max_norm_ * 1.0 + 1.0;  // sc max|c| sqrt(4)/2 + 4/4
+    const double slack_c = static_cast<double>(k + 4) * 0x1p-20 * ss;
+    const double half_inv_sy = 0.5 / sy;
+    // B_int of block b (see above); the decision below computes the same bound eight at a time.
+    auto block_bound = [&](size_t b) {
+      const double l1 = static_cast<double>(l1v[b]) * (1 + 0x1p-20);
+      const double r = l1 * half_inv_sy + t.max_norm_;
+      return (fixed + 0.5 * l1 + r * r * slack_c) * (1 + 0x1p-30) + 1;
+    };
+    const int32_t* cq = sorted ? t.screen_sorted_cq_.data() : t.screen_cq_.data();
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __m512i imax = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+    const __m512i one = _mm512_set1_epi32(1);
+    const double* cnorm = t.screen_sorted_norm_.data();
+    thread_local std::vector<std::pair<uint32_t, uint32_t>> runs_tl;
+    std::vector<std::pair<uint32_t, uint32_t>>& runs = runs_tl;
+    if (sorted) runs.resize(padded / 32);
     for (size_t b0 = 0; b0 < padded; b0 += 32) {
       __m512i a[2], bb[2];
       for (int h = 0; h < 2; ++h) {
@@ -577,19 +656,83 @@ struct SearchKernels {
       }
       __m512i s1[2] = {imax, imax}, s2[2] = {imax, imax}, bi[2];
       bi[0] = bi[1] = _mm512_setzero_si512();
-      __m512i id = _mm512_setzero_si512();
-      const __m512i one = _mm512_set1_epi32(1);
-      for (uint32_t i = 0; i < n; ++i, id = _mm512_add_epi32(id, one)) {
-        const __m512i nq = _mm512_set1_epi32(n2q[i]);
-        const __m512i c01 = _mm512_set1_epi32(cq[2 * i]);
-        const __m512i c23 = _mm512_set1_epi32(cq[2 * i + 1]);
-        for (int h = 0; h < 2; ++h) {
-          const __m512i sc = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(nq, a[h], c01), bb[h], c23);
-          const __mmask16 lt = _mm512_cmplt_epi32_mask(sc, s1[h]);
-          s2[h] = _mm512_min_epi32(s2[h], _mm512_max_epi32(s1[h], sc));
-          s1[h] = _mm512_min_epi32(s1[h], sc);
-          bi[h] = _mm512_mask_mov_epi32(bi[h], lt, id);
+      // Codewords [p0, p1) (positions in cq / n2q; the index of the brute force, the norm rank
+      // when sorted).
+      auto eval = [&](uint32_t p0, uint32_t p1) __attribute__((target("avx512f,avx512vnni"))) {
+        __m512i id = _mm512_set1_epi32(static_cast<int32_t>(p0));
+        for (uint32_t i = p0; i < p1; ++i, id = _mm512_add_epi32(id, one)) {
+          const __m512i nq = _mm512_set1_epi32(n2q[i]);
+          const __m512i c01 = _mm512_set1_epi32(cq[2 * i]);
+          const __m512i c23 = _mm512_set1_epi32(cq[2 * i + 1]);
+          for (int h = 0; h < 2; ++h) {
+            const __m512i sc = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(nq, a[h], c01), bb[h], c23);
+            const __mmask16 lt = _mm512_cmplt_epi32_mask(sc, s1[h]);
+            s2[h] = _mm512_min_epi32(s2[h], _mm512_max_epi32(s1[h], sc));
+            s1[h] = _mm512_min_epi32(s1[h], sc);
+            bi[h] = _mm512_mask_mov_epi32(bi[h], lt, id);
+          }
         }
+      };
+      if (!sorted) {
+        eval(0, n);
+      } else {
+        // Blocks are in norm order: a window of codewords around the run's median norm gives
+        // every lane an A1; then only codewords whose norm can pass the shell test below are
+        // scored. A skipped c has, with E(c) >= (|c| - |y|)^2 - |y|^2 - 2^-23 |c|^2 (n2f is
+        // |c|^2 rounded to f32) and A(c) >= ss E(c) - B_int,
+        //   A(c) > A1 + 2 B_int   whenever   (|c| - |y|)^2 > T = (A1 + 3 B_int) / ss + |y|^2 + 2^-23 max|c|^2,
+        // so it can be neither the winner nor within 2 B_int of it; A1 only falls later, which keeps
+        // the skip valid. |y| is known within [ylo, yhi] from its f32 sum of squares.
+        const size_t nb = std::min<size_t>(32, count - std::min(count, b0));
+        const size_t mid = b0 + (nb > 0 ? nb / 2 : 0);
+        const double ymid = std::sqrt(static_cast<double>(y2v[std::min(mid, count - 1)]));
+        const uint32_t pc = static_cast<uint32_t>(
+            std::lower_bound(cnorm, cnorm + n, ymid) - cnorm);
+        const uint32_t w = t.screen_window_;
+        const uint32_t w0 = pc > w / 2 ? std::min(pc - w / 2, n - std::min(n, w)) : 0;
+        const uint32_t w1 = std::min(n, w0 + w);
+        eval(w0, w1);
+        // [p0, p1): the codewords whose norm can pass the shell test for some lane with the
+        // current A1 (it only shrinks as A1 falls).
+        auto shell = [&](uint32_t* p0, uint32_t* p1) __attribute__((target("avx512f"))) {
+          alignas(64) int32_t cur[32];
+          _mm512_store_si512(cur, s1[0]);
+          _mm512_store_si512(cur + 16, s1[1]);
+          double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+          for (size_t l = 0; l < nb; ++l) {
+            const size_t b = b0 + l;
+            const double y2 = static_cast<double>(y2v[b]);
+            const double ylo = std::sqrt(std::max(0.0, y2 * (1 - 0x1p-20) - 0x1p-140));
+            const double yhi2 = (y2 + 0x1p-140) * (1 + 0x1p-20);
+            const double tt = ((static_cast<double>(cur[l]) + 3 * block_bound(b)) / ss + yhi2 +
+                               0x1p-23 * t.max_n2_ * (1 + 0x1p-20)) * (1 + 0x1p-30);
+            const double r = std::sqrt(std::max(0.0, tt)) * (1 + 0x1p-30);
+            lo = std::min(lo, ylo - r);
+            hi = std::max(hi, std::sqrt(yhi2) * (1 + 0x1p-40) + r);
+          }
+          // Norms grown by a relative 2^-40 (their own f64 rounding).
+          *p0 = static_cast<uint32_t>(std::lower_bound(cnorm, cnorm + n, lo * (1 - 0x1p-40)) - cnorm);
+          *p1 = static_cast<uint32_t>(std::upper_bound(cnorm, cnorm + n, hi * (1 + 0x1p-40)) - cnorm);
+        };
+        // Grow the scored interval [e0, e1) a chunk at a time on each side that the shell still
+        // needs, re-deriving the shell after every step.
+        uint32_t e0 = w0, e1 = w1, p0 = 0, p1 = 0;
+        shell(&p0, &p1);
+        while (p0 < e0 || p1 > e1) {
+          if (p0 < e0) {
+            const uint32_t a0 = std::max(p0, e0 > w ? e0 - w : 0u);
+            eval(a0, e0);
+            e0 = a0;
+          }
+          if (p1 > e1) {
+            const uint32_t a1 = std::min(p1, e1 + w);
+            eval(e1, a1);
+            e1 = a1;
+          }
+          shell(&p0, &p1);
+        }
+        visited_total += e1 - e0;
+        runs[b0 / 32] = {e0, e1};
       }
       for (int h = 0; h < 2; ++h) {
         _mm512_storeu_si512(s1v.data() + b0 + 16 * h, s1[h]);
@@ -597,13 +740,16 @@ struct SearchKernels {
         _mm512_storeu_si512(biv.data() + b0 + 16 * h, bi[h]);
       }
     }
-    const double fixed = 0.5 + t.screen_sc_ * t.max_norm_ * 1.0 + 1.0;  // sc max|c| sqrt(4)/2 + 4/4
+    if (sorted) {  // norm ranks -> codeword indices
+      for (size_t b = 0; b < count; ++b) biv[b] = t.screen_sorted_idx_[biv[b]];
+      t_groups_visited += (visited_total + 7) / 8 * 32;  // groups of 8 codewords, per block
+    } else {
+      t_groups_visited += count * t.groups_;
+    }
     // Decided iff s2 - s1 > 2 B_int, B_int = (fixed + sy|m|_1 / 2 + ss PruneSlack(4, |y|, max|c|))
     // (1 + 2^-30) + 1 with sy|m|_1 taken as the f32 sum times (1 + 2^-20) and |y| <= |m|_1 / 2.
     // PruneSlack is written out, (k + 4) 2^-20 (|y| + max|c|)^2, so eight blocks go at once (f64).
     undecided.clear();
-    const double slack_c = static_cast<double>(k + 4) * 0x1p-20 * ss;
-    const double half_inv_sy = 0.5 / sy;
     size_t b = 0;
     for (; b + 8 <= count; b += 8) {
       const __m512d l1 = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(l1v.data() + b)),
@@ -625,9 +771,7 @@ struct SearchKernels {
       }
     }
     for (; b < count; ++b) {
-      const double l1 = static_cast<double>(l1v[b]) * (1 + 0x1p-20);
-      const double r = l1 * half_inv_sy + t.max_norm_;
-      const double bound = (fixed + 0.5 * l1 + r * r * slack_c) * (1 + 0x1p-30) + 1;
+      const double bound = block_bound(b);
       const double gap = static_cast<double>(s2v[b]) - static_cast<double>(s1v[b]);
       if (gap > 2 * bound) {
         out[b] = static_cast<uint32_t>(biv[b]);
@@ -642,8 +786,27 @@ struct SearchKernels {
     for (size_t u = 0; u < undecided.size(); ++u) {
       std::memcpy(sub_y.data() + u * k, y + static_cast<size_t>(undecided[u]) * k, k * sizeof(float));
     }
-    Avx512Lanes<4>(t.cw_.data(), t.cw_n2_.data(), FullIds(n), n, k, sub_y.data(), undecided.size(),
-                   sub_out.data());
+    if (!sorted) {
+      Avx512Lanes<4>(t.cw_.data(), t.cw_n2_.data(), FullIds(n), n, k, sub_y.data(),
+                     undecided.size(), sub_out.data());
+    } else {
+      // Only the codewords the runs scored (32 undecided blocks at a time, in norm order: the
+      // hull of their runs' intervals): every other codeword c of a block's run has
+      // A(c) > A1 + 2 B_int, hence S(c) > A1 + B_int >= S(a) (a the screened best), so it is not
+      // the f32 minimum, and a superset of candidates keeps the minimum. The codewords are in
+      // norm order: (score, index) ties are broken explicitly.
+      for (size_t u0 = 0; u0 < undecided.size(); u0 += 32) {
+        const size_t u1 = std::min(undecided.size(), u0 + 32);
+        uint32_t e0 = n, e1 = 0;
+        for (size_t u = u0; u < u1; ++u) {
+          e0 = std::min(e0, runs[undecided[u] / 32].first);
+          e1 = std::max(e1, runs[undecided[u] / 32].second);
+        }
+        Avx512Lanes<4, true>(t.screen_sorted_cw_.data() + static_cast<size_t>(e0) * k,
+                             t.screen_sorted_n2_.data() + e0, t.screen_sorted_idx_.data() + e0,
+                             e1 - e0, k, sub_y.data() + u0 * k, u1 - u0, sub_out.data() + u0);
+      }
+    }
     for (size_t u = 0; u < undecided.size(); ++u) out[undecided[u]] = sub_out[u];
   }
 #pragma GCC diagnostic pop
@@ -867,7 +1030,6 @@ void SearchTable::Nearest(const float* y, size_t count, uint32_t* out, Isa isa) 
   // N = 4096, the clustered search too (4.3M vs 2.4M blocks/s), so it goes first. Below 32 blocks
   // its per-call setup is not worth it.
   if (isa == Isa::kAvx2 && k_ == 4 && count >= 32 && screening() && Avx512Active()) {
-    t_groups_visited += count * groups_;
     return SearchKernels::Avx512Screen4(*this, y, count, out);
   }
   if (isa == Isa::kAvx2 && CpuHasAvx2F16c() && clusters_ > 0 && use_clusters_) {

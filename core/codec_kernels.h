@@ -63,6 +63,8 @@ class SearchTable {
   // Codebook sizes that get the k = 2 grid (see below).
   static constexpr uint32_t kGridMinN = 64;
   static constexpr uint32_t kGridMaxN = 4096;
+  // Smallest codebook whose int16 screening (k = 4) sorts blocks by norm and applies the shell test.
+  static constexpr uint32_t kScreenShellMinN = 1024;
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
@@ -155,6 +157,16 @@ class SearchTable {
   bool use_screen_ = true;
   double max_n2_ = 0;                // largest cw_n2_
   std::vector<int32_t> screen_cq_;   // n * 2: (Cq0, Cq1), (Cq2, Cq3)
+  // Shell test (n >= kScreenShellMinN): the same codewords sorted by norm (stable), with their
+  // f32 ||c||^2, f64 norm and index; blocks are sorted by norm, a window of screen_window_
+  // codewords around each run's norm is scored first, then every codeword whose norm can hold
+  // the winner (see codec_kernels.cc). 0: all codewords in index order.
+  uint32_t screen_window_ = 0;
+  std::vector<int32_t> screen_sorted_cq_;
+  std::vector<float> screen_sorted_n2_;
+  std::vector<double> screen_sorted_norm_;
+  std::vector<int32_t> screen_sorted_idx_;
+  std::vector<float> screen_sorted_cw_;  // n * k, row-major
 
   static void BuildClusters(SearchTable* t);
   static void BuildScreen(SearchTable* t);

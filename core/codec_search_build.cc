@@ -140,6 +140,38 @@ void SearchTable::BuildScreen(SearchTable* t) {
     t->screen_cq_[2 * static_cast<size_t>(i)] = static_cast<int32_t>(q[0] | (q[1] << 16));
     t->screen_cq_[2 * static_cast<size_t>(i) + 1] = static_cast<int32_t>(q[2] | (q[3] << 16));
   }
+  if (n < kScreenShellMinN) return;
+  std::vector<double> norm(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    double s = 0;
+    for (uint32_t j = 0; j < k; ++j) {
+      const double c = t->cw_[static_cast<size_t>(i) * k + j];
+      s += c * c;
+    }
+    norm[i] = std::sqrt(s);
+  }
+  std::vector<uint32_t> order(n);
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return norm[a] < norm[b]; });
+  // Measured at N = 4096 (codec_bench Search/avx2/k4/N4096/brute): windows of N/4, N/8, N/16
+  // scored 193, 178, 172 groups of 8 per block at 8.5M, 8.3M, 7.5M blocks/s (each window step
+  // re-derives the shell in scalar f64).
+  t->screen_window_ = std::max<uint32_t>(64, n / 4);
+  t->screen_sorted_cq_.resize(2 * static_cast<size_t>(n));
+  t->screen_sorted_n2_.resize(n);
+  t->screen_sorted_norm_.resize(n);
+  t->screen_sorted_idx_.assign(order.begin(), order.end());
+  t->screen_sorted_cw_.resize(static_cast<size_t>(n) * k);
+  for (uint32_t p = 0; p < n; ++p) {
+    const uint32_t i = order[p];
+    t->screen_sorted_cq_[2 * static_cast<size_t>(p)] = t->screen_cq_[2 * static_cast<size_t>(i)];
+    t->screen_sorted_cq_[2 * static_cast<size_t>(p) + 1] = t->screen_cq_[2 * static_cast<size_t>(i) + 1];
+    t->screen_sorted_n2_[p] = t->cw_n2_[i];
+    t->screen_sorted_norm_[p] = norm[i];
+    for (uint32_t j = 0; j < k; ++j) {
+      t->screen_sorted_cw_[static_cast<size_t>(p) * k + j] = t->cw_[static_cast<size_t>(i) * k + j];
+    }
+  }
 }
 
 void SearchTable::BuildGrid(SearchTable* t) {

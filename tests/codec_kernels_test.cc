@@ -201,6 +201,7 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   SearchTable clustered = brute;
   clustered.DisableScreeningForTesting();  // the screening goes first where it runs
   brute.DisableClustersForTesting();
+  brute.DisableScreeningForTesting();
   const SearchTable pruned = SearchTable::Build(cw.data(), n, k, true);
   std::vector<uint32_t> a(count), b(count);
   SearchTable::ResetGroupsVisitedOnThisThread();
@@ -245,8 +246,9 @@ TEST(Nearest, PruningVisitsFewerGroups) {
 // adversarial, gets the specified f32 minimum. Blocks: exact ties (duplicate codewords, queries on
 // them), near-ties (midpoints of nearest pairs), values on the quantisation half-steps of every
 // power-of-two scale the kernel can pick, and norms from 1e-7 to 1e4, alone and mixed in one call
-// (the largest block sets the scale of the others). On a CPU without AVX-512 VNNI the same
-// assertions check the AVX2 kernels.
+// (the largest block sets the scale of the others), and non-finite blocks. n = 4096 takes the shell
+// test (blocks sorted by norm). On a CPU without AVX-512 VNNI the same assertions check the AVX2
+// kernels.
 TEST(Nearest, ScreeningMatchesTheF32ModelOnAdversarialBlocks) {
   const uint32_t k = 4;
   uint64_t fallbacks = 0, blocks_run = 0;
@@ -274,6 +276,12 @@ TEST(Nearest, ScreeningMatchesTheF32ModelOnAdversarialBlocks) {
       for (uint32_t j = 0; j < k; ++j) mixed[b * k + j] *= 1e-6f;
     }
     calls.push_back(mixed);
+    // Non-finite and overflowing blocks send the whole call to the f32 kernel (same answers).
+    std::vector<float> bad = GaussianBlocks(rng, 64, k, 0.2);
+    bad[5 * k + 1] = std::numeric_limits<float>::quiet_NaN();
+    bad[9 * k + 2] = std::numeric_limits<float>::infinity();
+    bad[13 * k] = 1e38f;  // -2y overflows in f32
+    calls.push_back(bad);
     std::vector<float> ties;
     for (uint32_t a = 0; a < n; ++a) {
       ties.insert(ties.end(), cw.begin() + a * k, cw.begin() + (a + 1) * k);  // on a codeword
