@@ -482,7 +482,7 @@ struct SearchKernels {
   //   A    = N2q + sum_j Yq_j Cq_j          (exact int32: |sum| <= |Yq|_2 |Cq|_2 < 2^30, N2q <= 2^29)
   //   A - ss E = dn + sum_j (sy m_j dc_j + sc c_j dy_j + dy_j dc_j),   E = n2f + m.c (real)
   //   |A - ss E| <= 1/2 + (sy/2) |m|_1 + sc |c|_2 |dy|_2 + (1/2) |dy|_1
-  //              <= 1/2 + (sy/2) |m|_1 + sc max|c| sqrt(k)/2 + k/4
+  //              <= 1/2 + (sy/2) |m|_1 + sc max|c| |dy|_2 + k/4     (dy known per block)
   //   |S - E| <= PruneSlack(k, |y|, max|c|) (every f32 rounding of S; see the header)
   // so B_int = that sum + ss * PruneSlack, computed in f64 with a relative margin of 2^-30 and one
   // unit added (covers the f64 roundings of the bound itself). The test compares A2 - A1 (int64)
@@ -578,12 +578,15 @@ struct SearchKernels {
     std::vector<int32_t>& s2v = s2v_tl;
     std::vector<int32_t>& biv = biv_tl;
     std::vector<float>& l1v = l1_tl;
+    thread_local std::vector<float> dy_tl;
+    std::vector<float>& dyv = dy_tl;  // per block |dy|_2^2 (f32)
     std::vector<float>& sub_y = sub_y_tl;
     std::vector<uint32_t>& undecided = undecided_tl;
     std::vector<uint32_t>& sub_out = sub_out_tl;
     const size_t padded = (count + 31) / 32 * 32;
     yq.resize(2 * padded);
     l1v.resize(padded);
+    dyv.resize(padded);
     const size_t floats = count * k;
     // Largest |y|^2 in f32 (every f32 rounding and underflow covered below); a non-finite or
     // overflowing block sends the whole call to the f32 brute force.
@@ -618,6 +621,12 @@ struct SearchKernels {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(yq.data() + 2 * b), _mm512_cvtepi32_epi16(q));
       const __m512 l1 = LaneSum4(_mm512_abs_ps(ms));  // sy |m|_1, within 3 * 2^-24 relative
       _mm_storeu_ps(l1v.data() + b, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, l1)));
+      // dy = Yq - sy m, exact in f32 (|dy| <= 1/2 and Yq within a factor 2 of sy m, or Yq = 0);
+      // |dy|_2^2 summed in f32 (within 4 * 2^-24 relative, underflow harmless: it only rounds
+      // down squares below 2^-126, covered by the 2^-100 added below).
+      const __m512 dy = _mm512_sub_ps(_mm512_cvtepi32_ps(q), ms);
+      const __m512 dy2 = LaneSum4(_mm512_mul_ps(dy, dy));
+      _mm_storeu_ps(dyv.data() + b, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, dy2)));
     }
     std::fill(yq.begin() + 2 * ((count + 3) / 4 * 4), yq.end(), 0);
     n2q.resize(n);
@@ -628,14 +637,17 @@ struct SearchKernels {
     s1v.resize(padded);
     s2v.resize(padded);
     biv.resize(padded);
-    const double fixed = 0.5 + t.screen_sc_ * t.max_norm_ * 1.0 + 1.0;  // sc max|c| sqrt(4)/2 + 4/4
+    // 1/2 + k/4 and sc max|c| |dy|_2 (per block; |dy|_2 <= sqrt(k)/2 always).
+    const double fixed = 0.5 + 1.0;
+    const double dy_c = t.screen_sc_ * t.max_norm_;
     const double slack_c = static_cast<double>(k + 4) * 0x1p-20 * ss;
     const double half_inv_sy = 0.5 / sy;
     // B_int of block b (see above); the decision below computes the same bound eight at a time.
     auto block_bound = [&](size_t b) {
       const double l1 = static_cast<double>(l1v[b]) * (1 + 0x1p-20);
       const double r = l1 * half_inv_sy + t.max_norm_;
-      return (fixed + 0.5 * l1 + r * r * slack_c) * (1 + 0x1p-30) + 1;
+      const double dy = std::sqrt((static_cast<double>(dyv[b]) + 0x1p-100) * (1 + 0x1p-20));
+      return (fixed + dy_c * dy + 0.5 * l1 + r * r * slack_c) * (1 + 0x1p-30) + 1;
     };
     const int32_t* cq = sorted ? t.screen_sorted_cq_.data() : t.screen_cq_.data();
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -746,7 +758,8 @@ struct SearchKernels {
     } else {
       t_groups_visited += count * t.groups_;
     }
-    // Decided iff s2 - s1 > 2 B_int, B_int = (fixed + sy|m|_1 / 2 + ss PruneSlack(4, |y|, max|c|))
+    // Decided iff s2 - s1 > 2 B_int, B_int = (3/2 + sc max|c| |dy|_2 + sy|m|_1 / 2
+    // + ss PruneSlack(4, |y|, max|c|))
     // (1 + 2^-30) + 1 with sy|m|_1 taken as the f32 sum times (1 + 2^-20) and |y| <= |m|_1 / 2.
     // PruneSlack is written out, (k + 4) 2^-20 (|y| + max|c|)^2, so eight blocks go at once (f64).
     undecided.clear();
@@ -756,7 +769,11 @@ struct SearchKernels {
                                        _mm512_set1_pd(1 + 0x1p-20));
       const __m512d r = _mm512_add_pd(_mm512_mul_pd(l1, _mm512_set1_pd(half_inv_sy)),
                                       _mm512_set1_pd(t.max_norm_));
+      const __m512d dy = _mm512_sqrt_pd(_mm512_mul_pd(
+          _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(dyv.data() + b)), _mm512_set1_pd(0x1p-100)),
+          _mm512_set1_pd(1 + 0x1p-20)));
       __m512d bound = _mm512_add_pd(_mm512_set1_pd(fixed), _mm512_mul_pd(l1, _mm512_set1_pd(0.5)));
+      bound = _mm512_add_pd(bound, _mm512_mul_pd(dy, _mm512_set1_pd(dy_c)));
       bound = _mm512_add_pd(bound, _mm512_mul_pd(_mm512_mul_pd(r, r), _mm512_set1_pd(slack_c)));
       bound = _mm512_add_pd(_mm512_mul_pd(bound, _mm512_set1_pd(1 + 0x1p-30)), _mm512_set1_pd(1.0));
       const __m512d gap = _mm512_sub_pd(
