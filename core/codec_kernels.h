@@ -20,6 +20,14 @@
 // Tables built without norm pruning also get, where measured to pay, the k = 2 grid or the
 // clustered search (k = 3, 4, N >= 1024) described at their fields below; their structures are
 // built in codec_search_build.cc, their kernels live in codec_kernels.cc.
+// On CPUs with AVX-512F and AVX-512 VNNI (Avx512Active), the brute force runs 32 blocks in two
+// 512-bit registers with the same f32 operations, and k = 4 tables (any N, before the clustered
+// search) take a two-stage search: an int16 screening (VPDPWSSD) that decides a block when its
+// best approximate score beats every other codeword's by more than twice a rigorous bound on the
+// approximation error, and the exact f32 kernel for the blocks it cannot decide (1-5 % on real
+// data). For N >= kScreenShellMinN the blocks are sorted by norm and only codewords whose norm can
+// hold the winner are scored (a shell test derived from the same bound). Exact by construction;
+// the derivation is at SearchKernels::Avx512Screen4Impl.
 // Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
 // reentrant. The ISA override is a process-wide test hook (atomic).
 #ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
@@ -172,6 +180,7 @@ class SearchTable {
   static void BuildScreen(SearchTable* t);
   static void BuildGrid(SearchTable* t);
   friend struct SearchKernels;
+  friend struct SearchKernels512;
 };
 
 // Sum of squares of each of `count` vectors of d f32 values, in f64, each summed left to right
