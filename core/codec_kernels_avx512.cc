@@ -111,8 +111,10 @@ struct SearchKernels512 {
 
   // (GCC 12's _mm512_min/max_epi32 read _mm512_undefined_epi32(), a -Wmaybe-uninitialized false
   // positive.)
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
   // The screening over blocks in norm order (tables with screen_window_ > 0): sorts the blocks
   // by their f32 norm (bucket sort), runs the screening with the shell test on the sorted copy and
   // scatters the indices back. Without a window, the screening over all codewords in place.
@@ -434,7 +436,9 @@ struct SearchKernels512 {
     }
     for (size_t u = 0; u < undecided.size(); ++u) out[undecided[u]] = sub_out[u];
   }
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
   static void LaneBrute(const SearchTable& t, const float* y, size_t count, uint32_t* out) {
     const float* cw = t.cw_.data();
