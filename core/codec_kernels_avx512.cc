@@ -268,6 +268,27 @@ struct SearchKernels512 {
     thread_local std::vector<std::pair<uint32_t, uint32_t>> runs_tl;
     std::vector<std::pair<uint32_t, uint32_t>>& runs = runs_tl;
     if (sorted) runs.resize(padded / 32);
+    // Per block, for the shell test: ylo <= |y| <= yhi from the f32 sum of squares (within
+    // 4 * 2^-24 relative and 2^-140 absolute), and c0 = 3 B_int / ss + yhi^2 + 2^-23 max|c|^2.
+    // Padding lanes: ylo = +inf, yhi = -inf, so they never widen the shell.
+    thread_local std::vector<double> sh_c0_tl, sh_ylo_tl, sh_yhi_tl;
+    std::vector<double>& sh_c0 = sh_c0_tl;
+    std::vector<double>& sh_ylo = sh_ylo_tl;
+    std::vector<double>& sh_yhi = sh_yhi_tl;
+    const double inv_ss = 1.0 / ss;
+    if (sorted) {
+      sh_c0.assign(padded, 0.0);
+      sh_ylo.assign(padded, std::numeric_limits<double>::infinity());
+      sh_yhi.assign(padded, -std::numeric_limits<double>::infinity());
+      const double c_term = 0x1p-23 * t.max_n2_ * (1 + 0x1p-20);
+      for (size_t b = 0; b < count; ++b) {
+        const double y2 = static_cast<double>(y2v[b]);
+        const double yhi2 = (y2 + 0x1p-140) * (1 + 0x1p-20);
+        sh_ylo[b] = std::sqrt(std::max(0.0, y2 * (1 - 0x1p-20) - 0x1p-140));
+        sh_yhi[b] = std::sqrt(yhi2) * (1 + 0x1p-40);
+        sh_c0[b] = 3 * block_bound(b) * inv_ss + yhi2 + c_term;
+      }
+    }
     for (size_t b0 = 0; b0 < padded; b0 += 32) {
       __m512i a[2], bb[2];
       for (int h = 0; h < 2; ++h) {
@@ -320,21 +341,29 @@ struct SearchKernels512 {
           alignas(64) int32_t cur[32];
           _mm512_store_si512(cur, s1[0]);
           _mm512_store_si512(cur + 16, s1[1]);
-          double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-          for (size_t l = 0; l < nb; ++l) {
-            const size_t b = b0 + l;
-            const double y2 = static_cast<double>(y2v[b]);
-            const double ylo = std::sqrt(std::max(0.0, y2 * (1 - 0x1p-20) - 0x1p-140));
-            const double yhi2 = (y2 + 0x1p-140) * (1 + 0x1p-20);
-            const double tt = ((static_cast<double>(cur[l]) + 3 * block_bound(b)) / ss + yhi2 +
-                               0x1p-23 * t.max_n2_ * (1 + 0x1p-20)) * (1 + 0x1p-30);
-            const double r = std::sqrt(std::max(0.0, tt)) * (1 + 0x1p-30);
-            lo = std::min(lo, ylo - r);
-            hi = std::max(hi, std::sqrt(yhi2) * (1 + 0x1p-40) + r);
+          __m512d lo = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+          __m512d hi = _mm512_set1_pd(-std::numeric_limits<double>::infinity());
+          for (int q = 0; q < 4; ++q) {
+            const size_t b = b0 + 8 * q;
+            const __m512d a1 = _mm512_mul_pd(
+                _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(cur + 8 * q))),
+                _mm512_set1_pd(inv_ss));  // A1 / ss, exact (ss is a power of two)
+            const __m512d c0 = _mm512_loadu_pd(sh_c0.data() + b);
+            // T = A1/ss + c0, grown by 2^-30 relative and 2^-40 of its terms' magnitude (the f64
+            // roundings; T is a difference of nearly equal terms).
+            __m512d tt = _mm512_add_pd(a1, c0);
+            tt = _mm512_add_pd(_mm512_mul_pd(tt, _mm512_set1_pd(1 + 0x1p-30)),
+                               _mm512_mul_pd(_mm512_add_pd(_mm512_abs_pd(a1), _mm512_abs_pd(c0)),
+                                             _mm512_set1_pd(0x1p-40)));
+            const __m512d r = _mm512_mul_pd(_mm512_sqrt_pd(_mm512_max_pd(tt, _mm512_setzero_pd())),
+                                            _mm512_set1_pd(1 + 0x1p-30));
+            lo = _mm512_min_pd(lo, _mm512_sub_pd(_mm512_loadu_pd(sh_ylo.data() + b), r));
+            hi = _mm512_max_pd(hi, _mm512_add_pd(_mm512_loadu_pd(sh_yhi.data() + b), r));
           }
+          const double lo_s = _mm512_reduce_min_pd(lo), hi_s = _mm512_reduce_max_pd(hi);
           // Norms grown by a relative 2^-40 (their own f64 rounding).
-          *p0 = static_cast<uint32_t>(std::lower_bound(cnorm, cnorm + n, lo * (1 - 0x1p-40)) - cnorm);
-          *p1 = static_cast<uint32_t>(std::upper_bound(cnorm, cnorm + n, hi * (1 + 0x1p-40)) - cnorm);
+          *p0 = static_cast<uint32_t>(std::lower_bound(cnorm, cnorm + n, lo_s * (1 - 0x1p-40)) - cnorm);
+          *p1 = static_cast<uint32_t>(std::upper_bound(cnorm, cnorm + n, hi_s * (1 + 0x1p-40)) - cnorm);
         };
         // Grow the scored interval [e0, e1) a chunk at a time on each side that the shell still
         // needs, re-deriving the shell after every step.

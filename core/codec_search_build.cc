@@ -153,10 +153,10 @@ void SearchTable::BuildScreen(SearchTable* t) {
   std::vector<uint32_t> order(n);
   std::iota(order.begin(), order.end(), 0u);
   std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return norm[a] < norm[b]; });
-  // Measured at N = 4096 (codec_bench Search/avx2/k4/N4096/brute): windows of N/4, N/8, N/16
-  // scored 193, 178, 172 groups of 8 per block at 8.5M, 8.3M, 7.5M blocks/s (each window step
-  // re-derives the shell in scalar f64).
-  t->screen_window_ = std::max<uint32_t>(64, n / 4);
+  // Measured at N = 4096 (codec_bench Search/avx2/k4/N4096/brute, two alternating runs on a
+  // loaded machine): windows of N/4, N/8, N/16 score 192, 178, 171 groups of 8 per block at
+  // 9.8/7.3M, 10.0/7.5M, 9.2/7.3M blocks/s.
+  t->screen_window_ = std::max<uint32_t>(64, n / 8);
   t->screen_sorted_cq_.resize(2 * static_cast<size_t>(n));
   t->screen_sorted_n2_.resize(n);
   t->screen_sorted_norm_.resize(n);
