@@ -37,6 +37,7 @@ from .errors import (  # noqa: E402
 )
 from .types import (  # noqa: E402
     BuildStats,
+    Calibration,
     Codebook,
     CompressedPage,
     DecodedPage,
@@ -46,6 +47,9 @@ from .types import (  # noqa: E402
     QualityMetrics,
     QualityReport,
     Receipt,
+    Recommendation,
+    RecommendedProfile,
+    RegisteredCalibration,
     RotationParams,
     ServerInfo,
     ServerLimits,

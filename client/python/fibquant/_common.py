@@ -1,5 +1,6 @@
 """Configuration and state shared by the sync and asyncio clients: channel credentials, options,
-held specs (profile recovery), the profile cache, and the tensor-side halves of compress/decompress."""
+retry delays, held specs (profile recovery), the profile cache, and the tensor-side halves of
+compress/decompress."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -21,7 +22,6 @@ from .tensors import (
 )
 from .types import ProfileInfo, Receipt
 
-HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 CHANNEL_OPTIONS = [
     # gRPC's default 4 MiB receive limit is below the server's page and message limits; the server
     # enforces its own limits, so the client accepts what the server is willing to send.
@@ -126,35 +126,106 @@ class ClientOptions:
     window: int = 32
 
 
-def backoff_delays(o: ClientOptions):
+def retry_delays(o: ClientOptions):
+    """The waits between the attempts of a call retried on UNAVAILABLE (max_attempts - 1 of them):
+    exponential backoff with jitter."""
     d = o.initial_backoff
-    while True:
+    for _ in range(o.max_attempts - 1):
         yield d * random.uniform(0.5, 1.0)
         d = min(d * o.backoff_multiplier, o.max_backoff)
 
 
-def register_request(spec) -> Any:
-    if isinstance(spec, pb.KvProfileSpec):
-        return pb.RegisterProfileRequest(structured=spec)
-    if isinstance(spec, dict):
-        return pb.RegisterProfileRequest(spec_json=json.dumps(spec))
-    if isinstance(spec, str):
-        return pb.RegisterProfileRequest(spec_json=spec)
-    raise InvalidArgumentError(f"spec must be a dict, a spec JSON string or a KvProfileSpec, got {type(spec)}")
+def check_window(window: int) -> int:
+    if not isinstance(window, int) or not 1 <= window <= 1024:
+        raise InvalidArgumentError(f"window must be an integer in [1, 1024], got {window!r}")
+    return window
 
 
-def health_request(service: str) -> bytes:
-    name = service.encode()
-    if len(name) >= 128:
-        raise InvalidArgumentError("health service name too long")
-    return b"" if not name else b"\x0a" + bytes([len(name)]) + name
+def client_setup(tls, token: Optional[str], token_file, options: Optional[ClientOptions], overrides: dict):
+    """What both clients make of their constructor arguments: (options with the overrides applied,
+    call metadata, channel credentials or None, channel options)."""
+    options = options or ClientOptions()
+    for k, v in overrides.items():
+        if not hasattr(options, k):
+            raise InvalidArgumentError(f"unknown client option {k!r}")
+        setattr(options, k, v)
+    check_window(options.window)
+    if token_file is not None:
+        with open(token_file) as f:
+            token = f.read().strip()
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    creds, opts = channel_args(tls_config(tls))
+    return options, metadata, creds, opts
 
 
-def health_status(resp: bytes) -> int:
-    """Field 1 (status enum) of a HealthCheckResponse; 0 when absent."""
-    if len(resp) >= 2 and resp[0] == 0x08:
-        return resp[1]
-    return 0
+class ProfileBook:
+    """A client's profiles: the specs it registered (digest -> RegisterProfileRequest), kept to
+    re-register a profile a server answers NOT_FOUND for, the calibrations it registered or had
+    stored (digest -> RegisterCalibrationRequest), re-registered before a calibrated spec that names
+    one, and the ProfileInfos it fetched (immutable per digest). Locked: a sync Client is shared by
+    threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict = {}
+        self._infos: dict = {}
+        self._calibrations: dict = {}
+
+    def calibration_registered(self, req, reg):
+        """Holds a registered calibration (req: its RegisterCalibrationRequest, reg: the answer)."""
+        if reg.calibration_digest:
+            with self._lock:
+                self._calibrations[reg.calibration_digest] = req
+        return reg
+
+    def recommended(self, rec):
+        """Holds the calibration a RecommendProfile stored (store_calibration)."""
+        if rec.calibration_stored and rec.calibration_digest:
+            with self._lock:
+                self._calibrations[rec.calibration_digest] = pb.RegisterCalibrationRequest(
+                    calibration_json=rec.calibration_json)
+        return rec
+
+    def calibration_for(self, spec_req):
+        """The RegisterCalibrationRequest held for the calibration a RegisterProfileRequest names, or None."""
+        if spec_req.WhichOneof("spec") == "structured":
+            digest = spec_req.structured.calibration_digest
+        else:
+            try:
+                digest = json.loads(spec_req.spec_json).get("calibration_digest", "")
+            except (ValueError, AttributeError):
+                digest = ""
+        with self._lock:
+            return self._calibrations.get(digest) if digest else None
+
+    def registered(self, req, info: ProfileInfo) -> ProfileInfo:
+        with self._lock:
+            self._held[info.digest] = req
+            self._infos[info.digest] = info
+        return info
+
+    def fetched(self, info: ProfileInfo) -> ProfileInfo:
+        with self._lock:
+            self._infos[info.digest] = info
+        return info
+
+    def spec(self, digest: str):
+        """The RegisterProfileRequest this client registered for digest, or None."""
+        with self._lock:
+            return self._held.get(digest)
+
+    def digests(self) -> list:
+        with self._lock:
+            return sorted(self._held)
+
+    def lookup(self, profile) -> tuple:
+        """(the cached ProfileInfo or None, its digest) for a digest string or a ProfileInfo."""
+        if isinstance(profile, ProfileInfo):
+            return profile, profile.digest
+        if not isinstance(profile, str):
+            raise InvalidArgumentError(f"profile must be a digest string or a ProfileInfo, got {type(profile)}")
+        with self._lock:
+            return self._infos.get(profile), profile
 
 
 def frame_profile_digest(frame: bytes) -> str:

@@ -17,20 +17,20 @@ from typing import Optional, Sequence, Union
 import grpc
 import grpc.aio
 
-from ._common import (
-    HEALTH_METHOD, CancelToken, ClientOptions, CompressedTensor, assemble, backoff_delays, channel_args,
-    decompress_target, health_request, health_status, plan_compress, register_request, tls_config,
+from ._common import CancelToken, ClientOptions, CompressedTensor, ProfileBook, check_window, client_setup, retry_delays
+from ._rpc import (
+    EVALUATE_QUALITY, GET_CALIBRATION, GET_CODEBOOK, GET_PROFILE, GET_RECEIPT, GET_SERVER_INFO, HEALTH_CHECK,
+    LIST_PROFILES, LIST_RECEIPTS, RECOMMEND_PROFILE, REGISTER_CALIBRATION, REGISTER_PROFILE, RPCS, Pager, Rpc, bind,
+    calibration_request, check_reregistered, health_serving, register_request, reregistration_failed,
 )
 from ._streams import (
-    CompressCollector, CompressResult, DecompressCollector, DecompressResult, Progress, check_window,
-    compress_header, decompress_header, frame_request, raw_page_request,
+    CompressResult, DecompressResult, Progress, StreamJob, compress_pages_job, compress_tensor_job,
+    decompress_pages_job, decompress_tensor_job,
 )
-from ._stubs import pb, pb_grpc
-from .client import evaluate_request
-from .errors import CancelledError, FailedPreconditionError, FibquantError, InvalidArgumentError, NotFoundError, UnavailableError
+from ._stubs import pb_grpc
+from .errors import CancelledError, FibquantError, NotFoundError, UnavailableError
 from .errors import error_from_code as from_rpc_error_parts, from_rpc_error
-from .tensors import ELEMENT_SIZE
-from .types import Codebook, ProfileInfo, QualityReport, Receipt, ServerInfo
+from .types import Calibration, Codebook, ProfileInfo, Receipt, Recommendation, RegisteredCalibration, ServerInfo
 
 __all__ = ["AsyncClient"]
 
@@ -47,11 +47,12 @@ def _quiet_poller_race():
         loop.set_exception_handler(_ignore_poller_wakeup_race)
 
 
-async def run_stream(stub, method, header, count, make_req, collector, *, window, timeout, metadata, progress, cancel,
-                     page_bytes):
+async def run_stream(stub, job: StreamJob, *, window, timeout, metadata, progress, cancel):
     """One attempt of a pipelined stream on grpc.aio: a writer task sends the header and the items while at
     most `window` are unanswered; answers are read here and checked in order. Also the transport of the
     sync client's streams (on its event-loop thread)."""
+    method, count = job.method, job.count
+    collector = job.collector()
     call = getattr(stub, method)(timeout=timeout, metadata=metadata)
     loop = asyncio.get_running_loop()
     room = asyncio.Semaphore(window)
@@ -59,10 +60,10 @@ async def run_stream(stub, method, header, count, make_req, collector, *, window
     detach = cancel.attach(lambda: loop.call_soon_threadsafe(call.cancel)) if cancel is not None else None
 
     async def writer():
-        await call.write(header)
+        await call.write(job.header)
         for i in range(count):
             await room.acquire()
-            await call.write(make_req(i))
+            await call.write(job.request(i))
         await call.done_writing()
 
     wtask = asyncio.ensure_future(writer())
@@ -81,7 +82,7 @@ async def run_stream(stub, method, header, count, make_req, collector, *, window
                 answered += 1
                 room.release()
                 if progress is not None:
-                    done_bytes += page_bytes(answered - 1)
+                    done_bytes += job.page_bytes(collector, answered - 1)
                     progress(Progress(answered, count, done_bytes))
         code = await call.code()  # the final status
         if code != grpc.StatusCode.OK:
@@ -118,24 +119,13 @@ class AsyncClient:
     def __init__(self, target: str, tls=None, token: Optional[str] = None, *, token_file=None,
                  options: Optional[ClientOptions] = None, **overrides):
         self.target = target
-        self.options = options or ClientOptions()
-        for k, v in overrides.items():
-            if not hasattr(self.options, k):
-                raise InvalidArgumentError(f"unknown client option {k!r}")
-            setattr(self.options, k, v)
-        check_window(self.options.window)
-        if token_file is not None:
-            with open(token_file) as f:
-                token = f.read().strip()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        creds, opts = channel_args(tls_config(tls))
+        self.options, self._metadata, creds, opts = client_setup(tls, token, token_file, options, overrides)
         self._channel = (grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
                          else grpc.aio.insecure_channel(target, options=opts))
         _quiet_poller_race()
         self._stub = pb_grpc.KvCompressionServiceStub(self._channel)
-        self._health = self._channel.unary_unary(HEALTH_METHOD)
-        self._held: dict = {}
-        self._infos: dict = {}
+        self._calls = bind(self._channel, self._stub)
+        self._profiles = ProfileBook()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -146,192 +136,150 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    # ---- plumbing
+    # ---- plumbing (what each RPC sends and returns: _rpc.RPCS)
 
-    async def _unary(self, method: str, request, timeout=None):
-        rpc = getattr(self._stub, method)
-        delays = backoff_delays(self.options)
-        for n in range(1, self.options.max_attempts + 1):
+    async def _call(self, rpc: Rpc, *args, timeout=None, **kwargs):
+        return await self._send(rpc, rpc.request(*args, **kwargs), timeout)
+
+    async def _send(self, rpc: Rpc, request, timeout=None):
+        call = self._calls[rpc.method]
+        deadline = timeout or getattr(self.options, rpc.timeout)
+
+        async def once():
             try:
-                return await rpc(request, timeout=timeout or self.options.unary_timeout, metadata=self._metadata)
+                resp = await call(request, timeout=deadline, metadata=self._metadata)
             except grpc.RpcError as e:
-                err = from_rpc_error(e, method)
-                if not isinstance(err, UnavailableError) or n >= self.options.max_attempts:
-                    raise err from None
-            await asyncio.sleep(next(delays))
+                raise from_rpc_error(e, rpc.method) from None
+            return rpc.result(resp)
+        return await self._attempts(rpc, request, once)
+
+    async def _list(self, rpc: Rpc, limit: int, timeout, **args) -> list:
+        pager = Pager(rpc, limit, **args)
+        while (request := pager.next_request()) is not None:
+            pager.add(await self._send(rpc, request, timeout))
+        return pager.items
+
+    async def _attempts(self, rpc: Rpc, request, once):
+        run = (lambda: self._retrying(once)) if rpc.retryable else once
+        return await self._recovering(rpc.recover(request) if rpc.recover else "", run)
 
     async def _retrying(self, fn):
-        delays = backoff_delays(self.options)
-        for n in range(1, self.options.max_attempts + 1):
+        for delay in retry_delays(self.options):
             try:
                 return await fn()
             except UnavailableError:
-                if n >= self.options.max_attempts:
-                    raise
-            await asyncio.sleep(next(delays))
+                pass
+            await asyncio.sleep(delay)
+        return await fn()
 
     async def _recovering(self, digest: str, fn):
         try:
             return await fn()
         except NotFoundError as nf:
-            req = self._held.get(digest)
+            req = self._profiles.spec(digest)
             if req is None:
                 raise
             try:
+                calibration = self._profiles.calibration_for(req)
+                if calibration is not None:  # a server that lost the profile may have lost its calibration
+                    await self._send(REGISTER_CALIBRATION, calibration)
                 info = await self._register(req)
             except FibquantError as e:
-                raise type(e)(f"re-registering profile {digest} after \"{nf.message}\": {e.message}",
-                              code=e.code, method="RegisterProfile") from None
-            if info.digest != digest:
-                raise FailedPreconditionError(f"re-registered spec of profile {digest} now has digest {info.digest}",
-                                              method="RegisterProfile") from None
+                raise reregistration_failed(digest, nf, e) from None
+            check_reregistered(digest, info)
         return await fn()
 
     # ---- unary RPCs
 
     async def _register(self, req, timeout=None) -> ProfileInfo:
-        resp = await self._unary("RegisterProfile", req, timeout or self.options.register_timeout)
-        info = ProfileInfo.from_proto(resp.profile, already_registered=resp.already_registered)
-        self._held[info.digest] = req
-        self._infos[info.digest] = info
-        return info
+        return self._profiles.registered(req, await self._send(REGISTER_PROFILE, req, timeout))
 
     async def register_profile(self, spec, *, timeout=None) -> ProfileInfo:
         return await self._register(register_request(spec), timeout)
 
     async def get_profile(self, digest: str, *, timeout=None) -> ProfileInfo:
-        resp = await self._recovering(
-            digest, lambda: self._unary("GetProfile", pb.GetProfileRequest(digest=digest), timeout))
-        info = ProfileInfo.from_proto(resp.profile)
-        self._infos[info.digest] = info
-        return info
+        return self._profiles.fetched(await self._call(GET_PROFILE, digest, timeout=timeout))
 
     async def list_profiles(self, *, page_size: int = 0, max_profiles: int = 100000, timeout=None) -> list:
-        out, token = [], ""
-        while len(out) < max_profiles:
-            resp = await self._unary("ListProfiles", pb.ListProfilesRequest(page_size=page_size, page_token=token),
-                                     timeout)
-            out.extend(ProfileInfo.from_proto(p) for p in resp.profiles)
-            token = resp.next_page_token
-            if not token or not resp.profiles:
-                break
-        return out[:max_profiles]
+        return await self._list(LIST_PROFILES, max_profiles, timeout, page_size=page_size)
 
     async def get_codebook(self, digest: str, *, include_rotation_matrix: bool = False, timeout=None) -> Codebook:
-        req = pb.GetCodebookRequest(digest=digest, include_rotation_matrix=include_rotation_matrix)
-        return Codebook.from_proto(await self._recovering(digest, lambda: self._unary("GetCodebook", req, timeout)))
+        return await self._call(GET_CODEBOOK, digest, include_rotation_matrix=include_rotation_matrix, timeout=timeout)
 
     async def _profile(self, profile) -> ProfileInfo:
-        if isinstance(profile, ProfileInfo):
-            return profile
-        if not isinstance(profile, str):
-            raise InvalidArgumentError(f"profile must be a digest string or a ProfileInfo, got {type(profile)}")
-        return self._infos.get(profile) or await self.get_profile(profile)
+        info, digest = self._profiles.lookup(profile)
+        return info or await self.get_profile(digest)
+
+    async def register_calibration(self, calibration, *, timeout=None) -> RegisteredCalibration:
+        req = calibration_request(calibration)
+        return self._profiles.calibration_registered(req, await self._send(REGISTER_CALIBRATION, req, timeout))
+
+    async def get_calibration(self, calibration_digest: str, *, timeout=None) -> Calibration:
+        return await self._call(GET_CALIBRATION, calibration_digest, timeout=timeout)
+
+    async def recommend_profile(self, keys=None, values=None, queries=None, *, role: Optional[str] = None,
+                                budget=None, min_ratio: float = 0.0, calibration_fraction: float = 0.0,
+                                tokens_per_page: int = 0, max_codebook_size: int = 0, target_shape=None,
+                                profile_id_prefix: str = "", store_calibration: bool = False,
+                                timeout=None) -> Recommendation:
+        rec = await self._call(RECOMMEND_PROFILE, keys, values, queries, role=role, budget=budget, min_ratio=min_ratio,
+                               calibration_fraction=calibration_fraction, tokens_per_page=tokens_per_page,
+                               max_codebook_size=max_codebook_size, target_shape=target_shape,
+                               profile_id_prefix=profile_id_prefix, store_calibration=store_calibration,
+                               timeout=timeout)
+        return self._profiles.recommended(rec)
 
     async def get_receipt(self, receipt_id: str, *, timeout=None) -> Receipt:
-        resp = await self._unary("GetReceipt", pb.GetReceiptRequest(receipt_id=receipt_id), timeout)
-        return Receipt.from_proto(resp.receipt)
+        return await self._call(GET_RECEIPT, receipt_id, timeout=timeout)
 
     async def list_receipts(self, profile_digest: str = "", *, max_receipts: int = 1000, timeout=None) -> list:
-        out, token = [], ""
-        while len(out) < max_receipts:
-            req = pb.ListReceiptsRequest(profile_digest=profile_digest, page_size=min(max_receipts - len(out), 1000),
-                                         page_token=token)
-            resp = await self._unary("ListReceipts", req, timeout)
-            out.extend(Receipt.from_proto(r) for r in resp.receipts)
-            token = resp.next_page_token
-            if not token or not resp.receipts:
-                break
-        return out[:max_receipts]
+        return await self._list(LIST_RECEIPTS, max_receipts, timeout, profile_digest=profile_digest)
 
     async def evaluate_quality(self, profiles: Sequence = (), candidates: Sequence = (), *, keys=None, values=None,
                                queries=None, top_k: int = 0, timeout=None) -> list:
-        req = evaluate_request(profiles, candidates, keys, values, queries, top_k)
-        resp = await self._unary("EvaluateQuality", req, timeout or self.options.register_timeout)
-        return [QualityReport.from_proto(r) for r in resp.reports]
+        return await self._call(EVALUATE_QUALITY, profiles, candidates, keys, values, queries, top_k, timeout=timeout)
 
     async def get_server_info(self, *, timeout=None) -> ServerInfo:
-        return ServerInfo.from_proto(await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout))
+        return await self._call(GET_SERVER_INFO, timeout=timeout)
 
     async def check_health(self, service: str = "", *, timeout=None) -> bool:
-        try:
-            resp = await self._health(health_request(service), timeout=timeout or self.options.unary_timeout,
-                                      metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, "Health/Check") from None
-        status = health_status(resp)
-        if status not in (1, 2):
-            raise FibquantError(f"status {status} for {service!r}", method="Health/Check")
-        return status == 1
+        return health_serving(await self._call(HEALTH_CHECK, service, timeout=timeout), service)
 
     # ---- streams
 
-    async def _stream(self, method, header, count, make_req, collector, *, window, timeout, progress, cancel,
-                      page_bytes):
+    async def _run(self, job: StreamJob, window, timeout, progress, cancel):
+        """A page stream with retries and profile recovery; each attempt is one run_stream."""
+        rpc = RPCS[job.method]
         window = check_window(self.options.window if window is None else window)
-        return await run_stream(self._stub, method, header, count, make_req, collector, window=window,
-                                timeout=timeout or self.options.stream_timeout, metadata=self._metadata,
-                                progress=progress, cancel=cancel, page_bytes=page_bytes)
+        deadline = timeout or getattr(self.options, rpc.timeout)
+
+        async def attempt():
+            return await run_stream(self._stub, job, window=window, timeout=deadline, metadata=self._metadata,
+                                    progress=progress, cancel=cancel)
+        return job.finish(await self._attempts(rpc, job.header, attempt))
 
     async def compress_pages(self, profile_digest: str, pages: Sequence, input_dtype: str, *,
                              return_page_metrics=False, label="", queries=None, window=None, timeout=None,
                              progress=None, cancel: Optional[CancelToken] = None, keep_pages=False) -> CompressResult:
-        pages = list(pages)
-        header = compress_header(profile_digest, input_dtype, return_page_metrics=return_page_metrics, label=label,
-                                 queries=queries)
-        sizes = [len(d) for _, d in pages]
-
-        async def attempt():
-            return await self._stream("CompressPages", header, len(pages),
-                                      lambda i: raw_page_request(i, pages[i][0], bytes(pages[i][1])),
-                                      CompressCollector(keep_pages or return_page_metrics), window=window,
-                                      timeout=timeout, progress=progress, cancel=cancel, page_bytes=sizes.__getitem__)
-        return await self._recovering(profile_digest, lambda: self._retrying(attempt))
+        job = compress_pages_job(profile_digest, pages, input_dtype, return_page_metrics=return_page_metrics,
+                                 label=label, queries=queries, keep_pages=keep_pages)
+        return await self._run(job, window, timeout, progress, cancel)
 
     async def decompress_pages(self, frames: Sequence[bytes], output_dtype: str = "f32", *, profile_digest="",
                                window=None, timeout=None, progress=None, cancel: Optional[CancelToken] = None,
                                keep_pages=False) -> DecompressResult:
-        frames = [bytes(f) for f in frames]
-        header = decompress_header(output_dtype, profile_digest)
-        holder = {}
-
-        async def attempt():
-            holder["c"] = DecompressCollector(keep_pages)
-            return await self._stream("DecompressPages", header, len(frames), lambda i: frame_request(i, frames[i]),
-                                      holder["c"], window=window, timeout=timeout, progress=progress, cancel=cancel,
-                                      page_bytes=lambda i: len(holder["c"].result.data[i]))
-        if profile_digest:
-            return await self._recovering(profile_digest, lambda: self._retrying(attempt))
-        return await self._retrying(attempt)
+        return await self._run(decompress_pages_job(frames, output_dtype, profile_digest, keep_pages), window,
+                               timeout, progress, cancel)
 
     async def compress(self, tensor, profile: Union[str, ProfileInfo], *, layout="auto", label="",
                        return_page_metrics=False, queries=None, window=None, timeout=None, progress=None,
                        cancel: Optional[CancelToken] = None) -> CompressedTensor:
-        info = await self._profile(profile)
-        plan = plan_compress(tensor, info, layout)
-        coords = plan.coords
-        esize = ELEMENT_SIZE[info.dtype]
-        D = plan.grid.head_dim
-        header = compress_header(info.digest, info.dtype, return_page_metrics=return_page_metrics, label=label,
-                                 queries=queries)
-
-        async def attempt():
-            return await self._stream("CompressPages", header, len(coords),
-                                      lambda i: raw_page_request(i, coords[i], plan.source.page(*coords[i])),
-                                      CompressCollector(return_page_metrics), window=window, timeout=timeout,
-                                      progress=progress, cancel=cancel, page_bytes=lambda i: coords[i][4] * D * esize)
-        r = await self._recovering(info.digest, lambda: self._retrying(attempt))
-        return CompressedTensor(frames=r.frames, coordinates=r.coordinates, receipt=r.receipt,
-                                profile_digest=info.digest, profile_id=info.profile_id, source_shape=plan.shape,
-                                source_dtype=plan.src_dtype, page_dtype=info.dtype,
-                                tokens_per_page=info.tokens_per_page, layout=layout, source_kind=plan.kind,
-                                pages=r.pages if return_page_metrics else [])
+        job = compress_tensor_job(tensor, await self._profile(profile), layout=layout, label=label,
+                                  return_page_metrics=return_page_metrics, queries=queries)
+        return await self._run(job, window, timeout, progress, cancel)
 
     async def decompress(self, compressed, dtype: Optional[str] = None, *, like=None, shape=None, layout=None,
                          tokens_per_page=None, out=None, window=None, timeout=None, progress=None,
                          cancel: Optional[CancelToken] = None):
-        frames, digest, shp, lay, dt, lk, tpp = decompress_target(compressed, dtype, like, shape, layout,
-                                                                   tokens_per_page)
-        r = await self.decompress_pages(frames, dt, profile_digest=digest, window=window, timeout=timeout,
-                                        progress=progress, cancel=cancel)
-        return assemble(r, shp, lay, dt, lk, tpp, out)
+        job = decompress_tensor_job(compressed, dtype, like, shape, layout, tokens_per_page, out)
+        return await self._run(job, window, timeout, progress, cancel)

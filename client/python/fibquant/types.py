@@ -16,37 +16,38 @@ from ._stubs import pb
 _DTYPE_NAMES = {pb.DTYPE_F32: "f32", pb.DTYPE_F16: "f16", pb.DTYPE_BF16: "bf16"}
 
 
-def _value(msg, name: str, nested: dict, optional: tuple):
-    if name in nested:
-        sub = getattr(msg, name)
-        conv = nested[name]
-        if isinstance(conv, tuple):  # repeated message
-            return tuple(conv[0].from_proto(m) for m in sub)
-        if not msg.HasField(name):
-            return None
-        return conv.from_proto(sub)
-    if name in optional and not msg.HasField(name):
-        return None
-    v = getattr(msg, name)
-    if hasattr(v, "__len__") and not isinstance(v, (str, bytes)):
-        return tuple(v)
-    return v
-
-
 class _FromProto:
+    """The one field mapping of every result: each dataclass field but `proto` is the message field
+    of the same name. Repeated fields become tuples; a field with presence (a message, or proto3
+    `optional`) that is unset becomes None; _nested converts message fields to their result class,
+    _convert maps a value further. Fields the message lacks keep their default unless given."""
     _nested: ClassVar[dict] = {}
-    _optional: ClassVar[tuple] = ()
+    _convert: ClassVar[dict] = {}
 
     @classmethod
     def from_proto(cls, msg):
+        return cls._from_proto(msg)
+
+    @classmethod
+    def _from_proto(cls, msg, **given):
+        fields = msg.DESCRIPTOR.fields_by_name
         kwargs = {}
         for f in dataclasses.fields(cls):
-            if f.name == "proto":
-                continue
-            kwargs[f.name] = _value(msg, f.name, cls._nested, cls._optional)
-        obj = cls(**kwargs)
-        object.__setattr__(obj, "proto", msg)
-        return obj
+            if f.name in given:
+                kwargs[f.name] = given[f.name]
+            elif f.name != "proto" and f.name in fields:
+                v = _value(msg, fields[f.name], cls._nested.get(f.name))
+                kwargs[f.name] = cls._convert[f.name](v) if f.name in cls._convert else v
+        return cls(**kwargs, proto=msg)
+
+
+def _value(msg, fd, nested):
+    v = getattr(msg, fd.name)
+    if fd.label == fd.LABEL_REPEATED:
+        return tuple(nested.from_proto(m) for m in v) if nested else tuple(v)
+    if fd.has_presence and not msg.HasField(fd.name):
+        return None
+    return nested.from_proto(v) if nested else v
 
 
 def _proto_field():
@@ -90,9 +91,7 @@ class ProfileInfo(_FromProto):
 
     @classmethod
     def from_proto(cls, msg, already_registered: bool = False):
-        obj = super().from_proto.__func__(cls, _WithDefault(msg, already_registered=already_registered))
-        object.__setattr__(obj, "proto", msg)
-        return obj
+        return cls._from_proto(msg, already_registered=already_registered)
 
     @property
     def profile(self) -> dict:
@@ -114,22 +113,6 @@ class ProfileInfo(_FromProto):
     @property
     def role(self) -> str:
         return self.shape["role"]
-
-
-class _WithDefault:
-    """A message proxy that answers extra attributes (fields of the result not in the message)."""
-
-    def __init__(self, msg, **extra):
-        self._msg = msg
-        self._extra = extra
-
-    def __getattr__(self, name):
-        if name in self._extra:
-            return self._extra[name]
-        return getattr(self._msg, name)
-
-    def HasField(self, name):  # noqa: N802 (protobuf's name)
-        return self._msg.HasField(name)
 
 
 @dataclass(frozen=True)
@@ -192,8 +175,6 @@ class PageMetrics(_FromProto):
     query_source: str
     raw_reasons: tuple
     proto: Any = _proto_field()
-    _optional: ClassVar[tuple] = ("key_logit_mse", "attention_tv", "attention_kl", "topk_disagreement",
-                                  "value_aggregation_mse")
 
 
 @dataclass(frozen=True)
@@ -280,12 +261,7 @@ class ServerInfo(_FromProto):
     stored_receipts: int
     proto: Any = _proto_field()
     _nested: ClassVar[dict] = {"limits": ServerLimits}
-
-    @classmethod
-    def from_proto(cls, msg):
-        obj = super().from_proto.__func__(cls, msg)
-        object.__setattr__(obj, "dtypes", tuple(_DTYPE_NAMES.get(d, str(d)) for d in msg.dtypes))
-        return obj
+    _convert: ClassVar[dict] = {"dtypes": lambda v: tuple(_DTYPE_NAMES.get(d, str(d)) for d in v)}
 
 
 @dataclass(frozen=True)
@@ -299,8 +275,6 @@ class QualityMetrics(_FromProto):
     value_aggregation_mse: Optional[float]
     query_source: str
     proto: Any = _proto_field()
-    _optional: ClassVar[tuple] = ("key_logit_mse", "attention_tv", "attention_kl", "topk_disagreement",
-                                  "value_aggregation_mse")
 
 
 @dataclass(frozen=True)
@@ -315,3 +289,76 @@ class QualityReport(_FromProto):
     report_json: str
     proto: Any = _proto_field()
     _nested: ClassVar[dict] = {"metrics": QualityMetrics}
+
+
+@dataclass(frozen=True)
+class RegisteredCalibration(_FromProto):
+    """RegisterCalibration's answer: the artifact's digest (recomputed by the server) and whether this
+    call stored it (False: it was registered already)."""
+    calibration_digest: str
+    created: bool
+    proto: Any = _proto_field()
+
+
+@dataclass(frozen=True)
+class Calibration(_FromProto):
+    """A calibration artifact (docs/format/kv.md, "Calibration artifact") as GetCalibration returns it."""
+    calibration_json: str
+    proto: Any = _proto_field()
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.calibration_json)
+
+    @property
+    def digest(self) -> str:
+        """The digest the artifact names itself by (the server checked it on registration)."""
+        return self.document["digest"]
+
+
+@dataclass(frozen=True)
+class RecommendedProfile(_FromProto):
+    """One measured candidate of RecommendProfile; spec_json is ready for Client.register_profile."""
+    profile_id: str
+    spec_json: str
+    compression_ratio: float
+    bits_per_value: float
+    mean: Optional[QualityMetrics]
+    max: Optional[QualityMetrics]
+    meets_budget: bool
+    qualifies: bool
+    reason: str
+    block_dim: int
+    codebook_size: int
+    calibrated: bool
+    centering: str
+    renormalize: bool
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"mean": QualityMetrics, "max": QualityMetrics}
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(self.spec_json)
+
+
+@dataclass(frozen=True)
+class Recommendation(_FromProto):
+    """RecommendProfile's answer: candidates ranked (qualifying first, highest ratio first). A budget
+    no candidate meets is an answer, not an error: best_index is -1 and `best` None, `summary` says
+    which metric failed or how far the ratio fell short."""
+    candidates: tuple
+    best_index: int
+    summary: str
+    calibration_digest: str
+    calibration_json: str
+    calibration_stored: bool
+    calibration_tokens: int
+    evaluation_tokens: int
+    seconds: float
+    proto: Any = _proto_field()
+    _nested: ClassVar[dict] = {"candidates": RecommendedProfile}
+
+    @property
+    def best(self) -> Optional[RecommendedProfile]:
+        """The best candidate that meets the budget and min_ratio, or None when none does."""
+        return self.candidates[self.best_index] if 0 <= self.best_index < len(self.candidates) else None

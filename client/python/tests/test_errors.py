@@ -147,3 +147,24 @@ def test_error_classes_keep_code_and_message():
         err = fibquant.error_from_code(code, "msg", "M")
         assert err.code == code and err.message == "msg" and err.method == "M"
         assert isinstance(err, fibquant.FibquantError) and code.name in str(err)
+
+
+def test_calibration_writes_need_the_admin_token(tls_server):
+    """RegisterCalibration and RecommendProfile with store_calibration are admin-guarded like
+    RegisterProfile; a recommendation that stores nothing needs no token."""
+    s, certs, token = tls_server
+    k, q = real_kv(1, "k")[:, 0, :], real_kv(1, "q")[:, 0, :]
+    with fibquant.Client(s.target, tls=certs / "ca.crt", max_attempts=1) as c:
+        rec = c.recommend_profile(k, queries=q, max_codebook_size=16)
+        assert rec.candidates and not rec.calibration_stored
+        with pytest.raises(fibquant.UnauthenticatedError):
+            c.register_calibration(rec)
+        with pytest.raises(fibquant.UnauthenticatedError):
+            c.recommend_profile(k, queries=q, max_codebook_size=16, store_calibration=True)
+    with fibquant.Client(s.target, tls=certs / "ca.crt", token="wrong-" + token, max_attempts=1) as c:
+        with pytest.raises(fibquant.PermissionDeniedError):
+            c.register_calibration(rec)
+    with fibquant.Client(s.target, tls=certs / "ca.crt", token=token) as c:
+        reg = c.register_calibration(rec)
+        assert reg.calibration_digest == rec.calibration_digest and reg.created
+        assert c.get_calibration(reg.calibration_digest).calibration_json == rec.calibration_json
