@@ -248,12 +248,19 @@ void Register() {
     benchmark::RegisterBenchmark((std::string("Avx2only/Encode/") + id).c_str(), BM_EncodeAvx2Only,
                                  std::string(id));
   }
-  // Scaling: head_dim (Gaussian data) at k=4 N=256 for both rotations.
+  // Scaling: head_dim (Gaussian data) at k=4 N=256 for both rotations, including head_dims that are
+  // not powers of two (two-window Hadamard: 80, 96, 100, 112) and block sizes that do not divide
+  // head_dim (k=8 at d=100: padded to 104; k=3 at d=128: padded to 129).
   for (const char* rot : {"haar", "hadamard"}) {
-    for (uint32_t d : {64u, 256u, 512u}) {
+    for (uint32_t d : {64u, 80u, 96u, 100u, 112u, 256u, 512u}) {
       const std::string id = "fib:" + std::to_string(d) + ":4:256:" + rot;
       benchmark::RegisterBenchmark(("Scaling/head_dim/Encode/" + id).c_str(), BM_Encode, id);
+      benchmark::RegisterBenchmark(("Scaling/head_dim/Decode/" + id).c_str(), BM_Decode, id);
     }
+  }
+  for (const char* id : {"fib:100:8:256:hadamard", "fib:104:8:256:hadamard", "fib:128:3:256:hadamard"}) {
+    benchmark::RegisterBenchmark((std::string("Scaling/padding/Encode/") + id).c_str(), BM_Encode, id);
+    benchmark::RegisterBenchmark((std::string("Scaling/padding/Decode/") + id).c_str(), BM_Decode, id);
   }
   // Scaling: codebook size at d = 128 (Haar; d = 128 data).
   for (auto [k, n] : std::vector<std::pair<uint32_t, uint32_t>>{
