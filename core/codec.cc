@@ -212,12 +212,14 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
   std::shared_ptr<Quantizer> q(new Quantizer(std::move(codebook), std::move(rotation)));
   auto index = std::make_shared<SearchIndex>();
   const float* cw = q->codebook_.codewords().data();
-  // The k = 2 grid and the clustered search (k = 3, 4 with N >= 1024) beat the norm pruning where
-  // they apply.
+  // The k = 2 grid, the clustered search (k = 3, 4 with N >= 1024) and, on AVX-512 VNNI CPUs, the
+  // int16 screening (k = 4, any N) beat the norm pruning where they apply. Every choice returns the
+  // same indices.
   const bool clustered =
       (p.block_dim == 2 && p.codebook_size >= SearchTable::kGridMinN &&
        p.codebook_size <= SearchTable::kGridMaxN) ||
-      (p.block_dim >= 3 && p.block_dim <= 4 && p.codebook_size >= SearchTable::kClusterMinN);
+      (p.block_dim >= 3 && p.block_dim <= 4 && p.codebook_size >= SearchTable::kClusterMinN) ||
+      (p.block_dim == 4 && codec_internal::Avx512Active());
   index->table = SearchTable::Build(
       cw, p.codebook_size, p.block_dim,
       !clustered && SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
