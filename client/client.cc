@@ -69,6 +69,12 @@ KvClient::KvClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options
   options_.max_pages_in_flight = std::max<size_t>(options_.max_pages_in_flight, 1);
 }
 
+void KvClient::AddAdminToken(grpc::ClientContext& ctx) const {
+  if (!options_.admin_token.empty()) {
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options_.admin_token));
+  }
+}
+
 void KvClient::SetDeadline(grpc::ClientContext& ctx, std::chrono::milliseconds budget) const {
   ctx.set_deadline(std::chrono::system_clock::now() + budget);
 }
@@ -94,9 +100,7 @@ absl::StatusOr<v1::ProfileInfo> KvClient::Register(const v1::RegisterProfileRequ
   absl::Status s = WithRetries([&] {
     grpc::ClientContext ctx;
     SetDeadline(ctx, options_.register_timeout);
-    if (!options_.admin_token.empty()) {
-      ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options_.admin_token));
-    }
+    AddAdminToken(ctx);
     resp.Clear();
     return ToAbslStatus(stub_->RegisterProfile(&ctx, req, &resp), "RegisterProfile");
   });
@@ -389,6 +393,9 @@ absl::StatusOr<CompressResult> KvClient::CompressPages(const std::string& profil
     bool have_receipt = false;
     grpc::ClientContext ctx;
     SetDeadline(ctx, options_.stream_timeout);
+    // register_if_missing follows RegisterProfile's rules: without the token a replica that lacks
+    // the profile ignores it and answers NOT_FOUND (then the slower recovery path runs).
+    if (held) AddAdminToken(ctx);
     auto stream = stub_->CompressPages(&ctx);
     absl::Status s = RunPipelinedStream(
         ctx, *stream, pages.size(), options_.max_pages_in_flight, "CompressPages",
@@ -451,6 +458,7 @@ absl::StatusOr<DecompressResult> KvClient::DecompressPages(std::span<const std::
     result.pages.reserve(frames.size());
     grpc::ClientContext ctx;
     SetDeadline(ctx, options_.stream_timeout);
+    if (held) AddAdminToken(ctx);
     auto stream = stub_->DecompressPages(&ctx);
     return RunPipelinedStream(
         ctx, *stream, frames.size(), options_.max_pages_in_flight, "DecompressPages",

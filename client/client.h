@@ -59,8 +59,9 @@ struct ClientOptions {
   // once (ServerInfo.limits.max_inflight_pages_per_stream); a deeper client window keeps its input
   // queue full across network round trips. Bounded so a huge batch does not sit in gRPC buffers.
   size_t max_pages_in_flight = 32;
-  // Sent as `authorization: Bearer <token>` on RegisterProfile when the server was started with
-  // --admin-token-file. Empty: not sent.
+  // Sent as `authorization: Bearer <token>` on RegisterProfile, and on page streams whose header
+  // carries register_if_missing (a replica builds the profile from it only for an admin), when the
+  // server was started with --admin-token-file. Empty: not sent.
   std::string admin_token;
   // Called before each retry (attempt number from 2, the failure); for logs and tests.
   std::function<void(int attempt, const absl::Status& failure)> on_retry;
@@ -157,6 +158,7 @@ class KvClient {
   // On NOT_FOUND for a held digest: re-registers it. OK means "retry the call".
   absl::Status RecoverProfile(const std::string& digest, const absl::Status& not_found);
   void SetDeadline(grpc::ClientContext& ctx, std::chrono::milliseconds budget) const;
+  void AddAdminToken(grpc::ClientContext& ctx) const;
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<fibquant::v1::KvCompressionService::Stub> stub_;

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <mutex>
 #include <iterator>
 #include <memory>
 #include <string>
@@ -422,6 +423,11 @@ class FakeService final : public v1::KvCompressionService::Service {
   size_t window_probe = 0;                // >0: observe the client's send window (below)
   std::atomic<bool> window_exceeded{false};
   std::atomic<size_t> pages_before_first_answer{0};
+  // What the last CompressPages stream carried: its authorization metadata and whether its header
+  // had register_if_missing.
+  std::mutex seen_mu;
+  std::string stream_authorization;
+  bool stream_register_if_missing = false;
 
   grpc::Status RegisterProfile(grpc::ServerContext* ctx, const v1::RegisterProfileRequest*,
                                v1::RegisterProfileResponse* resp) override {
@@ -451,12 +457,19 @@ class FakeService final : public v1::KvCompressionService::Service {
   // Echoes pages (frame = page data), answering in pairs. With window_probe = W: first reads W
   // pages without answering, checks for 300 ms that no further page arrives (the client must wait
   // for an answer), then answers one page, which must release exactly one more page.
-  grpc::Status CompressPages(grpc::ServerContext*,
+  grpc::Status CompressPages(grpc::ServerContext* ctx,
                              grpc::ServerReaderWriter<v1::CompressPagesResponse,
                                                       v1::CompressPagesRequest>* stream) override {
     v1::CompressPagesRequest req;
     if (!stream->Read(&req) || !req.has_header()) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "fake: header first");
+    }
+    {
+      std::lock_guard<std::mutex> lock(seen_mu);
+      const auto& md = ctx->client_metadata();
+      auto it = md.find("authorization");
+      stream_authorization = it == md.end() ? "" : std::string(it->second.data(), it->second.size());
+      stream_register_if_missing = req.header().has_register_if_missing();
     }
     if (req.header().profile_digest() != kFakeDigest || !known) {
       return grpc::Status(grpc::StatusCode::NOT_FOUND, "fake: unknown profile");
@@ -605,6 +618,34 @@ TEST(ClientFake, NotFoundReRegistersHeldSpecOnce) {
   auto other = client.GetCodebook("sha256:other");
   EXPECT_EQ(other.status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(fake.service.register_calls.load(), 3);
+}
+
+// A stream that carries register_if_missing also carries the admin token (a replica builds the
+// profile from the header only for an admin); without a held spec the token is not sent.
+TEST(ClientFake, StreamsWithRegisterIfMissingCarryTheAdminToken) {
+  FakeServer fake;
+  ClientOptions opts = FastRetries();
+  opts.admin_token = "s3cret";
+  KvClient client(fake.Channel(), opts);
+  ASSERT_TRUE(client.CompressPages(kFakeDigest, FakePages(1)).status().code() == absl::StatusCode::kNotFound);
+  {
+    std::lock_guard<std::mutex> lock(fake.service.seen_mu);
+    EXPECT_FALSE(fake.service.stream_register_if_missing);
+    EXPECT_EQ(fake.service.stream_authorization, "");
+  }
+  ASSERT_TRUE(client.RegisterProfile(KeySpec()).ok());
+  ASSERT_TRUE(client.CompressPages(kFakeDigest, FakePages(3)).ok());
+  {
+    std::lock_guard<std::mutex> lock(fake.service.seen_mu);
+    EXPECT_TRUE(fake.service.stream_register_if_missing);
+    EXPECT_EQ(fake.service.stream_authorization, "Bearer s3cret");
+  }
+  KvClient no_token(fake.Channel(), FastRetries());
+  ASSERT_TRUE(no_token.RegisterProfile(KeySpec()).ok());
+  ASSERT_TRUE(no_token.CompressPages(kFakeDigest, FakePages(3)).ok());
+  std::lock_guard<std::mutex> lock(fake.service.seen_mu);
+  EXPECT_TRUE(fake.service.stream_register_if_missing);
+  EXPECT_EQ(fake.service.stream_authorization, "");
 }
 
 TEST(ClientFake, NotFoundRecoveryIsBoundedByMaxProfileRecoveries) {
