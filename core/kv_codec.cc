@@ -220,16 +220,22 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
                                                      " floats; got ", in.keys.size()));
     }
   }
-  // Page values as f32 in [T, D] (exact for f16/bf16 input).
-  std::vector<float> x(elems);
-  ToFloat(in.dtype, in.data.data(), elems, x.data());
-  for (size_t i = 0; i < elems; ++i) {
-    if (!std::isfinite(x[i])) {
-      return absl::InvalidArgumentError(absl::StrCat("page input element [", i / D, ", ", i % D, "] of ",
-                                                     PageName(in.coords), " is not finite"));
-    }
+  if (const size_t i = FirstNonFinite(in.dtype, in.data.data(), elems); i != elems) {
+    return absl::InvalidArgumentError(absl::StrCat("page input element [", i / D, ", ", i % D, "] of ",
+                                                   PageName(in.coords), " is not finite"));
   }
   const bool channel = vector_axis() == KvVectorAxis::kChannel;
+  const KvQualityBudget& budget = profile_.quality_budget;
+  const bool enforce = opt.enforce_budget && budget.has_any_metric();
+  // The reconstruction is read only by the quality metrics and the budget: a page that needs
+  // neither (the common case: no queries, no budget, not sampled) skips the decode that makes it.
+  const bool need_recon = opt.compute_metrics || enforce;
+  // Page values as f32 in [T, D] (exact for f16/bf16 input), made only when something reads them
+  // as such: the channel transpose, the calibration, the metrics. Otherwise the quantizer converts
+  // the rows it encodes itself.
+  const bool need_x = channel || calibration_ || need_recon;
+  std::vector<float> x(need_x ? elems : 0);
+  if (need_x) ToFloat(in.dtype, in.data.data(), elems, x.data());
   const uint32_t n = channel ? D : T;
   const uint32_t len = channel ? T : D;
   // Vectors as f32 rows [n, len].
@@ -274,11 +280,6 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
   // Encode the vectors still marked coded.
   const size_t cb = quantizer_ ? quantizer_->code_bytes() : 0;
   std::vector<uint8_t> codes(size_t{n} * cb, 0);  // slot per vector while building; compacted later
-  const KvQualityBudget& budget = profile_.quality_budget;
-  const bool enforce = opt.enforce_budget && budget.has_any_metric();
-  // The reconstruction is read only by the quality metrics and the budget: a page that needs
-  // neither (the common case: no queries, no budget, not sampled) skips the decode that makes it.
-  const bool need_recon = opt.compute_metrics || enforce;
   std::vector<float> recon;
   if (need_recon) recon.assign(V, V + size_t{n} * len);
   const bool centered = profile_.centering == KvCentering::kPage;
@@ -296,8 +297,10 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
       for (size_t j = 0; j < src.size() / len; ++j) {
         if (calibration_) {
           calibration_->Forward(in.coords.layer, in.coords.kv_head, V + size_t{todo[j]} * len, &src[j * len]);
-        } else {
+        } else if (need_x) {
           std::memcpy(&src[j * len], V + size_t{todo[j]} * len, len * sizeof(float));
+        } else {  // token axis: row todo[j] of the page
+          ToFloat(in.dtype, in.data.data() + size_t{todo[j]} * len * esize, len, &src[j * len]);
         }
       }
       if (centered) {

@@ -349,6 +349,24 @@ TEST(KvCodecPages, InputValidation) {
   std::memcpy(bad.data() + 8, &nan, 4);
   in.data = bad;
   EXPECT_EQ(c->CompressPage(in).status().code(), StatusCode::kInvalidArgument);
+  // The same refusal, naming the element, when no metric is computed (the check then reads the
+  // page's bytes without converting them), for f32 and for an f16 infinity.
+  KvCompressOptions quiet;
+  quiet.compute_metrics = false;
+  auto st = c->CompressPage(in, quiet).status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("page input element [0, 2]"), std::string::npos) << st;
+  auto c16 = Make(Spec("key", "f16", "per_token", 4));
+  PageData p16 = Pages(*c16, Tensor(12))[0];
+  p16.bytes[2 * (kDim + 5) + 1] = 0x7C;  // token 1, channel 5: exponent all ones, mantissa 0 = inf
+  p16.bytes[2 * (kDim + 5)] = 0;
+  for (bool metrics : {false, true}) {
+    KvCompressOptions o;
+    o.compute_metrics = metrics;
+    auto s16 = Compress(*c16, p16, o).status();
+    EXPECT_EQ(s16.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(s16.message().find("page input element [1, 5]"), std::string::npos) << s16;
+  }
 }
 
 TEST(KvCodecPages, EncodeFallbackKeepRawAndFailClosed) {
