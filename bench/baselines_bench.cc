@@ -21,6 +21,7 @@
 #include "benchmark/benchmark.h"
 #include "bench/baselines.h"
 #include "bench/bench_data.h"
+#include "core/codec_kernels.h"
 #include "core/kv_codec.h"
 #include "core/rng.h"
 
@@ -147,6 +148,14 @@ void BM_Encode(benchmark::State& state, std::string id) {
   state.SetLabel(c->name() + " | " + data.source);
 }
 
+// The same encode with the AVX-512 search kernels switched off (the AVX2 path every x86-64 CPU
+// with AVX2 runs): the "before" of the issue-16 k = 4 search work, in the same run.
+void BM_EncodeAvx2Only(benchmark::State& state, std::string id) {
+  codec_internal::DisableAvx512ForTesting(true);
+  BM_Encode(state, std::move(id));
+  codec_internal::DisableAvx512ForTesting(false);
+}
+
 void BM_Decode(benchmark::State& state, std::string id) {
   const VectorCodec* c = GetCodec(id);
   if (!c) return state.SkipWithError("codec unavailable");
@@ -235,12 +244,23 @@ void Register() {
     benchmark::RegisterBenchmark(("Encode/" + id).c_str(), BM_Encode, id);
     benchmark::RegisterBenchmark(("Decode/" + id).c_str(), BM_Decode, id);
   }
-  // Scaling: head_dim (Gaussian data) at k=4 N=256 for both rotations.
+  for (const char* id : {"fib:128:4:256:hadamard", "fib:128:4:4096:haar", "fib:128:8:256:hadamard"}) {
+    benchmark::RegisterBenchmark((std::string("Avx2only/Encode/") + id).c_str(), BM_EncodeAvx2Only,
+                                 std::string(id));
+  }
+  // Scaling: head_dim (Gaussian data) at k=4 N=256 for both rotations, including head_dims that are
+  // not powers of two (two-window Hadamard: 80, 96, 100, 112) and block sizes that do not divide
+  // head_dim (k=8 at d=100: padded to 104; k=3 at d=128: padded to 129).
   for (const char* rot : {"haar", "hadamard"}) {
-    for (uint32_t d : {64u, 256u, 512u}) {
+    for (uint32_t d : {64u, 80u, 96u, 100u, 112u, 256u, 512u}) {
       const std::string id = "fib:" + std::to_string(d) + ":4:256:" + rot;
       benchmark::RegisterBenchmark(("Scaling/head_dim/Encode/" + id).c_str(), BM_Encode, id);
+      benchmark::RegisterBenchmark(("Scaling/head_dim/Decode/" + id).c_str(), BM_Decode, id);
     }
+  }
+  for (const char* id : {"fib:100:8:256:hadamard", "fib:104:8:256:hadamard", "fib:128:3:256:hadamard"}) {
+    benchmark::RegisterBenchmark((std::string("Scaling/padding/Encode/") + id).c_str(), BM_Encode, id);
+    benchmark::RegisterBenchmark((std::string("Scaling/padding/Decode/") + id).c_str(), BM_Decode, id);
   }
   // Scaling: codebook size at d = 128 (Haar; d = 128 data).
   for (auto [k, n] : std::vector<std::pair<uint32_t, uint32_t>>{

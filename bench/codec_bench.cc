@@ -159,8 +159,11 @@ void BM_Decode(benchmark::State& state, uint32_t d, uint32_t k, uint32_t n, std:
 // training (1 restart x 5 iterations, 8 N samples): search speed barely depends on it.
 // structured: with prune off, keep the k=2 grid / clustered search the table builds where they
 // apply (what the codec runs); without it, the blocks-across-lanes brute force.
+// variant: 0 what the table picks; 1 no int16 screening (the f32 brute force, AVX-512 where the
+// CPU has it); 2 AVX2 only (no AVX-512 kernels at all: what the codec ran before them, and still
+// runs on CPUs without AVX-512 VNNI).
 void BM_Search(benchmark::State& state, uint32_t k, uint32_t n, bool prune,
-               codec_internal::Isa isa, bool structured = false) {
+               codec_internal::Isa isa, bool structured = false, int variant = 0) {
   const uint32_t d = 128;
   static std::map<std::pair<uint32_t, uint32_t>, std::shared_ptr<const Quantizer>> cache;
   auto& q = cache[{k, n}];
@@ -189,12 +192,18 @@ void BM_Search(benchmark::State& state, uint32_t k, uint32_t n, bool prune,
   const auto& cw = q->codebook().codewords();
   auto table = codec_internal::SearchTable::Build(cw.data(), n, k, prune);
   if (!structured) table.DisableClustersForTesting();
+  if (variant >= 1) table.DisableScreeningForTesting();
+  codec_internal::DisableAvx512ForTesting(variant == 2);
   std::vector<uint32_t> out(blocks);
   codec_internal::SearchTable::ResetGroupsVisitedOnThisThread();
   for (auto _ : state) {
     table.Nearest(y.data(), blocks, out.data(), isa);
     benchmark::DoNotOptimize(out.data());
   }
+  codec_internal::DisableAvx512ForTesting(false);
+  state.counters["screen_fallback_frac"] =
+      static_cast<double>(codec_internal::SearchTable::ScreenFallbacksOnThisThread()) /
+      static_cast<double>(state.iterations() * blocks);
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * blocks));
   state.counters["groups_per_block"] =
       static_cast<double>(codec_internal::SearchTable::GroupsVisitedOnThisThread()) /
@@ -213,15 +222,26 @@ void RegisterAll() {
     for (bool prune : {false, true}) {
       const std::string name =
           absl::StrCat("Search/avx2/k", c.k, "/N", c.n, prune ? "/pruned" : "/brute");
-      benchmark::RegisterBenchmark(name.c_str(), BM_Search, c.k, c.n, prune, Isa::kAvx2, false)
+      benchmark::RegisterBenchmark(name.c_str(), BM_Search, c.k, c.n, prune, Isa::kAvx2, false, 0)
           ->Unit(benchmark::kMicrosecond);
     }
     const std::string structured = absl::StrCat("Search/avx2/k", c.k, "/N", c.n, "/structured");
-    benchmark::RegisterBenchmark(structured.c_str(), BM_Search, c.k, c.n, false, Isa::kAvx2, true)
+    benchmark::RegisterBenchmark(structured.c_str(), BM_Search, c.k, c.n, false, Isa::kAvx2, true, 0)
+        ->Unit(benchmark::kMicrosecond);
+  }
+  for (uint32_t n : {256u, 4096u}) {
+    benchmark::RegisterBenchmark(absl::StrCat("Search/avx2/k4/N", n, "/brute_f32").c_str(), BM_Search,
+                                 4u, n, false, Isa::kAvx2, false, 1)
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(absl::StrCat("Search/avx2/k4/N", n, "/brute_avx2only").c_str(),
+                                 BM_Search, 4u, n, false, Isa::kAvx2, false, 2)
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(absl::StrCat("Search/avx2/k4/N", n, "/structured_avx2only").c_str(),
+                                 BM_Search, 4u, n, false, Isa::kAvx2, true, 2)
         ->Unit(benchmark::kMicrosecond);
   }
   benchmark::RegisterBenchmark("Search/scalar/k4/N256/brute", BM_Search, 4u, 256u, false,
-                               Isa::kScalar, false)
+                               Isa::kScalar, false, 0)
       ->Unit(benchmark::kMicrosecond);
 
   struct Kn {

@@ -131,7 +131,7 @@ void ProjectFarOutsideCodewords(uint32_t k, std::vector<double>* c) {
 
 absl::StatusOr<std::vector<double>> InitialCodebook(const Profile& p) {
   FQ_RETURN_IF_ERROR(p.Validate());
-  const uint32_t n = p.codebook_size, k = p.block_dim, d = p.ambient_dim;
+  const uint32_t n = p.codebook_size, k = p.block_dim, d = p.rotation_dim();
   std::vector<double> c;
   if (p.direction_method == DirectionMethod::kScalarQuantile) {
     FQ_ASSIGN_OR_RETURN(c, ScalarQuantileCodewords(d, n));
@@ -166,7 +166,7 @@ absl::StatusOr<std::vector<double>> InitialCodebook(const Profile& p) {
 
 absl::StatusOr<std::vector<double>> TrainingSamples(const Profile& p) {
   FQ_RETURN_IF_ERROR(p.Validate());
-  return SphericalBetaSamples(p.ambient_dim, p.block_dim, p.training_samples,
+  return SphericalBetaSamples(p.rotation_dim(), p.block_dim, p.training_samples,
                               p.codebook_seed ^ kTrainingSeedXor);
 }
 
@@ -224,7 +224,7 @@ absl::StatusOr<Codebook> Codebook::Build(const Profile& profile, int threads,
   std::string rotation_digest;
   {
     FQ_ASSIGN_OR_RETURN(Rotation rot, Rotation::Create(profile.rotation_algorithm,
-                                                       profile.ambient_dim, profile.rotation_seed));
+                                                       profile.rotation_dim(), profile.rotation_seed));
     rotation_digest = rot.digest();
   }
   FQ_RETURN_IF_ERROR(CheckCancelled(cancel, "codebook build (after the rotation)"));
@@ -268,7 +268,7 @@ absl::StatusOr<Codebook> Codebook::FromStored(const Profile& profile, std::vecto
   FQ_RETURN_IF_ERROR(CheckReport(profile, report));
   FQ_ASSIGN_OR_RETURN(std::string profile_digest, profile.Digest());
   FQ_ASSIGN_OR_RETURN(Rotation rot, Rotation::Create(profile.rotation_algorithm,
-                                                     profile.ambient_dim, profile.rotation_seed));
+                                                     profile.rotation_dim(), profile.rotation_seed));
   Codebook c = CodebookBuilder::Make(profile, std::move(profile_digest), rot.digest(),
                                      std::move(codewords), std::move(report), BuildStats{});
   if (c.digest() != expected_digest) {

@@ -203,7 +203,7 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
                                                    " codeword values, expected N*k = ", expected));
   }
   FQ_ASSIGN_OR_RETURN(Rotation rotation,
-                      Rotation::Create(p.rotation_algorithm, p.ambient_dim, p.rotation_seed));
+                      Rotation::Create(p.rotation_algorithm, p.rotation_dim(), p.rotation_seed));
   if (rotation.digest() != codebook.rotation_digest()) {
     return absl::DataLossError(absl::StrCat("codebook rotation_digest ", codebook.rotation_digest(),
                                             " does not match the rotation rebuilt from the profile (",
@@ -212,12 +212,14 @@ absl::StatusOr<std::shared_ptr<const Quantizer>> Quantizer::Create(Codebook code
   std::shared_ptr<Quantizer> q(new Quantizer(std::move(codebook), std::move(rotation)));
   auto index = std::make_shared<SearchIndex>();
   const float* cw = q->codebook_.codewords().data();
-  // The k = 2 grid and the clustered search (k = 3, 4 with N >= 1024) beat the norm pruning where
-  // they apply.
+  // The k = 2 grid, the clustered search (k = 3, 4 with N >= 1024) and, on AVX-512 VNNI CPUs, the
+  // int16 screening (k = 4, any N) beat the norm pruning where they apply. Every choice returns the
+  // same indices.
   const bool clustered =
       (p.block_dim == 2 && p.codebook_size >= SearchTable::kGridMinN &&
        p.codebook_size <= SearchTable::kGridMaxN) ||
-      (p.block_dim >= 3 && p.block_dim <= 4 && p.codebook_size >= SearchTable::kClusterMinN);
+      (p.block_dim >= 3 && p.block_dim <= 4 && p.codebook_size >= SearchTable::kClusterMinN) ||
+      (p.block_dim == 4 && codec_internal::Avx512Active());
   index->table = SearchTable::Build(
       cw, p.codebook_size, p.block_dim,
       !clustered && SearchTable::PruningPays(cw, p.codebook_size, p.block_dim));
@@ -236,12 +238,16 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
 
   const Profile& p = profile();
   const uint32_t k = p.block_dim, blocks = p.block_count(), w = p.wire_index_bits, nc = p.codebook_size;
+  // The rotation acts on the unit vector zero-padded to dr = blocks * k coordinates (dr == d when k
+  // divides d); the padding is never stored, so only the rotated length changes.
+  const uint32_t dr = p.rotation_dim();
   const float* cw = codebook_.codewords().data();
   const Isa isa = codec_internal::ActiveIsa();
   Scratch& s = ThreadScratch();
-  const size_t tile = TileFor(path, d);
+  const size_t tile = TileFor(path, dr);
   Grow(s.x, tile * d);
-  Grow(s.y, tile * d);
+  Grow(s.y, tile * dr);
+  if (dr != d) Grow(s.z, tile * dr);
   Grow(s.idx, tile * blocks);
   Grow(s.ok, tile);
   Grow(s.nu, tile);
@@ -249,8 +255,9 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
   uint16_t half_tile[kTile];
   if (path == CodecPath::kReference) {
     Grow(s.xd, d);
-    Grow(s.ud, d);
-    Grow(s.yd, d);
+    Grow(s.ud, dr);
+    Grow(s.yd, dr);
+    std::fill_n(s.ud.data() + d, dr - d, 0.0);
   }
 
   for (size_t t0 = 0; t0 < n; t0 += tile) {
@@ -287,7 +294,15 @@ absl::Status Quantizer::Encode(DType dtype, absl::Span<const uint8_t> in, size_t
       }
     }
     if (path == CodecPath::kFast) {
-      rotation_.ApplyBatch(s.x.data(), s.y.data(), tn);
+      if (dr == d) {
+        rotation_.ApplyBatch(s.x.data(), s.y.data(), tn);
+      } else {
+        for (size_t v = 0; v < tn; ++v) {
+          std::memcpy(s.z.data() + v * dr, s.x.data() + v * d, d * sizeof(float));
+          std::fill_n(s.z.data() + v * dr + d, dr - d, 0.0f);
+        }
+        rotation_.ApplyBatch(s.z.data(), s.y.data(), tn);
+      }
       search_->table.Nearest(s.y.data(), tn * blocks, s.idx.data(), isa);
     }
     for (size_t v = 0; v < tn; ++v) {
@@ -310,17 +325,18 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
 
   const Profile& p = profile();
   const uint32_t k = p.block_dim, blocks = p.block_count(), w = p.wire_index_bits, nc = p.codebook_size;
+  const uint32_t dr = p.rotation_dim();  // the inverse rotation's output is cut back to d
   const float* cw = codebook_.codewords().data();
   const Isa isa = codec_internal::ActiveIsa();
   Scratch& s = ThreadScratch();
-  const size_t tile = TileFor(path, d);
-  Grow(s.y, tile * d);
-  Grow(s.z, tile * d);
+  const size_t tile = TileFor(path, dr);
+  Grow(s.y, tile * dr);
+  Grow(s.z, tile * dr);
   Grow(s.idx, tile * blocks);
   Grow(s.nu, tile);
   if (path == CodecPath::kReference) {
-    Grow(s.ud, d);
-    Grow(s.yd, d);
+    Grow(s.ud, dr);
+    Grow(s.yd, dr);
   }
 
   for (size_t t0 = 0; t0 < n; t0 += tile) {
@@ -371,6 +387,11 @@ absl::Status Quantizer::Decode(absl::Span<const uint8_t> codes, size_t n, DType 
         default: GatherScaled<0>(cw, s.idx.data(), s.nu.data(), tn, blocks, k, s.y.data()); break;
       }
       rotation_.ApplyInverseBatch(s.y.data(), s.z.data(), tn);
+      if (dr != d) {  // rows move down in place (row v starts at v*dr >= v*d)
+        for (size_t v = 1; v < tn; ++v) {
+          std::memmove(s.z.data() + v * d, s.z.data() + v * dr, d * sizeof(float));
+        }
+      }
       FromF32(dtype, s.z.data(), tn * d, dst, isa);
     }
   }

@@ -20,6 +20,14 @@
 // Tables built without norm pruning also get, where measured to pay, the k = 2 grid or the
 // clustered search (k = 3, 4, N >= 1024) described at their fields below; their structures are
 // built in codec_search_build.cc, their kernels live in codec_kernels.cc.
+// On CPUs with AVX-512F and AVX-512 VNNI (Avx512Active), the brute force runs 32 blocks in two
+// 512-bit registers with the same f32 operations, and k = 4 tables (any N, before the clustered
+// search) take a two-stage search: an int16 screening (VPDPWSSD) that decides a block when its
+// best approximate score beats every other codeword's by more than twice a rigorous bound on the
+// approximation error, and the exact f32 kernel for the blocks it cannot decide (1-5 % on real
+// data). For N >= kScreenShellMinN the blocks are sorted by norm and only codewords whose norm can
+// hold the winner are scored (a shell test derived from the same bound). Exact by construction;
+// the derivation is at SearchKernels::Avx512Screen4Impl.
 // Owner: codec module. Thread safety: a SearchTable is immutable after Build; the functions are
 // reentrant. The ISA override is a process-wide test hook (atomic).
 #ifndef FIBQUANT_CORE_CODEC_KERNELS_H_
@@ -37,6 +45,11 @@ enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1 };
 Isa ActiveIsa();
 // Test hook: force the scalar kernels for every later call (process-wide) when `force` is true.
 void ForceScalarForTesting(bool force);
+// Test/benchmark hook (process-wide): when true, tables never take the AVX-512 kernels below even
+// on a CPU that has them, so the AVX2 kernels can be compared with them.
+void DisableAvx512ForTesting(bool disable);
+// Whether the AVX-512 kernels are in use (CPU support and the hook above).
+bool Avx512Active();
 
 // Margin that covers every rounding error of the f32 score s(c) = ||c||^2 + sum_j m_j c_j:
 // |err| <= (k+1) 2^-24 (||c||^2 + 2|y||c|) <= (k+1) 2^-24 (|y| + |c|)^2; we allow 16 times that.
@@ -58,6 +71,8 @@ class SearchTable {
   // Codebook sizes that get the k = 2 grid (see below).
   static constexpr uint32_t kGridMinN = 64;
   static constexpr uint32_t kGridMaxN = 4096;
+  // Smallest codebook whose int16 screening (k = 4) sorts blocks by norm and applies the shell test.
+  static constexpr uint32_t kScreenShellMinN = 1024;
   // codewords: n*k f32, row-major. `prune` enables the norm-bound pruning (worth it for larger n).
   static SearchTable Build(const float* codewords, uint32_t n, uint32_t k, bool prune);
   // Whether pruning is expected to beat the brute-force AVX2 kernel for this codebook: runs the
@@ -76,6 +91,12 @@ class SearchTable {
   // Benchmark/test hook: run the blocks-across-lanes brute force instead of the clustered search
   // or the k = 2 grid.
   void DisableClustersForTesting() { use_clusters_ = false; }
+  // Benchmark/test hook: run the plain f32 brute force instead of the int16 screening (k = 4).
+  void DisableScreeningForTesting() { use_screen_ = false; }
+  bool screening() const { return screen_sc_ > 0 && use_screen_; }
+  // Blocks the last call on this thread resolved by the exact fallback of the screening (a
+  // diagnostic: how often the screening bound was too loose to decide).
+  static uint64_t ScreenFallbacksOnThisThread();
   // Groups of 8 codewords visited by the last call on this thread (a diagnostic for tests and
   // benchmarks: how much the pruning saves).
   static uint64_t GroupsVisitedOnThisThread();
@@ -137,9 +158,29 @@ class SearchTable {
   std::vector<uint32_t> start_lut_;
   double lut_scale_ = 0;
 
+  // Int16 screening (brute-force tables, k = 4, AVX-512 VNNI; see codec_kernels.cc): codewords
+  // quantised to int16 at the power-of-two scale screen_sc_ (|Cq|_2 < 2^15), coordinate pairs
+  // packed in one int32 (low half the even coordinate). screen_sc_ = 0: not built.
+  double screen_sc_ = 0;
+  bool use_screen_ = true;
+  double max_n2_ = 0;                // largest cw_n2_
+  std::vector<int32_t> screen_cq_;   // n * 2: (Cq0, Cq1), (Cq2, Cq3)
+  // Shell test (n >= kScreenShellMinN): the same codewords sorted by norm (stable), with their
+  // f32 ||c||^2, f64 norm and index; blocks are sorted by norm, a window of screen_window_
+  // codewords around each run's norm is scored first, then every codeword whose norm can hold
+  // the winner (see codec_kernels.cc). 0: all codewords in index order.
+  uint32_t screen_window_ = 0;
+  std::vector<int32_t> screen_sorted_cq_;
+  std::vector<float> screen_sorted_n2_;
+  std::vector<double> screen_sorted_norm_;
+  std::vector<int32_t> screen_sorted_idx_;
+  std::vector<float> screen_sorted_cw_;  // n * k, row-major
+
   static void BuildClusters(SearchTable* t);
+  static void BuildScreen(SearchTable* t);
   static void BuildGrid(SearchTable* t);
   friend struct SearchKernels;
+  friend struct SearchKernels512;
 };
 
 // Sum of squares of each of `count` vectors of d f32 values, in f64, each summed left to right

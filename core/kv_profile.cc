@@ -147,10 +147,6 @@ absl::Status KvCompressionProfile::Validate() const {
           "kv_profile.fib_profile.ambient_dim must equal the vector length of the ", channel ? "channel" : "token",
           " axis (", channel ? "tokens_per_page" : "head_dim", " = ", want, "); got ", fp.ambient_dim));
     }
-    if (fp.block_dim == 0 || want % fp.block_dim != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("kv_profile.fib_profile.block_dim ", fp.block_dim,
-                                                     " must divide the vector length ", want));
-    }
     {
       absl::Status st = fp.Validate();
       if (!st.ok()) return absl::Status(st.code(), absl::StrCat("kv_profile.fib_profile: ", st.message()));
@@ -286,7 +282,7 @@ absl::StatusOr<KvChannelTransform> ParseKvChannelTransform(std::string_view s) {
 absl::Status KvCompressionProfile::ValidateDeep() const {
   FQ_RETURN_IF_ERROR(Validate());
   if (!fib_profile || rotation_digest.empty()) return absl::OkStatus();
-  FQ_ASSIGN_OR_RETURN(Rotation rot, Rotation::Create(fib_profile->rotation_algorithm, fib_profile->ambient_dim,
+  FQ_ASSIGN_OR_RETURN(Rotation rot, Rotation::Create(fib_profile->rotation_algorithm, fib_profile->rotation_dim(),
                                                      fib_profile->rotation_seed));
   if (rot.digest() != rotation_digest) {
     return absl::InvalidArgumentError(absl::StrCat("kv_profile.rotation_digest mismatch: recorded \"",

@@ -112,7 +112,7 @@ struct KvCompressionProfile {
   bool resolved() const { return axis_policy == KvAxisPolicy::kRaw || !codebook_digest.empty(); }
 
   // Every rule of docs/format/kv.md "Validation" in order (shape, ids, role, fib profile and its
-  // recomputed digest, ambient_dim vs axis, block_dim divides it, digest syntax, geometry and
+  // recomputed digest, ambient_dim vs axis, digest syntax, geometry and
   // encoded_vector_bytes == code_bytes, protected regions in range, fallback (keep_raw needs
   // raw_fallback_available and reserved_vector_bytes >= raw_vector_bytes), budget finite, >= 0
   // and measurable for the role, calibration digest syntax). Unresolved profiles are valid.

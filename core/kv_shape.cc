@@ -152,15 +152,6 @@ absl::Status KvTensorShape::Validate() const {
   return absl::OkStatus();
 }
 
-absl::Status KvTensorShape::ValidateBlockDim(uint32_t block_dim) const {
-  FQ_RETURN_IF_ERROR(Validate());
-  if (block_dim == 0 || head_dim % block_dim != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("block_dim must be non-zero and divide shape.head_dim ",
-                                                   head_dim, "; got block_dim ", block_dim));
-  }
-  return absl::OkStatus();
-}
-
 uint64_t KvTensorShape::vector_count() const {
   return uint64_t{batch} * layers * kv_heads * tokens;
 }

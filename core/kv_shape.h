@@ -65,8 +65,6 @@ struct KvTensorShape {
   // query_heads % kv_heads == 0; key => rope_state pre_rope|post_rope; value => not_applicable
   // (InvalidArgument); element_count without u64 overflow and <= kMaxKvElements (ResourceExhausted).
   absl::Status Validate() const;
-  // Validate() plus block_dim != 0 and head_dim % block_dim == 0 (InvalidArgument).
-  absl::Status ValidateBlockDim(uint32_t block_dim) const;
 
   uint64_t vector_count() const;   // batch*layers*kv_heads*tokens
   uint64_t element_count() const;  // vector_count*head_dim

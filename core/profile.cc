@@ -35,8 +35,6 @@ double DeterministicLog2(uint32_t n) {
   return static_cast<double>(e) + PortableLog(m) / kLn2;
 }
 
-bool IsPowerOfTwo(uint32_t v) { return v != 0 && (v & (v - 1)) == 0; }
-
 absl::Status ValidateParts(const Profile& p) {
   if (p.ambient_dim == 0) {
     return absl::InvalidArgumentError("profile.ambient_dim must be >= 1; got 0");
@@ -46,11 +44,6 @@ absl::Status ValidateParts(const Profile& p) {
         "profile.block_dim must be in [1, ambient_dim - 1] (block_dim == ambient_dim whole-vector "
         "mode is not supported); got block_dim ",
         p.block_dim, " with ambient_dim ", p.ambient_dim));
-  }
-  if (p.ambient_dim % p.block_dim != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("profile.ambient_dim must be divisible by profile.block_dim; got ambient_dim ",
-                     p.ambient_dim, " and block_dim ", p.block_dim));
   }
   if (p.ambient_dim > kMaxAmbientDim) {
     return absl::ResourceExhaustedError(absl::StrCat("profile.ambient_dim exceeds the limit ",
@@ -99,11 +92,6 @@ absl::Status ValidateFormats(const Profile& p) {
     return absl::InvalidArgumentError(absl::StrCat(
         "profile.rotation_algorithm must be \"", S(kRotationHaarQr), "\" or \"",
         S(kRotationHadamard), "\"; got \"", p.rotation_algorithm, "\""));
-  }
-  if (p.rotation_algorithm == kRotationHadamard && !IsPowerOfTwo(p.ambient_dim)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("profile.ambient_dim must be a power of two under rotation_algorithm \"",
-                     S(kRotationHadamard), "\"; got ", p.ambient_dim));
   }
   if (p.codebook_version != kCodebookVersion) {
     return absl::InvalidArgumentError(absl::StrCat("profile.codebook_version must be \"",

@@ -21,13 +21,17 @@ inline constexpr std::string_view kProfileSchema = "fq_profile_v1";
 inline constexpr std::string_view kCodebookVersion = "fq-fibquant-paper-core-cpp-v1";
 // Haar rotation: Gaussian matrix from kRngAlgorithm, Householder QR, Mezzadri sign correction.
 inline constexpr std::string_view kRotationHaarQr = "fq-haar-householder-qr-sign-corrected-v1";
-// Structured rotation: three rounds of random signs + normalised fast Walsh-Hadamard transform
-// (power-of-two dimensions only), O(d log d).
+// Structured rotation: three rounds of random signs + normalised fast Walsh-Hadamard transform,
+// O(d log d). A power-of-two dimension uses one transform per round; any other dimension two
+// overlapping power-of-two windows per round (docs/format/rotation.md).
 inline constexpr std::string_view kRotationHadamard = "fq-randomized-hadamard-3round-v1";
 
 // Resource limits (validation step 3 and the part limits of step 2).
 inline constexpr uint32_t kMaxAmbientDim = 4096;  // d*d rotation matrix values <= 16,777,216
 inline constexpr uint32_t kMaxBlockDim = 256;
+// The rotation acts on the vector zero-padded to a multiple of block_dim (rotation_dim()), so it may
+// be up to block_dim - 1 longer than ambient_dim.
+inline constexpr uint32_t kMaxRotationDim = kMaxAmbientDim + kMaxBlockDim - 1;
 inline constexpr uint32_t kMaxCodebookSize = 1u << 20;
 inline constexpr uint32_t kMaxTrainingSamples = 10'000'000;
 inline constexpr uint64_t kMaxCodebookValues = 67'108'864;  // N * k
@@ -77,7 +81,14 @@ struct Profile {
   // naming the field and the limit.
   absl::Status Validate() const;
 
-  uint32_t block_count() const { return block_dim == 0 ? 0 : ambient_dim / block_dim; }
+  // D = ceil(ambient_dim / block_dim) * block_dim: the unit vector is zero-padded from d to D
+  // coordinates before the rotation, so any block_dim < ambient_dim works (docs/format/code.md). The
+  // rotation, the Beta radius model and the training samples are all D-dimensional; D == d whenever
+  // block_dim divides ambient_dim, which keeps every such profile's codebook and digest unchanged.
+  uint32_t rotation_dim() const {
+    return block_dim == 0 ? 0 : (ambient_dim + block_dim - 1) / block_dim * block_dim;
+  }
+  uint32_t block_count() const { return block_dim == 0 ? 0 : rotation_dim() / block_dim; }
   // Bytes of one encoded vector: 2 (fp16 norm) + ceil(block_count * wire_index_bits / 8).
   size_t code_bytes() const;
 

@@ -4,6 +4,7 @@
 #include "core/rotation.h"
 
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstring>
 
@@ -172,6 +173,19 @@ double HadamardScale(uint32_t dim) {
   return 1.0 / (d * std::sqrt(d));
 }
 
+// The largest power of two <= dim: the window length of the two-window Hadamard (== dim for a
+// power of two, which then uses the single-window construction).
+uint32_t HadamardWindow(uint32_t dim) { return uint32_t{1} << (std::bit_width(dim) - 1); }
+
+// Normalisation of one window transform: 1 / sqrt(P), binary64.
+double WindowScale(uint32_t window) { return 1.0 / std::sqrt(static_cast<double>(window)); }
+
+// One normalised window transform of the reference path: FWHT of x[off, off + p), then scale.
+void WindowF64(double* x, size_t off, size_t p, double scale) {
+  Fwht(x + off, p);
+  for (size_t i = off; i < off + p; ++i) x[i] *= scale;
+}
+
 }  // namespace
 
 void SetRotationKernelForTesting(RotationKernel kernel) {
@@ -198,13 +212,9 @@ absl::StatusOr<Rotation> Rotation::Create(std::string_view algorithm, uint32_t d
                                                    std::string(kRotationHadamard), "\")"));
   }
   if (dim == 0) return absl::InvalidArgumentError("rotation dim must be >= 1, got 0");
-  if (dim > kMaxAmbientDim) {
+  if (dim > kMaxRotationDim) {
     return absl::ResourceExhaustedError(absl::StrCat("rotation dim ", dim,
-                                                     " exceeds kMaxAmbientDim ", kMaxAmbientDim));
-  }
-  if (hadamard && (dim & (dim - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rotation dim ", dim, " must be a power of two for ", std::string(kRotationHadamard)));
+                                                     " exceeds kMaxRotationDim ", kMaxRotationDim));
   }
 
   Rotation r;
@@ -225,9 +235,16 @@ absl::StatusOr<Rotation> Rotation::Create(std::string_view algorithm, uint32_t d
     r.packed_inv_ = PackPanels(dim, [&](size_t c, size_t j) { return m[c * d + j]; });
   } else {
     Rng rng(seed);
-    r.signs_.resize(3 * d);
-    for (size_t i = 0; i < 3 * d; ++i) r.signs_[i] = (rng.NextU64() >> 63) == 0 ? 1 : -1;
+    r.window_ = HadamardWindow(dim);
+    const size_t count = (r.window_ == d ? 3 : 6) * d;
+    r.signs_.resize(count);
+    for (size_t i = 0; i < count; ++i) r.signs_[i] = (rng.NextU64() >> 63) == 0 ? 1 : -1;
     for (int8_t s : r.signs_) w.U8(s > 0 ? 1 : 0);
+    if (r.window_ != d) {
+      r.PrepareWindowedF32();
+      r.digest_ = w.Digest();
+      return r;
+    }
     const float scale = static_cast<float>(HadamardScale(dim));
     r.sign1_scaled_f32_.resize(d);
     r.sign2_f32_.resize(d);
@@ -244,8 +261,53 @@ absl::StatusOr<Rotation> Rotation::Create(std::string_view algorithm, uint32_t d
 
 bool Rotation::is_hadamard() const { return algorithm_ == kRotationHadamard; }
 
+// The f32 windowed kernels fold each window's 1/sqrt(P) into the sign vector applied right after
+// that window (coordinates outside the window keep a plain sign), so a round is four passes (signs,
+// FWHT, signs, FWHT). Forward order per round: A-signs, FWHT(A), B-signs, FWHT(B); the scale of the
+// last FWHT(B) has no following sign vector and is applied by the kernel (window_scale_f32_). Inverse
+// order per round (rounds 3, 2, 1): FWHT(B), B-signs, FWHT(A), A-signs, each sign vector folding the
+// scale of the FWHT just before it. With P an even power of two the scale is exact in f32.
+void Rotation::PrepareWindowedF32() {
+  const size_t d = dim_, p = window_;
+  const double scale = WindowScale(window_);
+  window_scale_f32_ = static_cast<float>(scale);
+  auto in_a = [&](size_t i) { return i < p; };
+  auto in_b = [&](size_t i) { return i >= d - p; };
+  windowed_fwd_f32_.assign(6 * d, 0.0f);
+  windowed_inv_f32_.assign(6 * d, 0.0f);
+  for (size_t round = 0; round < 3; ++round) {
+    const int8_t* sa = &signs_[2 * round * d];
+    const int8_t* sb = sa + d;
+    float* fa = &windowed_fwd_f32_[2 * round * d];
+    float* fb = fa + d;
+    float* ia = &windowed_inv_f32_[2 * round * d];
+    float* ib = ia + d;
+    for (size_t i = 0; i < d; ++i) {
+      // Forward: A-signs follow the previous round's FWHT(B) (none before round 0).
+      fa[i] = static_cast<float>(sa[i] * (round > 0 && in_b(i) ? scale : 1.0));
+      fb[i] = static_cast<float>(sb[i] * (in_a(i) ? scale : 1.0));
+      ib[i] = static_cast<float>(sb[i] * (in_b(i) ? scale : 1.0));
+      ia[i] = static_cast<float>(sa[i] * (in_a(i) ? scale : 1.0));
+    }
+  }
+}
+
 void Rotation::Apply(const double* x, double* y) const {
   const size_t d = dim_;
+  if (is_hadamard() && window_ != d) {  // two windows A = [0, P), B = [d - P, d) per round
+    if (y != x) std::memcpy(y, x, d * sizeof(double));
+    const size_t p = window_;
+    const double scale = WindowScale(window_);
+    for (size_t round = 0; round < 3; ++round) {
+      const int8_t* sa = &signs_[2 * round * d];
+      const int8_t* sb = sa + d;
+      for (size_t i = 0; i < d; ++i) y[i] *= sa[i];
+      WindowF64(y, 0, p, scale);
+      for (size_t i = 0; i < d; ++i) y[i] *= sb[i];
+      WindowF64(y, d - p, p, scale);
+    }
+    return;
+  }
   if (is_hadamard()) {  // in place in y
     if (y != x) std::memcpy(y, x, d * sizeof(double));
     for (size_t i = 0; i < d; ++i) y[i] *= signs_[i];
@@ -273,6 +335,20 @@ void Rotation::Apply(const double* x, double* y) const {
 
 void Rotation::ApplyInverse(const double* y, double* x) const {
   const size_t d = dim_;
+  if (is_hadamard() && window_ != d) {  // the forward steps transposed, in reverse order
+    if (x != y) std::memcpy(x, y, d * sizeof(double));
+    const size_t p = window_;
+    const double scale = WindowScale(window_);
+    for (size_t round = 3; round-- > 0;) {
+      const int8_t* sa = &signs_[2 * round * d];
+      const int8_t* sb = sa + d;
+      WindowF64(x, d - p, p, scale);
+      for (size_t i = 0; i < d; ++i) x[i] *= sb[i];
+      WindowF64(x, 0, p, scale);
+      for (size_t i = 0; i < d; ++i) x[i] *= sa[i];
+    }
+    return;
+  }
   if (is_hadamard()) {  // in place in x
     if (x != y) std::memcpy(x, y, d * sizeof(double));
     Fwht(x, d);
@@ -301,6 +377,11 @@ void Rotation::ApplyInverse(const double* y, double* x) const {
 void Rotation::ApplyBatch(const float* x, float* y, size_t n) const {
   if (n == 0) return;
   const bool simd = UseSimd();
+  if (is_hadamard() && window_ != dim_) {
+    (simd ? rotation_internal::HadamardWindowsBatchAvx2 : rotation_internal::HadamardWindowsBatchScalar)(
+        x, y, n, dim_, window_, windowed_fwd_f32_.data(), window_scale_f32_, false);
+    return;
+  }
   if (is_hadamard()) {
     (simd ? rotation_internal::HadamardBatchAvx2 : rotation_internal::HadamardBatchScalar)(
         x, y, n, dim_, sign1_scaled_f32_.data(), sign2_f32_.data(), sign3_f32_.data(), false);
@@ -313,6 +394,11 @@ void Rotation::ApplyBatch(const float* x, float* y, size_t n) const {
 void Rotation::ApplyInverseBatch(const float* y, float* x, size_t n) const {
   if (n == 0) return;
   const bool simd = UseSimd();
+  if (is_hadamard() && window_ != dim_) {
+    (simd ? rotation_internal::HadamardWindowsBatchAvx2 : rotation_internal::HadamardWindowsBatchScalar)(
+        y, x, n, dim_, window_, windowed_inv_f32_.data(), window_scale_f32_, true);
+    return;
+  }
   if (is_hadamard()) {
     (simd ? rotation_internal::HadamardBatchAvx2 : rotation_internal::HadamardBatchScalar)(
         y, x, n, dim_, sign1_scaled_f32_.data(), sign2_f32_.data(), sign3_f32_.data(), true);
@@ -424,6 +510,32 @@ void HadamardBatchScalar(const float* x, float* y, size_t n, uint32_t dim, const
       MulF32(out, d2, out, d);
       FwhtF32(out, d);
       MulF32(out, s1, out, d);
+    }
+  }
+}
+
+void HadamardWindowsBatchScalar(const float* x, float* y, size_t n, uint32_t dim, uint32_t window,
+                                const float* signs, float last_scale, bool inverse) {
+  const size_t d = dim, p = window;
+  for (size_t r = 0; r < n; ++r) {
+    const float* in = x + r * d;
+    float* out = y + r * d;
+    std::memcpy(out, in, d * sizeof(float));
+    if (!inverse) {
+      for (size_t round = 0; round < 3; ++round) {
+        MulF32(out, signs + 2 * round * d, out, d);
+        FwhtF32(out, p);
+        MulF32(out, signs + (2 * round + 1) * d, out, d);
+        FwhtF32(out + d - p, p);
+      }
+      for (size_t i = d - p; i < d; ++i) out[i] *= last_scale;
+    } else {
+      for (size_t round = 3; round-- > 0;) {
+        FwhtF32(out + d - p, p);
+        MulF32(out, signs + (2 * round + 1) * d, out, d);
+        FwhtF32(out, p);
+        MulF32(out, signs + 2 * round * d, out, d);
+      }
     }
   }
 }

@@ -5,7 +5,9 @@
 //  - kRotationHaarQr: d*d standard normals from Rng(seed) filled column-major, Householder QR,
 //    Mezzadri sign correction (negate column j of Q when R[j][j] < 0); stored row-major f64.
 //  - kRotationHadamard: y = H D3 H D2 H D1 x / d^(3/2), D_i random +-1 diagonals from Rng(seed),
-//    H the unnormalised Walsh-Hadamard matrix; power-of-two d only; O(d log d).
+//    H the unnormalised Walsh-Hadamard matrix, for a power-of-two d; any other d runs each round on
+//    two overlapping power-of-two windows [0, P) and [d - P, d) (P the largest power of two <= d),
+//    each with its own signs and normalised FWHT. O(d log d) either way.
 // Construction is exact and CPU-independent (the matrix bits / signs are digested); the f64 Apply
 // paths are the reference; the f32 batch paths (AVX2+FMA or portable) are for the fast codec.
 // Thread safety: immutable after Create(); all methods are const and safe to call concurrently.
@@ -36,8 +38,8 @@ bool RotationSimdAvailable();
 
 class Rotation {
  public:
-  // InvalidArgument for an unknown algorithm, dim == 0, or a non-power-of-two dim under Hadamard;
-  // ResourceExhausted for dim > kMaxAmbientDim.
+  // InvalidArgument for an unknown algorithm or dim == 0; ResourceExhausted for
+  // dim > kMaxRotationDim.
   [[nodiscard]] static absl::StatusOr<Rotation> Create(std::string_view algorithm, uint32_t dim,
                                                        uint64_t seed);
 
@@ -45,6 +47,8 @@ class Rotation {
   uint64_t seed() const { return seed_; }
   const std::string& algorithm() const { return algorithm_; }
   bool is_hadamard() const;
+  // Hadamard: the FWHT window length P (== dim() for a power of two). Haar: 0.
+  uint32_t hadamard_window() const { return window_; }
 
   // Reference: y = Π x, x and y of length dim, f64 (left-to-right sums for the matrix form).
   // x == y is allowed (Haar then allocates a temporary); partial overlap is not.
@@ -59,7 +63,8 @@ class Rotation {
 
   // Haar: the d*d matrix, row-major. Hadamard: empty.
   const std::vector<double>& matrix() const { return matrix_; }
-  // Hadamard: 3*d signs (+1/-1) for D1, D2, D3. Haar: empty.
+  // Hadamard: 3*d signs (+1/-1) for D1, D2, D3 (power-of-two d), or 6*d signs for the two-window
+  // form (round r: window-A signs at 2r*d, window-B signs at (2r+1)*d). Haar: empty.
   const std::vector<int8_t>& signs() const { return signs_; }
 
   // "sha256:" digest of the canonical encoding (schema, algorithm, dim, seed, matrix or signs).
@@ -81,6 +86,13 @@ class Rotation {
   std::vector<float> sign2_f32_;
   std::vector<float> sign3_f32_;
   std::vector<int8_t> signs_;
+  // Two-window Hadamard (dim not a power of two): window length, and the 6*d f32 sign vectors with
+  // the window scales folded in, one set for each direction (see PrepareWindowedF32).
+  uint32_t window_ = 0;
+  std::vector<float> windowed_fwd_f32_;
+  std::vector<float> windowed_inv_f32_;
+  float window_scale_f32_ = 0;
+  void PrepareWindowedF32();
   std::string digest_;
 };
 

@@ -233,6 +233,109 @@ FQ_AVX2 void HadamardBatchAvx2(const float* x, float* y, size_t n, uint32_t dim,
   }
 }
 
+// Two-window rows held in NV registers (d = 8*NV, window P = 8*PV): the whole three rounds run
+// without touching memory except the sign vectors, as HadamardRowsRegs does for one window. Window B
+// starts at register NV - PV because d - P is a multiple of 8. The window FWHT is FwhtRegs on a
+// register sub-array (the compiler keeps the copies in registers), so the butterflies and the bits
+// are those of the scalar kernel.
+template <int NV, int PV, int OFF>
+FQ_AVX2 inline void FwhtWindowRegs(__m256 (&v)[NV]) {
+  __m256 w[PV];
+#pragma GCC unroll 32
+  for (int k = 0; k < PV; ++k) w[k] = v[OFF + k];
+  FwhtRegs<PV>(w);
+#pragma GCC unroll 32
+  for (int k = 0; k < PV; ++k) v[OFF + k] = w[k];
+}
+
+template <int NV, int PV>
+FQ_AVX2 void HadamardWindowRowsRegs(const float* x, float* y, size_t n, const float* signs, float last_scale,
+                                    bool inverse) {
+  constexpr size_t d = 8 * NV;
+  const __m256 scale = _mm256_set1_ps(last_scale);
+  for (size_t r = 0; r < n; ++r) {
+    __m256 v[NV];
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) v[k] = _mm256_loadu_ps(x + r * d + 8 * k);
+    if (!inverse) {
+      for (size_t round = 0; round < 3; ++round) {
+        MulRegs(v, signs + 2 * round * d);
+        FwhtWindowRegs<NV, PV, 0>(v);
+        MulRegs(v, signs + (2 * round + 1) * d);
+        FwhtWindowRegs<NV, PV, NV - PV>(v);
+      }
+#pragma GCC unroll 32
+      for (int k = NV - PV; k < NV; ++k) v[k] = _mm256_mul_ps(v[k], scale);
+    } else {
+      for (size_t round = 3; round-- > 0;) {
+        FwhtWindowRegs<NV, PV, NV - PV>(v);
+        MulRegs(v, signs + (2 * round + 1) * d);
+        FwhtWindowRegs<NV, PV, 0>(v);
+        MulRegs(v, signs + 2 * round * d);
+      }
+    }
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) _mm256_storeu_ps(y + r * d + 8 * k, v[k]);
+  }
+}
+
+// Any length: 8 lanes at a time, then scalar for the tail (the product is the same IEEE multiply).
+FQ_AVX2 inline void MulRowTail(float* x, const float* s, size_t d) {
+  size_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(s + i)));
+  }
+  for (; i < d; ++i) x[i] *= s[i];
+}
+
+FQ_AVX2 void HadamardWindowsBatchAvx2(const float* x, float* y, size_t n, uint32_t dim, uint32_t window,
+                                      const float* signs, float last_scale, bool inverse) {
+  const size_t d = dim, p = window;
+  if (d % 8 == 0) {  // the common head_dims that are not powers of two: 80, 96, 112, 160, 192, 224
+    using Fn = void (*)(const float*, float*, size_t, const float*, float, bool);
+    static constexpr Fn kRegs[] = {
+        nullptr, nullptr, nullptr,
+        HadamardWindowRowsRegs<3, 2>, nullptr, HadamardWindowRowsRegs<5, 4>,
+        HadamardWindowRowsRegs<6, 4>, HadamardWindowRowsRegs<7, 4>, nullptr,
+        HadamardWindowRowsRegs<9, 8>, HadamardWindowRowsRegs<10, 8>, HadamardWindowRowsRegs<11, 8>,
+        HadamardWindowRowsRegs<12, 8>, HadamardWindowRowsRegs<13, 8>, HadamardWindowRowsRegs<14, 8>,
+        HadamardWindowRowsRegs<15, 8>, nullptr, HadamardWindowRowsRegs<17, 16>,
+        HadamardWindowRowsRegs<18, 16>, HadamardWindowRowsRegs<19, 16>, HadamardWindowRowsRegs<20, 16>,
+        HadamardWindowRowsRegs<21, 16>, HadamardWindowRowsRegs<22, 16>, HadamardWindowRowsRegs<23, 16>,
+        HadamardWindowRowsRegs<24, 16>, HadamardWindowRowsRegs<25, 16>, HadamardWindowRowsRegs<26, 16>,
+        HadamardWindowRowsRegs<27, 16>, HadamardWindowRowsRegs<28, 16>, HadamardWindowRowsRegs<29, 16>,
+        HadamardWindowRowsRegs<30, 16>, HadamardWindowRowsRegs<31, 16>};
+    const size_t nv = d / 8;
+    if (nv < sizeof(kRegs) / sizeof(kRegs[0]) && kRegs[nv] != nullptr) {
+      return kRegs[nv](x, y, n, signs, last_scale, inverse);
+    }
+  }
+  if (p < 8) {  // too short for a register; the scalar kernel is exact and already cheap
+    HadamardWindowsBatchScalar(x, y, n, dim, window, signs, last_scale, inverse);
+    return;
+  }
+  for (size_t r = 0; r < n; ++r) {
+    float* out = y + r * d;
+    std::memcpy(out, x + r * d, d * sizeof(float));
+    if (!inverse) {
+      for (size_t round = 0; round < 3; ++round) {
+        MulRowTail(out, signs + 2 * round * d, d);
+        FwhtRow(out, p);
+        MulRowTail(out, signs + (2 * round + 1) * d, d);
+        FwhtRow(out + d - p, p);
+      }
+      for (size_t i = d - p; i < d; ++i) out[i] *= last_scale;
+    } else {
+      for (size_t round = 3; round-- > 0;) {
+        FwhtRow(out + d - p, p);
+        MulRowTail(out, signs + (2 * round + 1) * d, d);
+        FwhtRow(out, p);
+        MulRowTail(out, signs + 2 * round * d, d);
+      }
+    }
+  }
+}
+
 #undef FQ_AVX2
 
 }  // namespace fibquant::rotation_internal

@@ -28,6 +28,16 @@ void HadamardBatchScalar(const float* x, float* y, size_t n, uint32_t d, const f
 void HadamardBatchAvx2(const float* x, float* y, size_t n, uint32_t d, const float* s1,
                        const float* d2, const float* d3, bool inverse);
 
+// Two-window randomized Hadamard on each of n rows (d not a power of two, p the largest power of two
+// below it): per round, multiply by a sign vector, FWHT of [0, p), multiply, FWHT of [d - p, d);
+// `signs` holds the 6*d vectors in application order with the window scales folded in
+// (Rotation::PrepareWindowedF32); forward ends by scaling [d - p, d) by last_scale. x and y must not
+// alias.
+void HadamardWindowsBatchScalar(const float* x, float* y, size_t n, uint32_t d, uint32_t p,
+                                const float* signs, float last_scale, bool inverse);
+void HadamardWindowsBatchAvx2(const float* x, float* y, size_t n, uint32_t d, uint32_t p,
+                              const float* signs, float last_scale, bool inverse);
+
 }  // namespace fibquant::rotation_internal
 
 #endif  // FIBQUANT_CORE_ROTATION_KERNELS_H_

@@ -64,6 +64,15 @@ class MemoryBudget {
   uint64_t limit() const { return limit_; }
   const std::string& flag() const { return flag_; }
 
+  // What became of refused leases, counted by the callers, which know it: a request that waits
+  // for bytes its own work holds (a stream page parked until one of the stream's pages is
+  // written; counted once per page), or one failed with TryAcquire's ResourceExhausted.
+  // Exported as fibquant_buffered_bytes_waits_total / _refusals_total (server/metrics.h).
+  void CountWait() { waits_.fetch_add(1, std::memory_order_relaxed); }
+  void CountRefusal() { refusals_.fetch_add(1, std::memory_order_relaxed); }
+  uint64_t waits() const { return waits_.load(std::memory_order_relaxed); }
+  uint64_t refusals() const { return refusals_.load(std::memory_order_relaxed); }
+
  private:
   friend class Lease;
   void Return(uint64_t bytes) { held_.fetch_sub(bytes, std::memory_order_acq_rel); }
@@ -72,6 +81,8 @@ class MemoryBudget {
   const std::string flag_;
   std::atomic<uint64_t> held_{0};
   std::atomic<uint64_t> peak_{0};
+  std::atomic<uint64_t> waits_{0};
+  std::atomic<uint64_t> refusals_{0};
 };
 
 }  // namespace fibquant::server

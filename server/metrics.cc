@@ -7,6 +7,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -84,6 +85,10 @@ class ProcessCollector final : public prometheus::Collectable {
     absl::MutexLock lock(&mu_);
     data_dir_ = dir;
   }
+  void SetAdmissionSource(std::function<Metrics::StreamAdmission()> source) {
+    absl::MutexLock lock(&admission_mu_);
+    admission_ = std::move(source);
+  }
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     std::vector<prometheus::MetricFamily> out;
@@ -125,6 +130,26 @@ class ProcessCollector final : public prometheus::Collectable {
       out.push_back(Family("process_max_fds", "Maximum number of open file descriptors.",
                            prometheus::MetricType::Gauge, static_cast<double>(lim.rlim_cur)));
     }
+    {
+      // Read under the lock: clearing the source (service destructor) waits for a scrape using it.
+      Metrics::StreamAdmission a;
+      absl::MutexLock lock(&admission_mu_);
+      if (admission_) a = admission_();
+      out.push_back(Family("fibquant_buffered_bytes",
+                           "Bytes of stream pages and GetCodebook answers held against --max-buffered-bytes.",
+                           prometheus::MetricType::Gauge, static_cast<double>(a.buffered_bytes)));
+      out.push_back(Family("fibquant_buffered_bytes_limit", "The --max-buffered-bytes budget, in bytes.",
+                           prometheus::MetricType::Gauge, static_cast<double>(a.buffered_bytes_limit)));
+      out.push_back(Family("fibquant_buffered_bytes_waits_total",
+                           "Stream pages that waited for --max-buffered-bytes room held by their own stream.",
+                           prometheus::MetricType::Counter, static_cast<double>(a.budget_waits)));
+      out.push_back(Family("fibquant_buffered_bytes_refusals_total",
+                           "Requests refused with RESOURCE_EXHAUSTED by the --max-buffered-bytes budget.",
+                           prometheus::MetricType::Counter, static_cast<double>(a.budget_refusals)));
+      out.push_back(Family("fibquant_streams_idle_reaped_total",
+                           "Streams cancelled after --stream-idle-timeout-seconds without progress.",
+                           prometheus::MetricType::Counter, static_cast<double>(a.idle_reaped)));
+    }
     std::string dir;
     {
       absl::MutexLock lock(&mu_);
@@ -150,6 +175,8 @@ class ProcessCollector final : public prometheus::Collectable {
  private:
   mutable absl::Mutex mu_;
   std::string data_dir_ ABSL_GUARDED_BY(mu_);
+  mutable absl::Mutex admission_mu_;
+  std::function<Metrics::StreamAdmission()> admission_ ABSL_GUARDED_BY(admission_mu_);
 };
 
 // FibQuant rates run from about 1 to 8 bits per coordinate against 16- or 32-bit inputs, so ratios
@@ -376,6 +403,10 @@ void Metrics::ObserveSampledQuality(const std::string& profile, std::string_view
 
 void Metrics::WatchDataDir(const std::string& dir) {
   static_cast<ProcessCollector*>(process_.get())->SetDataDir(dir);
+}
+
+void Metrics::WatchStreamAdmission(std::function<StreamAdmission()> source) {
+  static_cast<ProcessCollector*>(process_.get())->SetAdmissionSource(std::move(source));
 }
 
 void Metrics::SetTlsCertificateExpiry(absl::Time not_after) {

@@ -15,6 +15,7 @@
 #define FIBQUANT_SERVER_METRICS_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -97,6 +98,24 @@ class Metrics {
   // Reports the size of every regular file under `dir` as fibquant_data_dir_bytes at each scrape
   // (walked then; the data dir holds at most --max-profiles + --receipt-retention files).
   void WatchDataDir(const std::string& dir);
+
+  // The stream admission figures of the service (server/memory_budget.h, server/idle_reaper.h),
+  // read from `source` at each scrape:
+  //   fibquant_buffered_bytes (gauge)                 bytes held against --max-buffered-bytes
+  //   fibquant_buffered_bytes_limit (gauge)           --max-buffered-bytes
+  //   fibquant_buffered_bytes_waits_total (counter)   pages that waited for room their own stream held
+  //   fibquant_buffered_bytes_refusals_total (counter) requests refused RESOURCE_EXHAUSTED by the budget
+  //   fibquant_streams_idle_reaped_total (counter)    streams cancelled by --stream-idle-timeout-seconds
+  // The series exist (at 0) before a source is set and after it is cleared (nullptr); the service
+  // sets it when created and clears it in its destructor, so a scrape never reads a dead service.
+  struct StreamAdmission {
+    uint64_t buffered_bytes = 0;
+    uint64_t buffered_bytes_limit = 0;
+    uint64_t budget_waits = 0;
+    uint64_t budget_refusals = 0;
+    uint64_t idle_reaped = 0;
+  };
+  void WatchStreamAdmission(std::function<StreamAdmission()> source);
 
   // notAfter of the TLS certificate being served, as unix seconds
   // (fibquant_tls_certificate_expiry_timestamp_seconds). The series exists only once this has been

@@ -265,8 +265,12 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
         env_.budget->TryAcquire(parked_->bytes, absl::StrCat(method_, " page ", parked_->seq));
     if (!lease.ok()) {
       if (inflight_ == 0) {
+        env_.budget->CountRefusal();
         SetError(lease.status());
         parked_.reset();
+      } else if (!parked_->waited) {
+        env_.budget->CountWait();
+        parked_->waited = true;
       }
       return std::nullopt;
     }
@@ -398,6 +402,7 @@ class PageStream : public grpc::ServerBidiReactor<Req, Resp> {
     uint64_t seq;
     Work work;
     uint64_t bytes;
+    bool waited = false;  // counted in the budget's waits once
   };
   std::optional<Parked> parked_ ABSL_GUARDED_BY(mu_);
   // Bytes of each admitted page, released when its response has been written.

@@ -439,7 +439,14 @@ grpc::ServerUnaryReactor* KvCompressionServiceImpl::GetCodebook(grpc::CallbackSe
     // The answer's bytes (the repeated fields, then their serialised copy in gRPC's send buffer)
     // are admitted before they are built.
     const uint64_t answer = 2 * (codebook_bytes + (req->include_rotation_matrix() ? matrix_bytes : 0)) + 4096;
-    FQ_ASSIGN_OR_RETURN(lease, budget_->TryAcquire(answer, "GetCodebook answer"));
+    {
+      absl::StatusOr<Lease> admitted = budget_->TryAcquire(answer, "GetCodebook answer");
+      if (!admitted.ok()) {
+        budget_->CountRefusal();
+        return admitted.status();
+      }
+      lease = *std::move(admitted);
+    }
     resp->set_profile_digest(e->digest);
     resp->set_fibquant_profile_json(cb.profile().ToJson());
     resp->set_fibquant_profile_digest(cb.profile_digest());

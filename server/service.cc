@@ -50,6 +50,8 @@ KvCompressionServiceImpl::KvCompressionServiceImpl(const ServiceOptions& options
     : options_(options), metrics_(metrics) {}
 
 KvCompressionServiceImpl::~KvCompressionServiceImpl() {
+  // First: a scrape must not read the budget and reaper once they start going away.
+  if (metrics_ != nullptr && budget_ != nullptr) metrics_->WatchStreamAdmission(nullptr);
   // A stream's OnDone may still be finishing on a gRPC thread just after the server's shutdown
   // returned; its last act is decrementing open_streams_, so wait (bounded) for that before the
   // pools and the registry it used go away.
@@ -121,6 +123,12 @@ absl::Status KvCompressionServiceImpl::Initialize() {
       "build queue of unauthenticated EvaluateQuality candidates (1 thread)", "--worker-queue-capacity");
   budget_ = std::make_unique<MemoryBudget>(options_.max_buffered_bytes, "--max-buffered-bytes");
   reaper_ = std::make_unique<IdleReaper>(absl::Seconds(options_.stream_idle_timeout_seconds));
+  if (metrics_ != nullptr) {
+    metrics_->WatchStreamAdmission([budget = budget_.get(), reaper = reaper_.get()] {
+      return Metrics::StreamAdmission{budget->held(), budget->limit(), budget->waits(), budget->refusals(),
+                                      reaper->reaped()};
+    });
+  }
   RegistryOptions ro;
   ro.data_dir = options_.data_dir;
   ro.max_profiles = options_.max_profiles;

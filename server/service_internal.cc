@@ -117,7 +117,7 @@ BuildCostParts BuildCostOf(const KvCompressionProfile& p) {
                      uint64_t{f.lloyd_iterations}, uint64_t{f.lloyd_restarts}}) {
     parts.lloyd = MulSat(parts.lloyd, x);
   }
-  const uint64_t d = f.ambient_dim;
+  const uint64_t d = f.rotation_dim();
   if (f.rotation_algorithm == kRotationHaarQr) {
     parts.rotation = MulSat(MulSat(d, d), d);
   } else {

@@ -22,8 +22,8 @@ namespace fibquant {
 namespace {
 
 [[maybe_unused]] Profile Small(uint32_t d, uint32_t k, uint32_t n, uint64_t seed, uint32_t samples, uint32_t restarts,
-              uint32_t iters) {
-  absl::StatusOr<Profile> p = Profile::PaperDefault(d, k, n, seed);
+              uint32_t iters, std::string_view rotation = kRotationHaarQr) {
+  absl::StatusOr<Profile> p = Profile::PaperDefault(d, k, n, seed, rotation);
   EXPECT_TRUE(p.ok()) << p.status();
   p->training_samples = samples;
   p->lloyd_restarts = restarts;
@@ -69,6 +69,7 @@ struct Golden {
   uint32_t d, k, n, samples, restarts, iters;
   const char* codewords_sha;
   const char* digest;
+  std::string_view rotation = kRotationHaarQr;
 };
 
 // Pinned once from this implementation. The codeword hash depends only on this module (and the
@@ -86,11 +87,22 @@ const Golden kGolden[] = {
     {32, 1, 8, 1024, 2, 6,
      "sha256:91a716c0721b00e8ca3f652faa3395fcad423ad323ac6e25c4f9c51179732feb",
      "sha256:0ba2ec0ddb888ed840ddffe889cb07f4b66aef8a8b3d55db3880313322ba3717"},
+    // k not dividing d: radii, samples and rotation are those of rotation_dim = 104 (and 24).
+    {100, 8, 64, 2048, 2, 4,
+     "sha256:ba66b0c1706d0fd90bd5cf61e2bcce3f84cb4c2bca1f8065f26f2e830ca25f1a",
+     "sha256:f7c54158cc7990d96eb260dee370cf6716c6f80c02e3916aa57a92f84148c09c"},
+    {22, 3, 32, 1024, 2, 5,
+     "sha256:7043ef9fbefb748dc41b3ae4fe483e64c701cae814572beda79a10aa7b855bba",
+     "sha256:cf37f2d9fff42dcbe53238797bad31cc84dc0033239c8dcfc65ab334c8e4e541", kRotationHadamard},
+    // Two-window Hadamard (96 = 64 + 32 overlap).
+    {96, 4, 32, 1024, 2, 5,
+     "sha256:9a2060b512e217c90289426d128a4875982330cb85237d20b1d00904e6a9093f",
+     "sha256:176b3c5ea3ae3a53a72d60d6818d95e063d51105219304125c467dd72aadef6b", kRotationHadamard},
 };
 
 TEST(Codebook, GoldenDigests) {
   for (const Golden& g : kGolden) {
-    const Profile p = Small(g.d, g.k, g.n, 2026, g.samples, g.restarts, g.iters);
+    const Profile p = Small(g.d, g.k, g.n, 2026, g.samples, g.restarts, g.iters, g.rotation);
     absl::StatusOr<Codebook> c = Codebook::Build(p, 2);
     ASSERT_TRUE(c.ok()) << c.status();
     EXPECT_EQ(CodewordBytesDigest(*c), g.codewords_sha) << "d=" << g.d << " k=" << g.k;

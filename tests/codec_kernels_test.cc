@@ -74,6 +74,17 @@ TEST_P(NearestTest, FastIsExactInF32AndNearTieOnlyVersusReference) {
       }
     }
   }
+  // Without the int16 screening (k = 4) and without the AVX-512 kernels: the clustered search and
+  // the AVX2 brute force on a CPU that would otherwise skip them.
+  for (int variant : {0, 1}) {
+    SearchTable t = SearchTable::Build(cw.data(), n, k, false);
+    t.DisableScreeningForTesting();
+    DisableAvx512ForTesting(variant == 1);
+    std::vector<uint32_t> got(count);
+    t.Nearest(y.data(), count, got.data(), Isa::kAvx2);
+    DisableAvx512ForTesting(false);
+    for (size_t b = 0; b < count; ++b) ASSERT_EQ(got[b], model[b]) << "block " << b << " variant " << variant;
+  }
 
   size_t mismatches = 0;
   for (size_t b = 0; b < count; ++b) {
@@ -187,8 +198,10 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   const size_t count = 2000;
   const std::vector<float> y = GaussianBlocks(rng, count, k, 0.25);
   SearchTable brute = SearchTable::Build(cw.data(), n, k, false);
-  const SearchTable clustered = brute;
+  SearchTable clustered = brute;
+  clustered.DisableScreeningForTesting();  // the screening goes first where it runs
   brute.DisableClustersForTesting();
+  brute.DisableScreeningForTesting();
   const SearchTable pruned = SearchTable::Build(cw.data(), n, k, true);
   std::vector<uint32_t> a(count), b(count);
   SearchTable::ResetGroupsVisitedOnThisThread();
@@ -227,6 +240,109 @@ TEST(Nearest, PruningVisitsFewerGroups) {
   }
   EXPECT_TRUE(SearchTable::PruningPays(cw2.data(), n2, 2));
   EXPECT_FALSE(SearchTable::PruningPays(cw.data(), 64, k));
+}
+
+// The int16 screening (k = 4, AVX-512 VNNI CPUs) is exact by its error bound: every block, however
+// adversarial, gets the specified f32 minimum. Blocks: exact ties (duplicate codewords, queries on
+// them), near-ties (midpoints of nearest pairs), values on the quantisation half-steps of every
+// power-of-two scale the kernel can pick, and norms from 1e-7 to 1e4, alone and mixed in one call
+// (the largest block sets the scale of the others), and non-finite blocks. n = 4096 takes the shell
+// test (blocks sorted by norm). On a CPU without AVX-512 VNNI the same assertions check the AVX2
+// kernels.
+TEST(Nearest, ScreeningMatchesTheF32ModelOnAdversarialBlocks) {
+  const uint32_t k = 4;
+  uint64_t fallbacks = 0, blocks_run = 0;
+  for (uint32_t n : {2u, 256u, 4096u}) {
+    Rng rng(4242 + n);
+    std::vector<float> cw = GaussianBlocks(rng, n, k, 0.125);
+    // Duplicates (exact ties in every arithmetic) and codewords on half-steps of the int16 grid.
+    if (n >= 256) {
+      for (uint32_t i : {7u, 9u, 200u}) std::memcpy(&cw[i * k], &cw[3 * k], k * sizeof(float));
+      for (uint32_t i = 100; i < 140; ++i) {
+        for (uint32_t j = 0; j < k; ++j) {
+          const int q = static_cast<int>(rng.NextDouble() * 64) - 32;
+          cw[i * k + j] = std::ldexp(static_cast<float>(2 * q + 1), -8 - static_cast<int>(i % 12));
+        }
+      }
+    }
+    const SearchTable t = SearchTable::Build(cw.data(), n, k, false);
+    std::vector<std::vector<float>> calls;
+    for (double scale : {1e-7, 1e-3, 0.05, 0.2, 1.0, 100.0, 1e4}) {
+      calls.push_back(GaussianBlocks(rng, 512, k, scale));
+    }
+    std::vector<float> mixed = GaussianBlocks(rng, 512, k, 0.05);
+    for (size_t b = 0; b < 512; b += 7) mixed[b * k] *= 1000.0f;  // a few large blocks set sy
+    for (size_t b = 3; b < 512; b += 11) {
+      for (uint32_t j = 0; j < k; ++j) mixed[b * k + j] *= 1e-6f;
+    }
+    calls.push_back(mixed);
+    // Non-finite and overflowing blocks send the whole call to the f32 kernel (same answers).
+    std::vector<float> bad = GaussianBlocks(rng, 64, k, 0.2);
+    bad[5 * k + 1] = std::numeric_limits<float>::quiet_NaN();
+    bad[9 * k + 2] = std::numeric_limits<float>::infinity();
+    bad[13 * k] = 1e38f;  // -2y overflows in f32
+    calls.push_back(bad);
+    std::vector<float> ties;
+    for (uint32_t a = 0; a < n; ++a) {
+      ties.insert(ties.end(), cw.begin() + a * k, cw.begin() + (a + 1) * k);  // on a codeword
+      uint32_t nb = a == 0 ? 1 : 0;
+      double bd = std::numeric_limits<double>::infinity();
+      for (uint32_t c = 0; c < n; ++c) {
+        double d = 0;
+        for (uint32_t j = 0; j < k; ++j) d += std::pow(cw[a * k + j] - cw[c * k + j], 2);
+        if (c != a && d < bd) {
+          bd = d;
+          nb = c;
+        }
+      }
+      for (uint32_t j = 0; j < k; ++j) ties.push_back(0.5f * (cw[a * k + j] + cw[nb * k + j]));
+      if (ties.size() > 2048 * k) break;
+    }
+    calls.push_back(ties);
+    for (int e = 6; e <= 24; e += 3) {  // odd multiples of 2^-e: half-steps at some scale
+      std::vector<float> h(256 * k);
+      for (auto& v : h) v = std::ldexp(static_cast<float>(2 * (static_cast<int>(rng.NextDouble() * 200) - 100) + 1), -e);
+      calls.push_back(h);
+    }
+    for (size_t c = 0; c < calls.size(); ++c) {
+      const std::vector<float>& y = calls[c];
+      const size_t count = y.size() / k;
+      std::vector<uint32_t> got(count);
+      SearchTable::ResetGroupsVisitedOnThisThread();
+      t.Nearest(y.data(), count, got.data(), Isa::kAvx2);
+      fallbacks += SearchTable::ScreenFallbacksOnThisThread();
+      blocks_run += count;
+      for (size_t b = 0; b < count; ++b) {
+        ASSERT_EQ(got[b], ModelNearestF32(cw, n, k, y.data() + b * k))
+            << "n=" << n << " call " << c << " block " << b;
+      }
+    }
+  }
+  std::printf("screening: %llu of %llu blocks went to the exact fallback (avx512 %d)\n",
+              static_cast<unsigned long long>(fallbacks), static_cast<unsigned long long>(blocks_run),
+              Avx512Active() ? 1 : 0);
+  if (Avx512Active()) {
+    EXPECT_GT(fallbacks, 0u);            // the ties must reach the exact stage
+    EXPECT_LT(fallbacks, blocks_run);    // and most blocks must not
+  }
+}
+
+TEST(Nearest, ScreenedTiesGoToTheLowestIndex) {
+  const uint32_t k = 4, n = 64;
+  Rng rng(8);
+  std::vector<float> cw = GaussianBlocks(rng, n, k, 0.1);
+  const float p[4] = {0.25f, -0.5f, 0.125f, 0.0625f};
+  for (uint32_t i : {50u, 30u, 10u}) std::memcpy(&cw[i * k], p, sizeof p);
+  std::vector<float> y;
+  for (int r = 0; r < 64; ++r) y.insert(y.end(), p, p + 4);
+  const SearchTable t = SearchTable::Build(cw.data(), n, k, false);
+  std::vector<uint32_t> got(64);
+  for (bool avx512 : {true, false}) {
+    DisableAvx512ForTesting(!avx512);
+    t.Nearest(y.data(), 64, got.data(), Isa::kAvx2);
+    for (uint32_t g : got) EXPECT_EQ(g, 10u) << "avx512=" << avx512;
+  }
+  DisableAvx512ForTesting(false);
 }
 
 TEST(Nearest, ForcedScalarIsReported) {

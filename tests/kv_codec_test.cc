@@ -194,6 +194,23 @@ TEST(KvCodecRoundTrip, PerTokenF16) { CheckRoundTrip(*Make(Spec("key", "f16", "p
 TEST(KvCodecRoundTrip, PerTokenBF16) { CheckRoundTrip(*Make(Spec("value", "bf16", "per_token", 4)), 3); }
 TEST(KvCodecRoundTrip, PerChannelF32) { CheckRoundTrip(*Make(Spec("key", "f32", "per_channel", 2)), 4); }
 TEST(KvCodecRoundTrip, PerChannelF16) { CheckRoundTrip(*Make(Spec("value", "f16", "per_channel", 2)), 5); }
+// Any head_dim: block_dim 3 divides neither head_dim 16 nor tokens_per_page 8 (vectors padded to 18
+// and 9 before the rotation); under Hadamard both are also not powers of two (two-window form).
+TEST(KvCodecRoundTrip, BlockDimNotDividingTheVectorLength) {
+  for (const char* rotation : {"haar_qr", "hadamard"}) {
+    for (const char* axis : {"per_token", "per_channel"}) {
+      nlohmann::json spec = Spec("key", "f16", axis, 3);
+      spec["profile_id"] = std::string("test.anydim.") + axis + "." + rotation;
+      spec["fibquant"]["rotation_algorithm"] = rotation;
+      auto c = Make(spec);
+      ASSERT_NE(c, nullptr) << axis << " " << rotation;
+      const Profile& fp = *c->profile().fib_profile;
+      EXPECT_EQ(fp.rotation_dim(), std::string(axis) == "per_token" ? 18u : 9u);
+      CheckRoundTrip(*c, 7);
+    }
+  }
+}
+
 TEST(KvCodecRoundTrip, RoleAwareKeysPerChannel) {
   auto c = Make(Spec("key", "bf16", "role_aware_kivi_style", 2));
   EXPECT_EQ(c->vector_axis(), KvVectorAxis::kChannel);

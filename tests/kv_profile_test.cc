@@ -125,13 +125,6 @@ TEST(KvShape, ElementCountLimit) {
   EXPECT_EQ(s.Validate().code(), StatusCode::kResourceExhausted);  // > kMaxKvElements
 }
 
-TEST(KvShape, BlockDimMustDivideHeadDim) {
-  const KvTensorShape s = KeyShape();
-  EXPECT_TRUE(s.ValidateBlockDim(4).ok());
-  EXPECT_EQ(s.ValidateBlockDim(3).code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(s.ValidateBlockDim(0).code(), StatusCode::kInvalidArgument);
-}
-
 TEST(KvShape, DigestGoldenAndJsonRoundTrip) {
   const KvTensorShape s = KeyShape();
   auto bytes = s.CanonicalBytes();

@@ -195,7 +195,7 @@ PhaseTimes RunPhases(const BenchOptions& o, std::vector<Connection*>& conns, con
       threads.emplace_back([&, s] {
         StreamWork& w = work[s];
         auto r = CompressStream(*conns[s % conns.size()]->stub, header, w.pages,
-                                StreamOptions{remaining(), o.window});
+                                StreamOptions{remaining(), o.window, ""});
         if (!r.ok()) {
           w.Fail(w.pages.size(), absl::StrCat("stream ", s, " compress: ", r.status().ToString()));
           return;
@@ -223,7 +223,7 @@ PhaseTimes RunPhases(const BenchOptions& o, std::vector<Connection*>& conns, con
         StreamWork& w = work[s];
         if (!w.compressed) return;
         auto r = DecompressStream(*conns[s % conns.size()]->stub, dheader, w.frames,
-                                  StreamOptions{remaining(), o.window});
+                                  StreamOptions{remaining(), o.window, ""});
         if (!r.ok()) {
           w.Fail(w.pages.size(), absl::StrCat("stream ", s, " decompress: ", r.status().ToString()));
           return;

@@ -1,6 +1,7 @@
 // The `fibquant` command line: argument parsing and every command (profile register/get/list,
 // compress, decompress, receipt, eval, info, health, bench). main.cc only forwards argv here, so
-// the whole CLI is one library function tests can call.
+// the whole CLI is one library function tests can call. The commands live in client/cli/cli*.cc,
+// split by command family (client/cli/cli_internal.h lists them).
 //
 // Exit codes: 0 success; 1 failure (RPC error, bad input file, failed round-trip check); 2 usage
 // error (unknown command or flag, missing or malformed flag value); 3 `eval` ran but a report is

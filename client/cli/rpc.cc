@@ -148,6 +148,7 @@ absl::StatusOr<CompressStreamResult> CompressStream(v1::KvCompressionService::St
                                                     const StreamOptions& options, const PageCallback& on_page) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + options.deadline);
+  if (!options.bearer_token.empty()) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options.bearer_token));
   auto stream = stub.CompressPages(&ctx);
   CompressStreamResult out;
   out.pages.reserve(pages.size());
@@ -200,6 +201,7 @@ absl::StatusOr<DecompressStreamResult> DecompressStream(v1::KvCompressionService
                                                         const PageCallback& on_page) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + options.deadline);
+  if (!options.bearer_token.empty()) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", options.bearer_token));
   auto stream = stub.DecompressPages(&ctx);
   DecompressStreamResult out;
   out.pages.reserve(frames.size());

@@ -54,6 +54,9 @@ bool IsLoopbackTarget(const std::string& target);
 struct StreamOptions {
   std::chrono::milliseconds deadline{600'000};
   size_t window = 16;  // pages written but not yet answered
+  // Sent as `authorization: Bearer <token>` when not empty: a header carrying register_if_missing
+  // needs the admin token on servers that have one (the build follows RegisterProfile's rules).
+  std::string bearer_token;
 };
 
 // Called after each answered page with the count done so far and the raw bytes they carried.

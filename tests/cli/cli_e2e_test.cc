@@ -1,10 +1,8 @@
 // End-to-end tests of the `fibquant` binary against a real fibquant-server started on 127.0.0.1
-// with a free port (tests/server/ops_test_util.h). Inputs are real K vectors (tests/data/L1_k.f32,
+// with a free port (tests/cli/cli_test_util.h). Inputs are real K vectors (tests/data/L1_k.f32,
 // [64 tokens, 4 heads, 128] f32) written by the test as .npy and .safetensors. Each CLI run is a
 // child process bounded by timeout(1); the test checks exit codes, stdout JSON, the stored
 // container and receipt, and the decoded tensor against the input.
-#include <sys/wait.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -16,15 +14,18 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "tests/server/ops_test_util.h"
+#include "tests/cli/cli_test_util.h"
 
 namespace fibquant::cli {
 namespace {
 
-using ::fibquant::server::testing::ReadWholeFile;
-using ::fibquant::server::testing::ServerProcess;
-using ::fibquant::server::testing::TempDir;
-using ::fibquant::server::testing::WriteWholeFile;
+using ::fibquant::cli::testing::CliServer;
+using ::fibquant::cli::testing::ReadWholeFile;
+using ::fibquant::cli::testing::RunCliBinary;
+using ::fibquant::cli::testing::RunResult;
+using ::fibquant::cli::testing::ServerProcess;
+using ::fibquant::cli::testing::TempDir;
+using ::fibquant::cli::testing::WriteWholeFile;
 using ::testing::HasSubstr;
 
 constexpr char kSpec[] = R"({"profile_id": "cli-e2e-l1-keys",
@@ -35,24 +36,13 @@ constexpr char kSpec[] = R"({"profile_id": "cli-e2e-l1-keys",
  "protected": {"first_tokens_raw": 2},
  "fallback": {"mode": "keep_raw"}})";
 
-struct RunResult {
-  int code = -1;
-  std::string out;
-  std::string err;
-};
-
 class CliE2eTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new TempDir();
-    server_ = new ServerProcess();
-    server_->Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=2",
-                    "--data-dir=" + (dir_->path() / "data").string()},
-                   dir_->path());
-    auto port = server_->WaitForPort();
-    ASSERT_TRUE(port.has_value()) << server_->Log();
-    address_ = "127.0.0.1:" + std::to_string(*port);
-    WriteWholeFile(dir_->path() / "spec.json", kSpec);
+    cli_ = new CliServer();
+    auto failed = cli_->Start();
+    ASSERT_FALSE(failed.has_value()) << *failed;
+    WriteWholeFile(Path("spec.json"), kSpec);
     RunResult reg = Run({"profile", "register", Path("spec.json")});
     ASSERT_EQ(reg.code, 0) << reg.err;
     digest_ = nlohmann::json::parse(reg.out).at("digest").get<std::string>();
@@ -62,27 +52,14 @@ class CliE2eTest : public ::testing::Test {
   }
   static void TearDownTestSuite() {
     delete keys_;
-    delete server_;
-    delete dir_;
+    delete cli_;
   }
 
-  static std::string Path(const std::string& name) { return (dir_->path() / name).string(); }
+  static std::string Path(const std::string& name) { return cli_->Path(name); }
 
   // Runs the CLI with --server appended (unless `with_server` is false); bounded by timeout(1).
   static RunResult Run(std::vector<std::string> args, bool with_server = true) {
-    static int n = 0;
-    const std::string out = Path("run" + std::to_string(n) + ".out");
-    const std::string err = Path("run" + std::to_string(n++) + ".err");
-    std::string cmd = std::string("timeout 300 ") + FQ_CLI_BINARY;
-    if (with_server) args.push_back("--server=" + address_);
-    for (const auto& a : args) cmd += " '" + a + "'";
-    cmd += " >" + out + " 2>" + err;
-    const int st = std::system(cmd.c_str());
-    RunResult r;
-    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    r.out = ReadWholeFile(out);
-    r.err = ReadWholeFile(err);
-    return r;
+    return cli_->Run(std::move(args), with_server);
   }
 
   // Relative squared error sum((a-b)^2)/sum(a^2) of two f32 buffers.
@@ -98,16 +75,12 @@ class CliE2eTest : public ::testing::Test {
     return num / den;
   }
 
-  static TempDir* dir_;
-  static ServerProcess* server_;
-  static std::string address_;
+  static CliServer* cli_;
   static std::string digest_;
   static Tensor* keys_;
 };
 
-TempDir* CliE2eTest::dir_ = nullptr;
-ServerProcess* CliE2eTest::server_ = nullptr;
-std::string CliE2eTest::address_;
+CliServer* CliE2eTest::cli_ = nullptr;
 std::string CliE2eTest::digest_;
 Tensor* CliE2eTest::keys_ = nullptr;
 
@@ -352,6 +325,59 @@ TEST_F(CliE2eTest, ProfileInfoAndErrors) {
   EXPECT_EQ(down.code, 1);
 }
 
+// register_if_missing from the CLI: `compress --spec` against a server that never had the profile.
+// The stream header carries the spec, the server builds it (UNAVAILABLE "building ... retry" until
+// it is done; the CLI retries), the compress succeeds under the digest the fixture's server gave the
+// same spec (computed by the CLI), and the profile is then listed. The container keeps the spec,
+// so `decompress` against another fresh server builds it there too. With --no-register-if-missing
+// both streams are NOT_FOUND and nothing is registered.
+TEST_F(CliE2eTest, SpecStreamsRegisterTheProfileOnAFreshServer) {
+  CliServer fresh;
+  auto failed = fresh.Start();
+  ASSERT_FALSE(failed.has_value()) << *failed;
+  WriteWholeFile(fresh.Path("spec.json"), kSpec);
+  WriteWholeFile(fresh.Path("k.npy"), EncodeNpy(*keys_));
+  auto compress = [&](const std::string& out, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"compress", "--spec", fresh.Path("spec.json"), "--in", fresh.Path("k.npy"),
+                                     "--out", fresh.Path(out)};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return fresh.Run(args);
+  };
+  RunResult off = compress("off.fqc", {"--no-register-if-missing"});
+  EXPECT_EQ(off.code, 1) << off.err;
+  EXPECT_THAT(off.err, HasSubstr("NOT_FOUND"));
+  RunResult none = fresh.Run({"profile", "list"});
+  ASSERT_EQ(none.code, 0) << none.err;
+  EXPECT_THAT(none.err, HasSubstr("0 profile(s)"));
+
+  RunResult c = compress("k.fqc", {"--label", "fresh"});
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_THAT(c.err, HasSubstr("register_if_missing"));  // the server's "building ... retry shortly"
+  EXPECT_EQ(nlohmann::json::parse(c.out).at("profileDigest"), digest_);
+  RunResult listed = fresh.Run({"profile", "list"});
+  ASSERT_EQ(listed.code, 0) << listed.err;
+  EXPECT_THAT(listed.out, HasSubstr(digest_));
+  // With --spec, --profile names the digest (no local build); an id is a usage error.
+  RunResult given = compress("given.fqc", {"--profile", digest_});
+  ASSERT_EQ(given.code, 0) << given.err;
+  EXPECT_EQ(compress("id.fqc", {"--profile", "cli-e2e-l1-keys"}).code, 2);
+
+  CliServer other;
+  failed = other.Start();
+  ASSERT_FALSE(failed.has_value()) << *failed;
+  RunResult d_off = other.Run({"decompress", "--in", fresh.Path("k.fqc"), "--out", other.Path("off.npy"),
+                               "--no-register-if-missing"});
+  EXPECT_EQ(d_off.code, 1) << d_off.err;
+  EXPECT_THAT(d_off.err, HasSubstr("NOT_FOUND"));
+  RunResult d = other.Run({"decompress", "--in", fresh.Path("k.fqc"), "--out", other.Path("k.out.npy")});
+  ASSERT_EQ(d.code, 0) << d.err;
+  auto back = ReadNpy(other.Path("k.out.npy"), false);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_LT(RelErr(keys_->data, back->data), 0.05);
+  RunResult other_listed = other.Run({"profile", "list"});
+  EXPECT_THAT(other_listed.out, HasSubstr(digest_));
+}
+
 // The real binary against a server with mTLS and an admin token: the CLI's --tls-* and
 // --token-file flags, and the server's refusals surfacing as exit 1 with the status code.
 TEST(CliTlsE2eTest, MutualTlsAndAdminToken) {
@@ -376,14 +402,7 @@ TEST(CliTlsE2eTest, MutualTlsAndAdminToken) {
   const std::string ca = "--tls-ca=" + (certs / "ca.crt").string();
   const std::string cert = "--tls-cert=" + (certs / "client.crt").string();
   const std::string key = "--tls-key=" + (certs / "client.key").string();
-  auto run = [&](const std::vector<std::string>& args) {
-    const std::string out = (dir.path() / "out").string(), err = (dir.path() / "err").string();
-    std::string cmd = std::string("timeout 120 ") + FQ_CLI_BINARY;
-    for (const auto& a : args) cmd += " '" + a + "'";
-    cmd += " >" + out + " 2>" + err;
-    const int st = std::system(cmd.c_str());
-    return RunResult{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ReadWholeFile(out), ReadWholeFile(err)};
-  };
+  auto run = [&](const std::vector<std::string>& args) { return RunCliBinary(args, dir.path(), 120); };
   RunResult health = run({"health", addr, ca, cert, key});
   ASSERT_EQ(health.code, 0) << health.err;
   EXPECT_THAT(health.out, HasSubstr("\"SERVING\""));
@@ -436,12 +455,9 @@ TEST(CliTlsE2eTest, TlsFailuresSayWhatIsWrong) {
   const std::string addr = "--server=localhost:" + std::to_string(*port);
   auto file = [&](const std::string& name) { return (certs / name).string(); };
   auto run = [&](const std::vector<std::string>& args) {
-    const std::string out = (dir.path() / "out").string(), err = (dir.path() / "err").string();
-    std::string cmd = std::string("timeout 120 ") + FQ_CLI_BINARY + " info '" + addr + "' --deadline=3s";
-    for (const auto& a : args) cmd += " '" + a + "'";
-    cmd += " >" + out + " 2>" + err;
-    const int st = std::system(cmd.c_str());
-    return RunResult{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ReadWholeFile(out), ReadWholeFile(err)};
+    std::vector<std::string> all = {"info", addr, "--deadline=3s"};
+    all.insert(all.end(), args.begin(), args.end());
+    return RunCliBinary(all, dir.path(), 120);
   };
   RunResult no_cert = run({"--tls-ca=" + file("ca.crt")});
   EXPECT_EQ(no_cert.code, 1);

@@ -1,12 +1,9 @@
 // End to end: `fibquant recommend` (RecommendProfile) and the calibration RPCs against a real
-// fibquant-server on 127.0.0.1 (tests/server/ops_test_util.h). Input: one KV head of the decoder-like
+// fibquant-server on 127.0.0.1 (tests/cli/cli_test_util.h). Input: one KV head of the decoder-like
 // generator (bench/decoder_synth.h), keys and one query head as raw f32 [tokens, 1, 128]. Checks the
 // ranked answer, the best candidate marked, a budget no candidate meets (exit 3 and a summary, not
 // an error), and that the recommended calibrated spec registers (with its stored calibration) and
 // compresses, while the same spec without its calibration registered is NotFound.
-#include <sys/wait.h>
-
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -14,33 +11,23 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "tests/server/ops_test_util.h"
+#include "tests/cli/cli_test_util.h"
 
 namespace fibquant::cli {
 namespace {
 
-using ::fibquant::server::testing::ReadWholeFile;
-using ::fibquant::server::testing::ServerProcess;
-using ::fibquant::server::testing::TempDir;
-using ::fibquant::server::testing::WriteWholeFile;
+using ::fibquant::cli::testing::CliServer;
+using ::fibquant::cli::testing::ReadWholeFile;
+using ::fibquant::cli::testing::RunResult;
+using ::fibquant::cli::testing::WriteWholeFile;
 using ::testing::HasSubstr;
-
-struct RunResult {
-  int code = -1;
-  std::string out, err;
-};
 
 class RecommendE2eTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new TempDir();
-    server_ = new ServerProcess();
-    server_->Start({"--listen=127.0.0.1:0", "--metrics-listen=", "--workers=2",
-                    "--data-dir=" + (dir_->path() / "data").string()},
-                   dir_->path());
-    auto port = server_->WaitForPort();
-    ASSERT_TRUE(port.has_value()) << server_->Log();
-    address_ = "127.0.0.1:" + std::to_string(*port);
+    cli_ = new CliServer();
+    auto failed = cli_->Start();
+    ASSERT_FALSE(failed.has_value()) << *failed;
     bench::DecoderSynthOptions o;
     o.kv_heads = 1;
     o.sequences = 4;  // 512 tokens: calibrate on 256, measure on 256
@@ -49,43 +36,22 @@ class RecommendE2eTest : public ::testing::Test {
     for (size_t t = 0; t < s.tokens(); ++t) {  // query head 0 of the group
       q.append(reinterpret_cast<const char*>(&s.q[t * s.q_heads() * 128]), 128 * 4);
     }
-    WriteWholeFile(dir_->path() / "k.f32", k);
-    WriteWholeFile(dir_->path() / "q.f32", q);
+    WriteWholeFile(Path("k.f32"), k);
+    WriteWholeFile(Path("q.f32"), q);
   }
-  static void TearDownTestSuite() {
-    delete server_;
-    delete dir_;
-  }
-  static std::string Path(const std::string& name) { return (dir_->path() / name).string(); }
-  static RunResult Run(std::vector<std::string> args) {
-    static int n = 0;
-    const std::string out = Path("run" + std::to_string(n) + ".out");
-    const std::string err = Path("run" + std::to_string(n++) + ".err");
-    std::string cmd = std::string("timeout 300 ") + FQ_CLI_BINARY;
-    args.push_back("--server=" + address_);
-    for (const auto& a : args) cmd += " '" + a + "'";
-    cmd += " >" + out + " 2>" + err;
-    const int st = std::system(cmd.c_str());
-    RunResult r;
-    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    r.out = ReadWholeFile(out);
-    r.err = ReadWholeFile(err);
-    return r;
-  }
+  static void TearDownTestSuite() { delete cli_; }
+  static std::string Path(const std::string& name) { return cli_->Path(name); }
+  static RunResult Run(std::vector<std::string> args) { return cli_->Run(std::move(args)); }
   static std::vector<std::string> Sample(std::vector<std::string> extra) {
     std::vector<std::string> a = {"recommend", "--keys", Path("k.f32"), "--queries", Path("q.f32"), "--raw-dtype",
                                   "f32", "--shape", "512,1,128", "--max-codebook-size", "256"};
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }
-  static TempDir* dir_;
-  static ServerProcess* server_;
-  static std::string address_;
+  static CliServer* cli_;
 };
 
-TempDir* RecommendE2eTest::dir_ = nullptr;
-ServerProcess* RecommendE2eTest::server_ = nullptr;
-std::string RecommendE2eTest::address_;
+CliServer* RecommendE2eTest::cli_ = nullptr;
 
 TEST_F(RecommendE2eTest, RecommendsRegistersAndCompresses) {
   RunResult r = Run(Sample({"--max-attention-tv", "0.25", "--store-calibration", "--prefix", "e2e"}));

@@ -1,6 +1,8 @@
 // Small real KV profiles shared by the frame fuzzer and the seed generator (make_seeds.cc): cheap
 // codebooks (N = 6 so indices 6, 7 and padding bits are reachable), 2 layers x 2 heads x 12 tokens
-// x head_dim 16, pages of 8 tokens (so the last page of each head is partial).
+// x head_dim 16, pages of 8 tokens (so the last page of each head is partial); the last one is
+// centred (version-2 frames with a mean section). New profiles go at the end: the seed generator
+// refers to the first ones by index.
 #ifndef FIBQUANT_TESTS_FUZZ_FUZZ_PROFILES_H_
 #define FIBQUANT_TESTS_FUZZ_FUZZ_PROFILES_H_
 
@@ -36,6 +38,9 @@ inline std::vector<std::string> FuzzSpecs() {
       FuzzSpec("fuzz.value.bf16.per_channel", "value", "bf16", "per_channel", 2),
       FuzzSpec("fuzz.key.f16.role_aware", "key", "f16", "role_aware_kivi_style", 2),
       FuzzSpec("fuzz.value.f16.raw", "value", "f16", "raw", 0),
+      // Version-2 frames: centred per-token keys (flag bit 1, a mean section after the raw one).
+      FuzzSpec("fuzz.key.f32.centered", "key", "f32", "per_token", 4,
+               ",\"protected\":{\"first_tokens_raw\":1},\"centering\":\"page\""),
   };
 }
 

@@ -1,10 +1,12 @@
 // Fuzz target: page-frame decoding of arbitrary bytes (ParseKvFrame, InspectFrame,
 // KvCodec::DecodeFrame, KvCodec::DecodeVector) against small real profiles: per-token f32 keys with
-// a protected first token, per-channel bf16 values, role-aware f16 keys, and the raw axis policy.
+// a protected first token, per-channel bf16 values, role-aware f16 keys, the raw axis policy, and
+// centred per-token keys (version-2 frames with a mean section).
 // Invariants: never crash; errors are DataLoss/InvalidArgument/ResourceExhausted/OutOfRange; a
 // decoded page has exactly token_count * head_dim elements of the requested dtype and the coords
 // and counts of the parsed header; DecodeVector agrees with DecodeFrame on every vector.
-// The seed corpus (corpus/kv_frame_fuzz/) holds real frames of these profiles (make_seeds.cc).
+// The seed corpus (corpus/kv_frame_fuzz/) holds real frames of these profiles, some sealed (flag
+// bit 2, HMAC tag) as with --frame-key-file (make_seeds.cc).
 #include <cstddef>
 #include <cstdint>
 #include <cstring>

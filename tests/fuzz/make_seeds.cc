@@ -20,6 +20,8 @@
 #include "client/cli/container.h"
 #include "core/half.h"
 #include "core/kv_codec.h"
+#include "core/kv_frame.h"
+#include "core/kv_frame_auth.h"
 #include "core/profile.h"
 #ifdef FQ_SEEDS_WITH_PROTO
 #include "fibquant/v1/kv_compression.pb.h"
@@ -95,6 +97,61 @@ int main(int argc, char** argv) {
     Write(out / "kv_profile_json_fuzz", c.profile().profile_id + ".spec.json", specs[ci]);
     if (c.profile().fib_profile) {
       Write(out / "profile_json_fuzz", c.profile().profile_id + ".profile.json", c.profile().fib_profile->ToJson());
+    }
+  }
+  // kv_frame: version-2 frames beside the centred ones the loop above wrote (flag bit 1): sealed
+  // frames (flag bit 2, key id, HMAC tag) of a plain page and of a centred page (both bits), as
+  // the server writes them with --frame-key-file. Each is checked for the flags it must carry, so
+  // a change in the encoder cannot silently turn these seeds into version-1 frames.
+  {
+    auto ring = KvFrameKeyRing::FromKeys({KvFrameKey{7, std::string(32, 'k')}});
+    if (!ring.ok()) {
+      std::fprintf(stderr, "key ring: %s\n", ring.status().ToString().c_str());
+      return 1;
+    }
+    const KvCodec& plain = *codecs[0];
+    const KvCodec& centred = *codecs[4];
+    const KvTensorShape& s = plain.profile().shape;
+    struct Seed {
+      const KvCodec* codec;
+      KvPageCoords coords;
+      bool seal;
+      uint16_t want_flags;
+      const char* name;
+    };
+    const Seed seeds[] = {
+        {&centred, {0, 1, 0, 0, 8}, false, kKvFrameFlagCentered, "v2.centered.frame"},
+        {&plain, {0, 0, 1, 0, 8}, true, kKvFrameFlagAuthenticated, "v2.sealed.frame"},
+        {&centred, {0, 1, 1, 8, 4}, true, kKvFrameFlagCentered | kKvFrameFlagAuthenticated,
+         "v2.centered.sealed.frame"},
+    };
+    for (const Seed& seed : seeds) {
+      std::vector<float> x = Values(size_t{seed.coords.token_count} * s.head_dim, 31 + seed.coords.kv_head);
+      KvPageInput in;
+      in.coords = seed.coords;
+      in.dtype = DType::kF32;
+      in.data = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(x.data()), x.size() * sizeof(float));
+      auto cp = seed.codec->CompressPage(in);
+      if (!cp.ok()) {
+        std::fprintf(stderr, "compress %s: %s\n", seed.name, cp.status().ToString().c_str());
+        return 1;
+      }
+      std::string frame = cp->frame;
+      if (seed.seal) {
+        auto sealed = SealKvFrame(
+            absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(frame.data()), frame.size()), *ring);
+        if (!sealed.ok()) {
+          std::fprintf(stderr, "seal %s: %s\n", seed.name, sealed.status().ToString().c_str());
+          return 1;
+        }
+        frame = *std::move(sealed);
+      }
+      auto header = InspectFrame(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(frame.data()), frame.size()));
+      if (!header.ok() || header->version != 2 || (header->flags & seed.want_flags) != seed.want_flags) {
+        std::fprintf(stderr, "%s: not a version-2 frame with flags 0x%x\n", seed.name, seed.want_flags);
+        return 1;
+      }
+      Write(out / "kv_frame_fuzz", seed.name, frame);
     }
   }
   // container_fuzz: byte 0 = 0 (default limits) or 2 (also tight limits), then a container as

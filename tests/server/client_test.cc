@@ -241,7 +241,7 @@ TEST(ClientRealServer, ErrorsAreAbslStatusesNamingTheMethod) {
   EXPECT_EQ(p.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(p.status().message(), HasSubstr("GetProfile: "));
   v1::KvProfileSpec bad = KeySpec();
-  bad.mutable_fibquant()->set_block_dim(3);  // does not divide head_dim 64
+  bad.mutable_fibquant()->set_block_dim(64);  // must be below head_dim 64
   auto r = client.RegisterProfile(bad);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
   EXPECT_TRUE(client.HeldDigests().empty());

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +22,7 @@
 #include "server/metrics.h"
 #include "server/registry.h"
 #include "server/service.h"
+#include "tests/server/ops_test_util.h"
 
 namespace fibquant::server {
 namespace {
@@ -120,6 +123,15 @@ std::string SmallSpec(const std::string& id, const std::string& fib_extra = "") 
          R"("query_heads":1,"tokens":64,"head_dim":64,"dtype":"f32","rope_state":"pre_rope"},)"
          R"("axis_policy":"per_token","tokens_per_page":16,"fibquant":{"block_dim":2,)"
          R"("codebook_size":16,"seed":7)" + fib_extra + "}}";
+}
+
+// The value of the unlabelled series `name` in Prometheus text (nullopt when absent).
+std::optional<double> SeriesValue(const std::string& text, const std::string& name) {
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(name + " ", 0) == 0) return std::strtod(line.c_str() + name.size() + 1, nullptr);
+  }
+  return std::nullopt;
 }
 
 template <typename Pred>
@@ -230,6 +242,31 @@ class HardenService : public ::testing::Test {
   std::unique_ptr<v1::KvCompressionService::Stub> stub_;
 };
 
+// The budget and reaper counted what they did but /metrics did not show it. Every admission
+// series exists from the start: 0, and the limit as configured (the tests below make them move).
+TEST_F(HardenService, AdmissionMetricsExistFromTheStart) {
+  options_.max_buffered_bytes = 40ull << 20;
+  Start();
+  auto port = metrics_.StartExposer("127.0.0.1:0");
+  ASSERT_TRUE(port.ok()) << port.status();
+  const std::string scraped = testing::HttpGet(*port, "/metrics");
+  ASSERT_THAT(scraped, HasSubstr("200 OK"));
+  EXPECT_EQ(SeriesValue(scraped, "fibquant_buffered_bytes"), 0.0) << scraped;
+  EXPECT_EQ(SeriesValue(scraped, "fibquant_buffered_bytes_limit"), double(40ull << 20));
+  EXPECT_EQ(SeriesValue(scraped, "fibquant_buffered_bytes_waits_total"), 0.0);
+  EXPECT_EQ(SeriesValue(scraped, "fibquant_buffered_bytes_refusals_total"), 0.0);
+  EXPECT_EQ(SeriesValue(scraped, "fibquant_streams_idle_reaped_total"), 0.0);
+  EXPECT_THAT(scraped, HasSubstr("# TYPE fibquant_buffered_bytes_refusals_total counter"));
+  EXPECT_THAT(scraped, HasSubstr("# TYPE fibquant_buffered_bytes gauge"));
+  // Without a service they read 0 too (the source is cleared when the service goes away).
+  stub_.reset();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  server_->Wait();
+  server_.reset();
+  svc_.reset();
+  EXPECT_EQ(SeriesValue(metrics_.Serialize(), "fibquant_buffered_bytes_limit"), 0.0);
+}
+
 // Issue 14 item 1: DecompressPages streams that never read held every decoded page (3 streams of
 // 64 MiB pages: +1 GiB). Now the decoded bytes in flight never exceed --max-buffered-bytes; a
 // stream whose page cannot be admitted (and has none of its own in flight to wait for) fails with
@@ -269,6 +306,11 @@ TEST_F(HardenService, DecodedBytesInFlightAreBoundedServerWide) {
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   EXPECT_LE(svc_->peak_buffered_bytes(), options_.max_buffered_bytes);
   EXPECT_GT(svc_->peak_buffered_bytes(), 0u);
+  // The admission metrics: the bytes held now (unread answers keep their pages), within the limit.
+  const std::string held = metrics_.Serialize();
+  EXPECT_GT(SeriesValue(held, "fibquant_buffered_bytes").value_or(-1), 0.0) << held;
+  EXPECT_LE(SeriesValue(held, "fibquant_buffered_bytes").value_or(-1), double(options_.max_buffered_bytes));
+  EXPECT_EQ(SeriesValue(held, "fibquant_buffered_bytes_limit"), double(options_.max_buffered_bytes));
   // Now read: streams that were refused report RESOURCE_EXHAUSTED naming the flag.
   int exhausted = 0, ok = 0;
   for (auto& h : hostile) {
@@ -290,6 +332,12 @@ TEST_F(HardenService, DecodedBytesInFlightAreBoundedServerWide) {
   EXPECT_GE(ok, 1);
   EXPECT_LE(svc_->peak_buffered_bytes(), options_.max_buffered_bytes);
   EXPECT_TRUE(WaitUntil([&] { return svc_->buffered_bytes() == 0 && svc_->open_streams() == 0; }));
+  // Each refused stream is one refusal; pages of the streams that went on waited (every stream
+  // sends 4 pages and 3 fill the budget, so at least one admitted stream's next page waited).
+  const std::string after = metrics_.Serialize();
+  EXPECT_EQ(SeriesValue(after, "fibquant_buffered_bytes_refusals_total"), double(exhausted)) << after;
+  EXPECT_GE(SeriesValue(after, "fibquant_buffered_bytes_waits_total").value_or(-1), 1.0) << after;
+  EXPECT_EQ(SeriesValue(after, "fibquant_buffered_bytes"), 0.0);
 }
 
 // Issue 14 item 2: a large unary answer counts against the same budget.
@@ -316,6 +364,7 @@ TEST_F(HardenService, GetCodebookAnswerCountsAgainstTheBudget) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_THAT(s.error_message(), HasSubstr("--max-buffered-bytes"));
   EXPECT_TRUE(WaitUntil([&] { return svc_->buffered_bytes() == 0; }));
+  EXPECT_EQ(SeriesValue(metrics_.Serialize(), "fibquant_buffered_bytes_refusals_total"), 1.0);
 }
 
 // Issue 14 item 3: streams that send nothing, or only a header, held every stream slot for as
@@ -350,6 +399,12 @@ TEST_F(HardenService, IdleAndHeaderOnlyStreamsAreReaped) {
     grpc::Status st = s->stream->Finish();
     EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
   }
+  // Exported on /metrics (the scrape an operator's Prometheus makes).
+  auto port = metrics_.StartExposer("127.0.0.1:0");
+  ASSERT_TRUE(port.ok()) << port.status();
+  const std::string scraped = testing::HttpGet(*port, "/metrics");
+  EXPECT_EQ(SeriesValue(scraped, "fibquant_streams_idle_reaped_total"), double(svc_->idle_reaped())) << scraped;
+  EXPECT_GE(SeriesValue(scraped, "fibquant_streams_idle_reaped_total").value_or(-1), 4.0);
   // A stream that works steadily is not reaped, and there is room for it.
   EXPECT_FALSE(CompressOne(digest, 16, 64).empty());
 }

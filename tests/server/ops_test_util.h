@@ -1,6 +1,6 @@
 // Helpers for the ops tests: run the real fibquant-server binary as a child process on 127.0.0.1,
-// find the port it bound, signal it, collect its exit status; and a health check over a generic
-// stub (no generated health code needed).
+// find the port it bound, signal it, collect its exit status; a health check over a generic
+// stub (no generated health code needed); and a minimal HTTP GET for /metrics.
 //
 // Ownership: a ServerProcess owns its child; the destructor kills (SIGKILL) and reaps a child that
 // is still running, so a failing test never leaves a server behind.
@@ -8,8 +8,11 @@
 #ifndef FIBQUANT_TESTS_SERVER_OPS_TEST_UTIL_H_
 #define FIBQUANT_TESTS_SERVER_OPS_TEST_UTIL_H_
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -197,6 +200,28 @@ inline HealthResult CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
     result.serving_status = bytes.size() >= 2 && bytes[0] == 0x08 ? bytes[1] : 0;
   }
   return result;
+}
+
+// Minimal HTTP/1.0 GET of http://127.0.0.1:<port><path>; returns the whole response ("" when the
+// connection fails).
+inline std::string HttpGet(int port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
+      char buf[4096];
+      ssize_t n;
+      while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+    }
+  }
+  close(fd);
+  return out;
 }
 
 }  // namespace fibquant::server::testing
