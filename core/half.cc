@@ -141,6 +141,23 @@ void ToFloat(DType dtype, const uint8_t* data, size_t n, float* out) {
   for (size_t i = 0; i < n; ++i) out[i] = LoadElement(dtype, data, i);
 }
 
+size_t FirstNonFinite(DType dtype, const uint8_t* data, size_t n) {
+  if (dtype == DType::kF32) {
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, data + 4 * i, 4);
+      if ((u & 0x7F800000u) == 0x7F800000u) return i;
+    }
+    return n;
+  }
+  const uint16_t mask = dtype == DType::kF16 ? 0x7C00u : 0x7F80u;
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t h = static_cast<uint16_t>(data[2 * i] | (data[2 * i + 1] << 8));
+    if ((h & mask) == mask) return i;
+  }
+  return n;
+}
+
 void FromFloat(DType dtype, const float* in, size_t n, uint8_t* out) {
   if (dtype == DType::kF32) {
     std::memcpy(out, in, 4 * n);

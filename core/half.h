@@ -37,6 +37,9 @@ void StoreElement(DType dtype, float v, uint8_t* data, size_t i);
 void ToFloat(DType dtype, const uint8_t* data, size_t n, float* out);
 // Converts n floats to `dtype` (out has n * DTypeSize(dtype) bytes).
 void FromFloat(DType dtype, const float* in, size_t n, uint8_t* out);
+// Index of the first of n elements of `dtype` that is Inf or NaN (all exponent bits set), n when
+// every element is finite: the check ToFloat + std::isfinite makes, without converting.
+size_t FirstNonFinite(DType dtype, const uint8_t* data, size_t n);
 
 }  // namespace fibquant
 

@@ -220,16 +220,22 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
                                                      " floats; got ", in.keys.size()));
     }
   }
-  // Page values as f32 in [T, D] (exact for f16/bf16 input).
-  std::vector<float> x(elems);
-  ToFloat(in.dtype, in.data.data(), elems, x.data());
-  for (size_t i = 0; i < elems; ++i) {
-    if (!std::isfinite(x[i])) {
-      return absl::InvalidArgumentError(absl::StrCat("page input element [", i / D, ", ", i % D, "] of ",
-                                                     PageName(in.coords), " is not finite"));
-    }
+  if (const size_t i = FirstNonFinite(in.dtype, in.data.data(), elems); i != elems) {
+    return absl::InvalidArgumentError(absl::StrCat("page input element [", i / D, ", ", i % D, "] of ",
+                                                   PageName(in.coords), " is not finite"));
   }
   const bool channel = vector_axis() == KvVectorAxis::kChannel;
+  const KvQualityBudget& budget = profile_.quality_budget;
+  const bool enforce = opt.enforce_budget && budget.has_any_metric();
+  // The reconstruction is read only by the quality metrics and the budget: a page that needs
+  // neither (the common case: no queries, no budget, not sampled) skips the decode that makes it.
+  const bool need_recon = opt.compute_metrics || enforce;
+  // Page values as f32 in [T, D] (exact for f16/bf16 input), made only when something reads them
+  // as such: the channel transpose, the calibration, the metrics. Otherwise the quantizer converts
+  // the rows it encodes itself.
+  const bool need_x = channel || calibration_ || need_recon;
+  std::vector<float> x(need_x ? elems : 0);
+  if (need_x) ToFloat(in.dtype, in.data.data(), elems, x.data());
   const uint32_t n = channel ? D : T;
   const uint32_t len = channel ? T : D;
   // Vectors as f32 rows [n, len].
@@ -274,8 +280,8 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
   // Encode the vectors still marked coded.
   const size_t cb = quantizer_ ? quantizer_->code_bytes() : 0;
   std::vector<uint8_t> codes(size_t{n} * cb, 0);  // slot per vector while building; compacted later
-  std::vector<float> recon(size_t{n} * len);
-  std::memcpy(recon.data(), V, recon.size() * sizeof(float));
+  std::vector<float> recon;
+  if (need_recon) recon.assign(V, V + size_t{n} * len);
   const bool centered = profile_.centering == KvCentering::kPage;
   std::vector<float> page_mean(centered ? len : 0, 0.0f);
   {
@@ -283,13 +289,18 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
     for (uint32_t i = 0; i < n; ++i) {
       if (reason[i] == kCoded) todo.push_back(i);
     }
+    // Every vector coded, none transformed: the quantizer reads the page's own bytes (it converts
+    // f16/bf16 exactly, as ToFloat did) and writes the codes in place.
+    const bool direct = !channel && !calibration_ && !centered && todo.size() == n;
     if (!todo.empty()) {
-      std::vector<float> src(todo.size() * len);
-      for (size_t j = 0; j < todo.size(); ++j) {
+      std::vector<float> src(direct ? 0 : todo.size() * len);
+      for (size_t j = 0; j < src.size() / len; ++j) {
         if (calibration_) {
           calibration_->Forward(in.coords.layer, in.coords.kv_head, V + size_t{todo[j]} * len, &src[j * len]);
-        } else {
+        } else if (need_x) {
           std::memcpy(&src[j * len], V + size_t{todo[j]} * len, len * sizeof(float));
+        } else {  // token axis: row todo[j] of the page
+          ToFloat(in.dtype, in.data.data() + size_t{todo[j]} * len * esize, len, &src[j * len]);
         }
       }
       if (centered) {
@@ -303,12 +314,15 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
           for (uint32_t c = 0; c < len; ++c) src[j * len + c] -= page_mean[c];
         }
       }
-      std::vector<uint8_t> enc(todo.size() * cb);
+      // Codes of todo[j] at enc[j * cb]; when todo is every vector, `codes` itself.
+      std::vector<uint8_t> enc_buf(todo.size() == n ? 0 : todo.size() * cb);
+      const absl::Span<uint8_t> enc = todo.size() == n ? absl::Span<uint8_t>(codes) : absl::Span<uint8_t>(enc_buf);
       std::vector<VectorFailure> failures;
       FQ_RETURN_IF_ERROR(quantizer_->Encode(
-          DType::kF32,
-          absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(src.data()), src.size() * sizeof(float)),
-          todo.size(), absl::Span<uint8_t>(enc), opt.path, &failures));
+          direct ? in.dtype : DType::kF32,
+          direct ? in.data
+                 : absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(src.data()), src.size() * sizeof(float)),
+          todo.size(), enc, opt.path, &failures));
       std::vector<bool> failed(todo.size(), false);
       for (const VectorFailure& f : failures) {
         const uint32_t vi = todo[f.index];
@@ -321,23 +335,25 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
         reason[vi] = kEncodeFallback;
         AddReason(&out.raw_reasons, absl::StrCat("encode_fallback:", f.status.message()));
       }
-      // Decode the successful codes (failed slots are all-zero codes, which do not decode).
+      // The successful codes into their vectors' slots (failed slots are all-zero codes, which do
+      // not decode; they are raw and never reach the frame).
       std::vector<uint32_t> ok_idx;
       std::vector<uint8_t> ok_codes;
       for (size_t j = 0; j < todo.size(); ++j) {
         if (failed[j]) continue;
+        if (todo.size() != n) std::memcpy(&codes[size_t{todo[j]} * cb], &enc[j * cb], cb);
+        if (!need_recon) continue;
         ok_idx.push_back(todo[j]);
         ok_codes.insert(ok_codes.end(), enc.begin() + static_cast<std::ptrdiff_t>(j * cb),
                         enc.begin() + static_cast<std::ptrdiff_t>((j + 1) * cb));
       }
-      std::vector<float> dec(ok_idx.size() * len);
       if (!ok_idx.empty()) {
+        std::vector<float> dec(ok_idx.size() * len);
         FQ_RETURN_IF_ERROR(quantizer_->DecodeF32(ok_codes, ok_idx.size(), dec.data(), opt.path));
         UndoTransform(in.coords, centered ? page_mean.data() : nullptr, ok_codes.data(), dec.data(), ok_idx.size());
-      }
-      for (size_t j = 0; j < ok_idx.size(); ++j) {
-        std::memcpy(&codes[size_t{ok_idx[j]} * cb], &ok_codes[j * cb], cb);
-        std::memcpy(&recon[size_t{ok_idx[j]} * len], &dec[j * len], len * sizeof(float));
+        for (size_t j = 0; j < ok_idx.size(); ++j) {
+          std::memcpy(&recon[size_t{ok_idx[j]} * len], &dec[j * len], len * sizeof(float));
+        }
       }
     }
   }
@@ -352,9 +368,7 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
       for (uint32_t t = 0; t < T; ++t) (*buf)[size_t{t} * D + c] = recon[size_t{c} * T + t];
     }
   };
-  const KvQualityBudget& budget = profile_.quality_budget;
-  const bool enforce = opt.enforce_budget && budget.has_any_metric();
-  if (opt.compute_metrics || enforce) {
+  if (need_recon) {
     const size_t nq = in.queries.size() / D;
     FQ_ASSIGN_OR_RETURN(const KvQualityEvaluator evaluator,
                         KvQualityEvaluator::Create(shape.role, x.data(), T, D, nq ? in.queries.data() : nullptr, nq,
@@ -451,6 +465,7 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
   std::vector<uint8_t> bitmap((n + 7) / 8, 0);
   std::vector<uint8_t> code_sec;
   std::vector<uint8_t> raw_sec;
+  const bool all_coded = std::all_of(reason.begin(), reason.end(), [](VecReason r) { return r == kCoded; });
   for (uint32_t i = 0; i < n; ++i) {
     switch (reason[i]) {
       case kCoded: ++h.counts.coded; break;
@@ -460,6 +475,7 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
       default: ++h.counts.raw_quality_fallback; break;
     }
     if (reason[i] == kCoded) {
+      if (all_coded) continue;  // the code section is `codes` as it stands
       code_sec.insert(code_sec.end(), codes.begin() + static_cast<std::ptrdiff_t>(size_t{i} * cb),
                       codes.begin() + static_cast<std::ptrdiff_t>(size_t{i + 1} * cb));
       continue;
@@ -480,7 +496,7 @@ absl::StatusOr<CompressedPage> KvCodec::CompressPage(const KvPageInput& in, cons
     const uint32_t u = std::bit_cast<uint32_t>(page_mean[c]);
     for (int b = 0; b < 4; ++b) mean_sec[c * 4 + b] = static_cast<uint8_t>(u >> (8 * b));
   }
-  FQ_ASSIGN_OR_RETURN(out.frame, BuildKvFrame(h, bitmap, code_sec, raw_sec, mean_sec));
+  FQ_ASSIGN_OR_RETURN(out.frame, BuildKvFrame(h, bitmap, all_coded ? codes : code_sec, raw_sec, mean_sec));
   out.counts = h.counts;
   Sha256Hasher fh;
   fh.Update(out.frame);
@@ -602,12 +618,19 @@ absl::StatusOr<KvFrameView> KvCodec::VerifyFrame(absl::Span<const uint8_t> frame
   return v;
 }
 
-absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame, DType out, CodecPath path) const {
-  FQ_ASSIGN_OR_RETURN(KvFrameView v, VerifyFrame(frame));
+absl::Status KvCodec::DecodeVerified(const KvFrameView& v, DType out, uint8_t* dst, CodecPath path) const {
   const KvFrameHeader& h = v.header;
   const uint32_t n = h.counts.vector_count, len = h.vector_len;
-  const uint32_t T = h.coords.token_count, D = profile_.shape.head_dim;
+  const uint32_t D = profile_.shape.head_dim;
   const bool channel = h.vector_axis() == KvVectorAxis::kChannel;
+  // Every vector coded on the token axis, f32 out, nothing to undo: the decoded rows are the page
+  // (StoreSaturating stores f32 as is), so the quantizer writes them in place.
+  if (out == DType::kF32 && !channel && h.counts.coded == n && !(h.flags & kKvFrameFlagCentered) &&
+      !calibration_ && !profile_.renormalize) {
+    absl::Status st = quantizer_->Decode(v.codes, n, DType::kF32, absl::Span<uint8_t>(dst, size_t{n} * len * 4), path);
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat("frame code section: ", st.message()));
+    return absl::OkStatus();
+  }
   std::vector<float> dec(size_t{h.counts.coded} * len);
   if (h.counts.coded > 0) {
     absl::Status st = quantizer_->DecodeF32(v.codes, h.counts.coded, dec.data(), path);
@@ -615,11 +638,6 @@ absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame
     std::vector<float> mean = FrameMean(v);
     UndoTransform(h.coords, mean.empty() ? nullptr : mean.data(), v.codes.data(), dec.data(), h.counts.coded);
   }
-  DecodedPage page;
-  page.coords = h.coords;
-  page.dtype = out;
-  page.counts = h.counts;
-  page.data.resize(size_t{T} * D * DTypeSize(out));
   const size_t rsize = DTypeSize(h.raw_dtype);
   uint32_t raw_i = 0, code_i = 0;
   for (uint32_t i = 0; i < n; ++i) {
@@ -632,7 +650,7 @@ absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame
         val = dec[size_t{code_i} * len + j];
       }
       const size_t pos = channel ? size_t{j} * D + i : size_t{i} * D + j;
-      StoreSaturating(out, val, page.data.data(), pos);
+      StoreSaturating(out, val, dst, pos);
     }
     if (raw) {
       ++raw_i;
@@ -640,6 +658,29 @@ absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame
       ++code_i;
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DecodedPage> KvCodec::DecodeFrame(absl::Span<const uint8_t> frame, DType out, CodecPath path) const {
+  FQ_ASSIGN_OR_RETURN(KvFrameView v, VerifyFrame(frame));
+  DecodedPage page;
+  page.coords = v.header.coords;
+  page.dtype = out;
+  page.counts = v.header.counts;
+  page.data.resize(size_t{v.header.coords.token_count} * profile_.shape.head_dim * DTypeSize(out));
+  FQ_RETURN_IF_ERROR(DecodeVerified(v, out, page.data.data(), path));
+  return page;
+}
+
+absl::StatusOr<DecodedPage> KvCodec::DecodeFrameInto(absl::Span<const uint8_t> frame, DType out, std::string* data,
+                                                     CodecPath path) const {
+  FQ_ASSIGN_OR_RETURN(KvFrameView v, VerifyFrame(frame));
+  DecodedPage page;
+  page.coords = v.header.coords;
+  page.dtype = out;
+  page.counts = v.header.counts;
+  data->resize(size_t{v.header.coords.token_count} * profile_.shape.head_dim * DTypeSize(out));
+  FQ_RETURN_IF_ERROR(DecodeVerified(v, out, reinterpret_cast<uint8_t*>(data->data()), path));
   return page;
 }
 

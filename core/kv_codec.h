@@ -116,6 +116,13 @@ class KvCodec {
   // corrupt frame.
   [[nodiscard]] absl::StatusOr<DecodedPage> DecodeFrame(absl::Span<const uint8_t> frame, DType out,
                                                         CodecPath path = CodecPath::kFast) const;
+  // The same decode with the page's bytes written into *data (resized to token_count * head_dim *
+  // DTypeSize(out); the returned page's `data` is empty): a server decodes straight into the
+  // response's bytes field instead of copying the page there. Byte-identical to DecodeFrame; on an
+  // error *data is unspecified.
+  [[nodiscard]] absl::StatusOr<DecodedPage> DecodeFrameInto(absl::Span<const uint8_t> frame, DType out,
+                                                            std::string* data,
+                                                            CodecPath path = CodecPath::kFast) const;
   // Decodes vector `index` only (a token [head_dim] on the token axis, a channel [token_count] on
   // the channel axis) after the same frame checks (header, checksum, counts, protection); the
   // decode itself reads only that vector's code or raw bytes (rank = bitmap popcount).
@@ -129,6 +136,9 @@ class KvCodec {
   absl::StatusOr<KvFrameView> VerifyFrame(absl::Span<const uint8_t> frame) const;
   // The frame's mean section as floats (empty when not centred).
   std::vector<float> FrameMean(const KvFrameView& v) const;
+  // DecodeFrame's body after VerifyFrame: writes the page into dst (token_count * head_dim
+  // elements of `out`).
+  absl::Status DecodeVerified(const KvFrameView& v, DType out, uint8_t* dst, CodecPath path) const;
   // Decoded token vectors y [count, head_dim] back to data space: rescaled to their stored norm
   // (renormalize; `codes` are their codes, code_bytes each), + page mean, then the calibration's
   // inverse transform (each only when the profile has it).

@@ -671,12 +671,15 @@ class DecompressReactor final
       if (keys != nullptr) {
         if (absl::Status a = VerifyKvFrameAuth(span, *keys); !a.ok()) return Prefixed(a, where);
       }
-      auto page = codec->DecodeFrame(span, dtype);
+      DecompressResult r;
+      v1::DecodedPage* out = r.resp.mutable_page();
+      // Decoded straight into the response's bytes: no copy of the page.
+      auto page = codec->DecodeFrameInto(span, dtype, out->mutable_data());
       if (!page.ok()) return Prefixed(page.status(), where);
       if (metrics != nullptr) metrics->ObservePageSeconds("decompress", SecondsSince(started));
-      DecompressResult r;
+      const std::string& data = out->data();
       r.frame_bytes = frame->size();
-      r.raw_bytes = page->data.size();
+      r.raw_bytes = data.size();
       r.coded = page->counts.coded;
       r.raw_vectors = page->counts.raw_total();
       r.profile_raw_bytes = uint64_t{page->coords.token_count} * codec->profile().shape.head_dim *
@@ -685,9 +688,8 @@ class DecompressReactor final
       h.Update(*frame);
       r.frame_digest = h.FinishRaw();
       Sha256Hasher out_hash;
-      out_hash.Update(std::string_view(reinterpret_cast<const char*>(page->data.data()), page->data.size()));
+      out_hash.Update(data);
       r.output_digest = out_hash.FinishRaw();
-      v1::DecodedPage* out = r.resp.mutable_page();
       out->set_sequence(seq);
       out->set_client_sequence(client_seq);
       out->set_profile_digest(digest);
@@ -697,7 +699,6 @@ class DecompressReactor final
       c->set_kv_head(page->coords.kv_head);
       c->set_token_start(page->coords.token_start);
       c->set_token_count(page->coords.token_count);
-      out->set_data(reinterpret_cast<const char*>(page->data.data()), page->data.size());
       if (metrics) {
         metrics->AddPages("decompress", 1);
         metrics->AddBytes("compressed_in", r.frame_bytes);

@@ -72,6 +72,35 @@ TEST(Bf16, RoundTripAndRounding) {
   EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(std::numeric_limits<float>::quiet_NaN()))));
 }
 
+// FirstNonFinite agrees with ToFloat + std::isfinite for every binary16 and bfloat16 bit pattern
+// and for f32 specials, and returns the first offending index (n when none).
+TEST(DType, FirstNonFiniteMatchesIsfiniteOfTheConversion) {
+  for (DType d : {DType::kF16, DType::kBF16}) {
+    for (uint32_t b = 0; b <= 0xFFFF; ++b) {
+      const uint8_t bytes[2] = {static_cast<uint8_t>(b & 0xFF), static_cast<uint8_t>(b >> 8)};
+      float f;
+      ToFloat(d, bytes, 1, &f);
+      ASSERT_EQ(FirstNonFinite(d, bytes, 1), std::isfinite(f) ? 1u : 0u) << DTypeName(d) << " 0x" << std::hex << b;
+    }
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float f : {0.0f, -0.0f, 1.0f, std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min(),
+                  inf, -inf, std::numeric_limits<float>::quiet_NaN()}) {
+    uint8_t bytes[4];
+    std::memcpy(bytes, &f, 4);
+    EXPECT_EQ(FirstNonFinite(DType::kF32, bytes, 1), std::isfinite(f) ? 1u : 0u) << f;
+  }
+  std::vector<float> v(10, 2.5f);
+  EXPECT_EQ(FirstNonFinite(DType::kF32, reinterpret_cast<const uint8_t*>(v.data()), v.size()), 10u);
+  v[7] = -inf;
+  v[9] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(FirstNonFinite(DType::kF32, reinterpret_cast<const uint8_t*>(v.data()), v.size()), 7u);
+  std::vector<uint8_t> h(20, 0);
+  h[2 * 4 + 1] = 0x7C;  // f16 element 4: +inf
+  EXPECT_EQ(FirstNonFinite(DType::kF16, h.data(), 10), 4u);
+  EXPECT_EQ(FirstNonFinite(DType::kF16, h.data(), 4), 4u);  // only the first 4 are looked at
+}
+
 TEST(DType, ParseAndNames) {
   EXPECT_EQ(*ParseDType("bf16"), DType::kBF16);
   EXPECT_EQ(ParseDType("f64").status().code(), absl::StatusCode::kInvalidArgument);

@@ -276,6 +276,65 @@ TEST(KvCodecPages, ProtectedTokensLayersHeads) {
   EXPECT_EQ(q0->counts.raw_protected, kDim);
 }
 
+// CompressPage skips the reconstruction when neither metrics nor a budget need it and hands the
+// page's own bytes to the quantizer when nothing transforms them; DecodeFrameInto decodes into the
+// caller's string. Neither may change a byte: frames equal with and without metrics, decodes equal
+// to DecodeFrame, on every path (f32/f16/bf16, channel axis, protected and fallback vectors,
+// centering, renormalisation).
+TEST(KvCodecPages, FastPathsAreByteIdentical) {
+  std::vector<nlohmann::json> specs = {Spec("key", "f32", "per_token", 4), Spec("key", "f16", "per_token", 4),
+                                       Spec("value", "bf16", "per_token", 4), Spec("key", "f32", "per_channel", 2),
+                                       Spec("key", "f16", "raw", 4)};
+  specs.push_back(Spec("key", "f16", "per_token", 4));
+  specs.back()["protected"] = {{"first_tokens_raw", 2}, {"raw_heads", {1}}};
+  specs.push_back(Spec("key", "f32", "per_token", 4));
+  specs.back()["centering"] = "page";
+  specs.push_back(Spec("key", "f16", "per_token", 4));
+  specs.back()["renormalize"] = true;
+  for (const auto& spec : specs) {
+    SCOPED_TRACE(spec.dump());
+    auto c = Make(spec);
+    ASSERT_NE(c, nullptr);
+    std::vector<PageData> pages = Pages(*c, Tensor(21));
+    PageData zero = pages[0];  // token 2 a zero vector: an encode fallback
+    std::memset(zero.bytes.data() + 2 * kDim * DTypeSize(c->profile().shape.dtype), 0,
+                kDim * DTypeSize(c->profile().shape.dtype));
+    pages.push_back(zero);
+    for (const PageData& p : pages) {
+      KvCompressOptions quiet;
+      quiet.compute_metrics = false;
+      auto a = Compress(*c, p, quiet);
+      auto b = Compress(*c, p);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+      EXPECT_FALSE(a->metrics.has_value());
+      EXPECT_TRUE(b->metrics.has_value());
+      EXPECT_EQ(a->frame, b->frame);
+      EXPECT_EQ(a->frame_digest, b->frame_digest);
+      EXPECT_EQ(a->counts, b->counts);
+      for (DType out : {DType::kF32, DType::kF16, DType::kBF16}) {
+        auto want = c->DecodeFrame(Bytes(a->frame), out);
+        ASSERT_TRUE(want.ok()) << want.status();
+        std::string got = "stale bytes the decode must replace";
+        auto info = c->DecodeFrameInto(Bytes(a->frame), out, &got);
+        ASSERT_TRUE(info.ok()) << info.status();
+        EXPECT_EQ(got, std::string(want->data.begin(), want->data.end())) << DTypeName(out);
+        EXPECT_TRUE(info->data.empty());
+        EXPECT_EQ(info->coords, want->coords);
+        EXPECT_EQ(info->counts, want->counts);
+        EXPECT_EQ(info->dtype, out);
+      }
+    }
+  }
+  // A corrupt frame is refused by DecodeFrameInto as by DecodeFrame.
+  auto c = Make(Spec("key", "f32", "per_token", 4));
+  auto cp = Compress(*c, Pages(*c, Tensor(22))[0]);
+  ASSERT_TRUE(cp.ok());
+  std::string bad = cp->frame;
+  bad[kKvFrameHeaderBytes + 3] ^= 0x10;  // bitmap byte; the checksum no longer matches
+  std::string out;
+  EXPECT_EQ(c->DecodeFrameInto(Bytes(bad), DType::kF32, &out).status().code(), StatusCode::kDataLoss);
+}
+
 TEST(KvCodecPages, InputValidation) {
   auto c = Make(Spec("key", "f32", "per_token", 4));
   PageData p = Pages(*c, Tensor(12))[0];
@@ -307,6 +366,24 @@ TEST(KvCodecPages, InputValidation) {
   std::memcpy(bad.data() + 8, &nan, 4);
   in.data = bad;
   EXPECT_EQ(c->CompressPage(in).status().code(), StatusCode::kInvalidArgument);
+  // The same refusal, naming the element, when no metric is computed (the check then reads the
+  // page's bytes without converting them), for f32 and for an f16 infinity.
+  KvCompressOptions quiet;
+  quiet.compute_metrics = false;
+  auto st = c->CompressPage(in, quiet).status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("page input element [0, 2]"), std::string::npos) << st;
+  auto c16 = Make(Spec("key", "f16", "per_token", 4));
+  PageData p16 = Pages(*c16, Tensor(12))[0];
+  p16.bytes[2 * (kDim + 5) + 1] = 0x7C;  // token 1, channel 5: exponent all ones, mantissa 0 = inf
+  p16.bytes[2 * (kDim + 5)] = 0;
+  for (bool metrics : {false, true}) {
+    KvCompressOptions o;
+    o.compute_metrics = metrics;
+    auto s16 = Compress(*c16, p16, o).status();
+    EXPECT_EQ(s16.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(s16.message().find("page input element [1, 5]"), std::string::npos) << s16;
+  }
 }
 
 TEST(KvCodecPages, EncodeFallbackKeepRawAndFailClosed) {
