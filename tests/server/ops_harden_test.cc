@@ -181,6 +181,22 @@ TEST(OpsHarden, DataDirIsPrivate) {
 
 // Before: with --drain-seconds=3, SIGTERM during a 30 s build exited after 28 s (the build ran to
 // its end). Now the build is cancelled at the drain deadline. The build here would take hours.
+// utime + stime of a process from /proc/<pid>/stat (fields 14 and 15, after the parenthesised name).
+double ProcessCpuSeconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t close = all.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(all.substr(close + 2));
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::stoull(field);
+    if (i == 15) stime = std::stoull(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
 TEST(OpsHarden, SigtermDuringALongBuildExitsAfterTheDrain) {
   TempDir dir;
   std::vector<std::string> args = BaseFlags(dir);
@@ -204,7 +220,13 @@ TEST(OpsHarden, SigtermDuringALongBuildExitsAfterTheDrain) {
     fibquant::v1::RegisterProfileResponse resp;
     reg_status = stub->RegisterProfile(&ctx, req, &resp);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the build is running
+  // Signal only once the build is visibly running: the Lloyd loop keeps a core busy, so wait for
+  // the server's CPU time to grow by 0.3 s past its idle start (a fixed sleep lost the race under
+  // load: the SIGTERM came before the build, and nothing was left for the drain deadline to cancel).
+  const double cpu0 = ProcessCpuSeconds(p.pid());
+  for (int i = 0; i < 1200 && ProcessCpuSeconds(p.pid()) < cpu0 + 0.3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   p.Signal(SIGTERM);
   const std::optional<int> code = p.WaitForExit();  // bounded (kExitTimeout); the build: hours
   if (!code.has_value()) p.Signal(SIGKILL);  // so the client thread's call ends too
