@@ -62,6 +62,19 @@ inline double BlockNorm(const float* y, uint32_t k) {
   return std::sqrt(s);
 }
 
+// Per lane, takes (s, id) where it beats (best, best_idx) lexicographically: lower score, or equal
+// score and lower index, so every AVX2 search path breaks ties as the reference does.
+__attribute__((target("avx2"))) inline void KeepLexMin(__m256 s, __m256i id, __m256& best,
+                                                       __m256i& best_idx) {
+  const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
+  const __m256 eq = _mm256_cmp_ps(s, best, _CMP_EQ_OQ);
+  const __m256 idx_lt = _mm256_castsi256_ps(_mm256_cmpgt_epi32(best_idx, id));
+  const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, idx_lt));
+  best = _mm256_blendv_ps(best, s, upd);
+  best_idx = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(best_idx), _mm256_castsi256_ps(id), upd));
+}
+
 // Lexicographic (score, index) minimum over 8 lanes.
 inline uint32_t PickLane(const float* score, const int32_t* index, uint32_t n) {
   float best = score[0];
@@ -316,13 +329,7 @@ struct SearchKernels {
         }
         const __m256i id = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(t.index_.data() + static_cast<size_t>(g) * 8));
-        const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
-        const __m256 eq = _mm256_cmp_ps(s, best, _CMP_EQ_OQ);
-        const __m256 idx_lt = _mm256_castsi256_ps(_mm256_cmpgt_epi32(best_idx, id));
-        const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, idx_lt));
-        best = _mm256_blendv_ps(best, s, upd);
-        best_idx = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(best_idx), _mm256_castsi256_ps(id), upd));
+        KeepLexMin(s, id, best, best_idx);
         ++visited;
       };
       auto hmin = [&]() __attribute__((target("avx2"))) {
@@ -457,12 +464,7 @@ struct SearchKernels {
         }
         const __m256i id = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(t.grid_idx_.data() + static_cast<size_t>(grp) * 8));
-        const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
-        const __m256 eq = _mm256_cmp_ps(s, best, _CMP_EQ_OQ);
-        const __m256 il = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bi, id));
-        const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, il));
-        best = _mm256_blendv_ps(best, s, upd);
-        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(id), upd));
+        KeepLexMin(s, id, best, bi);
         ++visited;
       }
       __m256 h = _mm256_min_ps(best, _mm256_permute2f128_ps(best, best, 1));
@@ -548,13 +550,7 @@ struct SearchKernels {
             for (uint32_t j = 0; j < k; ++j) {
               sc = _mm256_add_ps(sc, _mm256_mul_ps(mv[h][j], _mm256_broadcast_ss(c + j)));
             }
-            const __m256 lt = _mm256_cmp_ps(sc, best[h], _CMP_LT_OQ);
-            const __m256 eq = _mm256_cmp_ps(sc, best[h], _CMP_EQ_OQ);
-            const __m256 il = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bidx[h], id));
-            const __m256 upd = _mm256_or_ps(lt, _mm256_and_ps(eq, il));
-            best[h] = _mm256_blendv_ps(best[h], sc, upd);
-            bidx[h] = _mm256_castps_si256(
-                _mm256_blendv_ps(_mm256_castsi256_ps(bidx[h]), _mm256_castsi256_ps(id), upd));
+            KeepLexMin(sc, id, best[h], bidx[h]);
           }
         }
       };
